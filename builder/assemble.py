@@ -1,0 +1,199 @@
+"""From a resolution to an image plan: where each resolved piece goes, and why."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from builder import __version__
+from builder.config import Config
+from builder.errors import KdumpError
+from builder.features import Feature
+from builder.kmod import ModuleClosure
+from builder.modinfo import module_bytes
+from builder.plan import ImagePlan
+from builder.render import render
+from builder.resolve import Resolution
+
+MANIFEST_PATH = "/etc/kdump-mkinitrd/manifest.json"
+LOAD_LIST_PATH = "/lib/kdump/modules.load"
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """What the build was asked for, recorded in the manifest and given to templates."""
+
+    kver: str
+    kmoddir: Path
+    kernel_image: Path | None
+    root: Path
+
+
+def _host(root: Path, path: str) -> Path:
+    return root / path.lstrip("/")
+
+
+def _add_feature_static(plan: ImagePlan, feature: Feature, inputs: BuildInputs) -> None:
+    for directory in feature.directories:
+        plan.directory(directory, feature.name, "declared in module.yaml")
+    for node in feature.nodes:
+        plan.node(node.path, node.kind, (node.major, node.minor), node.mode, feature.name)
+    for path in feature.host_symlinks:
+        host = _host(inputs.root, path)
+        # Mirror the host's usr-merge so that library paths resolve the same way inside.
+        if host.is_symlink():
+            plan.symlink(path, os.readlink(host), feature.name, "mirrors the build host")
+        else:
+            plan.directory(path, feature.name, "mirrors the build host")
+    for path in feature.files:
+        _copy_host_file(plan, inputs.root, path, path, feature.name, "declared in module.yaml")
+
+
+def _copy_host_file(
+    plan: ImagePlan, root: Path, src: str, dst: str, feature: str, why: str
+) -> None:
+    host = _host(root, src)
+    if not host.is_file():
+        raise KdumpError(f"file {src} ({feature}: {why}) does not exist on the build host")
+    mode = host.stat().st_mode & 0o7777
+    plan.file(dst, feature, why, source=host, mode=mode)
+
+
+def _add_modules(plan: ImagePlan, modules: ModuleClosure, kver: str) -> None:
+    base = f"/lib/modules/{kver}"
+    for mod in modules.modules:
+        feature = "kernel-modules"
+        if mod.path.suffix == ".ko":
+            plan.file(f"{base}/{mod.relpath}", feature, mod.why, source=mod.path)
+        else:
+            # busybox insmod reads plain ELF: unpack .ko.xz/.zst/.gz now rather than at boot.
+            plan.file(f"{base}/{mod.relpath}", feature, mod.why, data=module_bytes(mod.path))
+    plan.file(
+        f"{base}/modules.dep",
+        "kernel-modules",
+        "dependencies of the included modules",
+        data=modules.modules_dep().encode(),
+    )
+    order = "".join(f"{m.name} {m.relpath}\n" for m in modules.modules)
+    plan.file(
+        LOAD_LIST_PATH, "kernel-modules", "load order, dependencies first", data=order.encode()
+    )
+
+
+def _add_firmware(plan: ImagePlan, resolution: Resolution) -> None:
+    for fw in resolution.firmware.found:
+        plan.file(
+            f"/lib/firmware/{fw.name}", "kernel-modules", f"firmware of {fw.module}", data=fw.read()
+        )
+
+
+def _add_binaries(plan: ImagePlan, resolution: Resolution, root: Path) -> None:
+    busybox = resolution.busybox
+    plan.file(
+        busybox.path,
+        "base",
+        "static busybox runs the init",
+        source=_host(root, busybox.path),
+        mode=0o755,
+    )
+    real = set()
+    for feature, closure in resolution.binaries.items():
+        for link in closure.symlinks:
+            plan.symlink(link.path, link.target, feature, "symlink on the way to a needed file")
+        for elf in closure.files:
+            mode = elf.source.stat().st_mode & 0o7777
+            plan.file(elf.path, feature, elf.why, source=elf.source, mode=mode)
+            real.add(elf.path)
+    for applet in busybox.applets:
+        if applet != busybox.path and applet not in real and not plan.has(applet):
+            plan.symlink(applet, busybox.path, "base", "busybox applet")
+
+
+def template_context(
+    config: Config, features: list[Feature], resolution: Resolution, inputs: BuildInputs
+) -> dict[str, Any]:
+    return {
+        "version": __version__,
+        "kver": inputs.kver,
+        "config": config,
+        "features": [f.name for f in features],
+        "modules": resolution.modules.modules,
+        "load_list": LOAD_LIST_PATH,
+    }
+
+
+def _add_templates(plan: ImagePlan, features: list[Feature], context: dict[str, Any]) -> None:
+    for feature in features:
+        local = dict(context, feature=feature, targets=feature.targets(context["config"]))
+        for template in feature.templates:
+            text = render(template.src, local)
+            plan.file(
+                template.dst,
+                feature.name,
+                f"rendered from {template.src.name}",
+                data=text.encode(),
+                mode=template.mode,
+            )
+
+
+def manifest(
+    plan: ImagePlan,
+    config: Config,
+    features: list[Feature],
+    resolution: Resolution,
+    inputs: BuildInputs,
+    digests: dict[str, str],
+) -> dict[str, Any]:
+    """What `inspect` shows and later rebuild checks read: contents, reasons, inputs."""
+    paths = {i.path: {"feature": i.feature, "why": i.why} for i in plan.items()}
+    paths[MANIFEST_PATH] = {"feature": "base", "why": "what is in this image and why"}
+    return {
+        "builder_version": __version__,
+        "kver": inputs.kver,
+        "kmoddir": str(inputs.kmoddir),
+        "kernel_image": str(inputs.kernel_image) if inputs.kernel_image else None,
+        "config": {"source": config.source, "text": config.text},
+        "features": [{"name": f.name, "folder": str(f.folder)} for f in features],
+        "paths": paths,
+        "kernel_modules": [
+            {"name": m.name, "path": f"/lib/modules/{inputs.kver}/{m.relpath}", "why": m.why}
+            for m in resolution.modules.modules
+        ],
+        "builtin_modules": list(resolution.modules.builtin),
+        "firmware": [
+            {"name": fw.name, "path": f"/lib/firmware/{fw.name}", "why": f"firmware of {fw.module}"}
+            for fw in resolution.firmware.found
+        ],
+        "missing_firmware": [{"name": n, "module": m} for n, m in resolution.firmware.missing],
+        "binaries": [{"path": resolution.busybox.path, "why": "static busybox runs the init"}]
+        + [
+            {"path": e.path, "why": e.why, "feature": feature}
+            for feature, closure in resolution.binaries.items()
+            for e in closure.files
+        ],
+        "inputs": dict(sorted(digests.items())),
+    }
+
+
+def assemble(
+    config: Config, features: list[Feature], resolution: Resolution, inputs: BuildInputs
+) -> ImagePlan:
+    plan = ImagePlan()
+    for feature in features:
+        _add_feature_static(plan, feature, inputs)
+    for extra in config.files:
+        _copy_host_file(plan, inputs.root, extra.src, extra.dst, "config", "config key files")
+    _add_binaries(plan, resolution, inputs.root)
+    _add_modules(plan, resolution.modules, inputs.kver)
+    _add_firmware(plan, resolution)
+    _add_templates(plan, features, template_context(config, features, resolution, inputs))
+    plan.directory(posixpath.dirname(MANIFEST_PATH), "base", "holds the manifest")
+    return plan
+
+
+def manifest_bytes(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()

@@ -1,0 +1,112 @@
+"""One build, start to finish: config, then resolution, then the plan, then the writer."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder import compress
+from builder.assemble import MANIFEST_PATH, BuildInputs, assemble, manifest, manifest_bytes
+from builder.config import Config
+from builder.cpio import Entry, write_newc
+from builder.features import discover, select
+from builder.output import write_atomic
+from builder.resolve import resolve
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    kver: str
+    kmoddir: Path
+    output: Path
+    kernel_image: Path | None = None
+    modules_dirs: tuple[Path, ...] = ()
+    cache_dir: Path | None = None
+    root: Path = Path("/")
+    boot_dir: Path = Path("/boot")
+
+
+@dataclass
+class BuildReport:
+    output: str
+    kver: str
+    size: int
+    uncompressed_size: int
+    compression: str
+    entries: int
+    kernel_modules: int
+    firmware: int
+    missing_firmware: int
+    binaries: int
+    features: list[str]
+    notes: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        total = sum(self.seconds.values())
+        return (
+            f"{self.output}: {self.size / 1e6:.2f} MB {self.compression} "
+            f"({self.uncompressed_size / 1e6:.2f} MB unpacked), {self.entries} entries, "
+            f"{self.kernel_modules} kernel modules, {self.firmware} firmware files, "
+            f"{self.binaries} binaries, kernel {self.kver}, {total:.2f} s"
+        )
+
+
+def source_date_epoch() -> int:
+    value = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    return int(value) if value.isdigit() else 0
+
+
+def build(config: Config, request: BuildRequest) -> BuildReport:
+    """Build the image for `config` and write it atomically; on any error nothing is written."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 4)
+        clock = now
+
+    features = select(discover(request.modules_dirs), config)
+    resolution = resolve(
+        config, features, request.kver, request.kmoddir, request.cache_dir, request.root
+    )
+    lap("resolve")
+    inputs = BuildInputs(request.kver, request.kmoddir, request.kernel_image, request.root)
+    plan = assemble(config, features, resolution, inputs)
+    entries, digests = plan.entries()
+    record = manifest(plan, config, features, resolution, inputs, digests)
+    entries.append(Entry(MANIFEST_PATH.lstrip("/"), "file", 0o644, manifest_bytes(record)))
+    lap("plan")
+    archive = io.BytesIO()
+    write_newc(entries, archive, mtime=source_date_epoch())
+    raw = archive.getvalue()
+    lap("cpio")
+    requested = compress.Compression(
+        config.compression["method"], config.compression["level"], config.compression["threads"]
+    )
+    kconfig = compress.kernel_config(request.kver, request.kernel_image, request.boot_dir)
+    method, note = compress.choose(requested, kconfig)
+    image = method.compress(raw)
+    lap("compress")
+    write_atomic(request.output, image)
+    lap("write")
+    return BuildReport(
+        output=str(request.output),
+        kver=request.kver,
+        size=len(image),
+        uncompressed_size=len(raw),
+        compression=method.method,
+        entries=len(entries),
+        kernel_modules=len(resolution.modules.modules),
+        firmware=len(resolution.firmware.found),
+        missing_firmware=len(resolution.firmware.missing),
+        binaries=1 + sum(len(c.files) for c in resolution.binaries.values()),
+        features=[f.name for f in features],
+        notes=[note] if note else [],
+        seconds=seconds,
+    )

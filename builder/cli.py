@@ -1,0 +1,121 @@
+"""The `kdump-mkinitrd` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from builder import config as config_mod
+from builder.build import BuildRequest, build
+from builder.errors import KdumpError
+from builder.inspect_image import report, text
+
+DEFAULT_IMAGE_DIR = Path("/var/lib/kdump-mkinitrd")
+SUBCOMMANDS = ("build", "inspect")
+
+
+def default_output(kver: str) -> Path:
+    # Outside /boot and never named initrd*, so no boot loader takes it for a boot initrd.
+    return DEFAULT_IMAGE_DIR / f"kdump-{kver}.img"
+
+
+def _add_kernel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-k", "--kver", help="kernel version (default: the running kernel)")
+    p.add_argument("--kmoddir", type=Path, help="module tree (default: /lib/modules/KVER)")
+    p.add_argument("--kernel", type=Path, help="kernel image; its config-KVER is read beside it")
+    p.add_argument(
+        "-c", "--config", type=Path, help=f"config file (default {config_mod.DEFAULT_PATH})"
+    )
+    p.add_argument(
+        "--modules-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="extra feature module directory (repeatable)",
+    )
+    p.add_argument("--json", action="store_true", help="print a machine-readable report")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="kdump-mkinitrd",
+        description="Build and inspect kdump capture initramfs images. "
+        "Also: kdump-mkinitrd OUTPUT KVER (mkdumprd style).",
+    )
+    top.add_argument("-v", "--verbose", action="store_true")
+    sub = top.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build a capture image")
+    _add_kernel_args(b)
+    b.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="image path (default /var/lib/kdump-mkinitrd/kdump-KVER.img)",
+    )
+    i = sub.add_parser("inspect", help="list an image's contents and why each piece is there")
+    i.add_argument("image", type=Path)
+    i.add_argument("--json", action="store_true")
+    return top
+
+
+def _mkdumprd_style(argv: list[str]) -> list[str]:
+    """`kdump-mkinitrd OUTPUT KVER [options]` means `build -o OUTPUT -k KVER [options]`."""
+    if len(argv) < 2 or argv[0] in SUBCOMMANDS or argv[0].startswith("-"):
+        return argv
+    if argv[1].startswith("-"):
+        return argv
+    return ["build", "-o", argv[0], "-k", argv[1], *argv[2:]]
+
+
+def _build(args: argparse.Namespace) -> int:
+    kver = args.kver or os.uname().release
+    kmoddir = args.kmoddir or Path("/lib/modules") / kver
+    kernel = args.kernel
+    if kernel is None and Path(f"/boot/vmlinuz-{kver}").exists():
+        kernel = Path(f"/boot/vmlinuz-{kver}")
+    elif kernel is not None and not kernel.is_file():
+        raise KdumpError(f"kernel image {kernel} does not exist")
+    config = config_mod.load(args.config)
+    request = BuildRequest(
+        kver=kver,
+        kmoddir=kmoddir,
+        output=args.output or default_output(kver),
+        kernel_image=kernel,
+        modules_dirs=tuple(args.modules_dir),
+    )
+    result = build(config, request)
+    if args.json:
+        print(json.dumps(asdict(result), indent=1))
+    else:
+        for note in result.notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(result.summary())
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    info = report(args.image)
+    print(json.dumps(info, indent=1) if args.json else text(info))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(_mkdumprd_style(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="kdump-mkinitrd: %(levelname)s: %(message)s",
+    )
+    try:
+        return {"build": _build, "inspect": _inspect}[args.command](args)
+    except KdumpError as exc:
+        print(f"kdump-mkinitrd: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

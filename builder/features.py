@@ -1,0 +1,197 @@
+"""Feature modules (`modules.d/NAME/module.yaml`): discovery, validation, selection and order.
+
+A feature module declares what it puts in the image (kernel modules, binaries, files, device
+nodes, directories, rendered templates) and when it applies; the core only reads these files.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from builder.config import Config, Target
+from builder.cpio import Kind
+from builder.errors import KdumpError
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "modules.d"
+
+_KEYS = {
+    "name",
+    "description",
+    "depends",
+    "when",
+    "kernel_modules",
+    "binaries",
+    "files",
+    "directories",
+    "nodes",
+    "host_symlinks",
+    "templates",
+}
+_WHEN_KEYS = {"always", "target_types"}
+
+
+@dataclass(frozen=True)
+class Node:
+    path: str
+    kind: Kind  # "char" | "block"
+    major: int
+    minor: int
+    mode: int
+
+
+@dataclass(frozen=True)
+class Template:
+    src: Path
+    dst: str
+    mode: int
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    description: str
+    folder: Path
+    depends: tuple[str, ...]
+    always: bool
+    target_types: tuple[str, ...]
+    kernel_modules: tuple[str, ...]  # may hold `{target.FIELD}` placeholders
+    binaries: tuple[str, ...]
+    files: tuple[str, ...]
+    directories: tuple[str, ...]
+    nodes: tuple[Node, ...]
+    host_symlinks: tuple[str, ...]
+    templates: tuple[Template, ...]
+
+    def targets(self, config: Config) -> tuple[Target, ...]:
+        return tuple(t for t in config.targets if t.type in self.target_types)
+
+    def applies(self, config: Config) -> bool:
+        return self.always or bool(self.targets(config))
+
+    def kernel_module_requests(self, config: Config) -> list[str]:
+        """Expand `{target.fstype}`-style entries once per target this feature serves."""
+        out: list[str] = []
+        for entry in self.kernel_modules:
+            if "{" not in entry:
+                out.append(entry)
+                continue
+            for target in self.targets(config):
+                value = entry.format_map({"target": target})
+                if value and value != "None":
+                    out.append(value)
+        return out
+
+
+def _mode(value: object, default: int) -> int:
+    # Modes are written as octal strings ("0644") so YAML's number rules cannot bite.
+    if value is None:
+        return default
+    return int(str(value), 8)
+
+
+def _fail(manifest: Path, message: str) -> KdumpError:
+    return KdumpError(f"{manifest}: {message}")
+
+
+def _str_list(manifest: Path, data: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = data.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(manifest, f"key '{key}' must be a list of strings")
+    return tuple(value)
+
+
+def _node(manifest: Path, item: dict[str, Any]) -> Node:
+    kind = item.get("type")
+    if kind not in ("char", "block"):
+        raise _fail(
+            manifest, f"node {item.get('path')!r}: type must be char or block, got {kind!r}"
+        )
+    mode = _mode(item.get("mode"), 0o600)
+    return Node(item["path"], kind, int(item["major"]), int(item["minor"]), mode)
+
+
+def _load(folder: Path) -> Feature:
+    manifest = folder / "module.yaml"
+    try:
+        data = yaml.safe_load(manifest.read_text())
+    except yaml.YAMLError as exc:
+        raise _fail(manifest, f"malformed YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise _fail(manifest, "expected a mapping")
+    for key in data:
+        if key not in _KEYS:
+            close = difflib.get_close_matches(key, sorted(_KEYS), n=1)
+            raise _fail(
+                manifest,
+                f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""),
+            )
+    name = data.get("name")
+    if name != folder.name:
+        raise _fail(manifest, f"'name' must match the folder name {folder.name!r}, got {name!r}")
+    when = data.get("when") or {"always": True}
+    if not isinstance(when, dict) or set(when) - _WHEN_KEYS:
+        raise _fail(manifest, f"'when' takes only {sorted(_WHEN_KEYS)}")
+    nodes = tuple(_node(manifest, n) for n in data.get("nodes") or [])
+    templates = []
+    for t in data.get("templates") or []:
+        src = folder / t["src"]
+        if not src.is_file():
+            src = BUILTIN_DIR.parent / "templates" / t["src"]
+        if not src.is_file():
+            raise _fail(manifest, f"template {t['src']!r} is neither in {folder} nor in templates/")
+        templates.append(Template(src, t["dst"], _mode(t.get("mode"), 0o755)))
+    return Feature(
+        name=name,
+        description=str(data.get("description", "")),
+        folder=folder,
+        depends=_str_list(manifest, data, "depends"),
+        always=bool(when.get("always", False)),
+        target_types=_str_list(manifest, when, "target_types"),
+        kernel_modules=_str_list(manifest, data, "kernel_modules"),
+        binaries=_str_list(manifest, data, "binaries"),
+        files=_str_list(manifest, data, "files"),
+        directories=_str_list(manifest, data, "directories"),
+        nodes=nodes,
+        host_symlinks=_str_list(manifest, data, "host_symlinks"),
+        templates=tuple(templates),
+    )
+
+
+def discover(extra_dirs: tuple[Path, ...] = ()) -> dict[str, Feature]:
+    """All feature modules; a folder in a later directory replaces one of the same name."""
+    found: dict[str, Feature] = {}
+    for directory in (BUILTIN_DIR, *extra_dirs):
+        if not directory.is_dir():
+            raise KdumpError(f"feature module directory {directory} does not exist")
+        for folder in sorted(p for p in directory.iterdir() if (p / "module.yaml").is_file()):
+            found[folder.name] = _load(folder)
+    return found
+
+
+def select(features: dict[str, Feature], config: Config) -> list[Feature]:
+    """The features that apply to this config plus what they depend on, dependencies first."""
+    ordered: list[Feature] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, wanted_by: str) -> None:
+        if name not in features:
+            raise KdumpError(f"feature module {wanted_by!r} depends on unknown module {name!r}")
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise KdumpError(f"feature modules depend on each other in a cycle through {name!r}")
+        state[name] = "visiting"
+        for dep in features[name].depends:
+            visit(dep, name)
+        state[name] = "done"
+        ordered.append(features[name])
+
+    for name in sorted(features):
+        if features[name].applies(config):
+            visit(name, name)
+    return ordered

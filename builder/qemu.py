@@ -1,0 +1,100 @@
+"""Booting a kernel and an image in QEMU with a serial log and a hard time limit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder.errors import KdumpError
+
+
+@dataclass(frozen=True)
+class Boot:
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    serial_log: Path
+    memory: str = "512M"
+    disks: tuple[Path, ...] = ()
+    accel: str = "tcg"
+    timeout: float = 120.0
+    extra: tuple[str, ...] = ()
+
+
+@dataclass
+class BootResult:
+    exit_code: int | None  # None when the time limit killed QEMU
+    seconds: float
+    log: str
+    command: list[str] = field(default_factory=list)
+
+    @property
+    def timed_out(self) -> bool:
+        return self.exit_code is None
+
+
+def qemu_binary() -> str:
+    found = shutil.which("qemu-system-x86_64")
+    if found is None:
+        raise KdumpError("qemu-system-x86_64 not found (Debian: apt-get install qemu-system-x86)")
+    return found
+
+
+def command(boot: Boot) -> list[str]:
+    cmd = [
+        qemu_binary(),
+        "-accel",
+        boot.accel,
+        "-m",
+        boot.memory,
+        "-smp",
+        "1",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-serial",
+        f"file:{boot.serial_log}",
+        "-kernel",
+        str(boot.kernel),
+        "-initrd",
+        str(boot.initrd),
+        "-append",
+        boot.cmdline,
+    ]
+    for disk in boot.disks:
+        cmd += ["-drive", f"file={disk},if=virtio,format=raw,cache=unsafe"]
+    return cmd + list(boot.extra)
+
+
+def run(boot: Boot) -> BootResult:
+    """Boot and wait for the guest to power off (-no-reboot turns reboots into exits too)."""
+    cmd = command(boot)
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        _, err = proc.communicate(timeout=boot.timeout)
+        code: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        code = None
+    seconds = time.monotonic() - start
+    log = boot.serial_log.read_text(errors="replace") if boot.serial_log.exists() else ""
+    if code not in (0, None):
+        log += f"\n[qemu exited {code}: {err.decode(errors='replace').strip()}]\n"
+    return BootResult(code, seconds, log, cmd)
+
+
+def default_accel() -> str:
+    """TCG unless asked: on our machines /dev/kvm exists but KVM guests hang at boot."""
+    return os.environ.get("KDUMP_QEMU_ACCEL", "tcg")

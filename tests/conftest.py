@@ -1,0 +1,46 @@
+"""Shared fixtures: the real Debian kernels `make kernels` unpacks into the cache."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+KERNEL_CACHE = Path(os.environ.get("KDUMP_TEST_KERNEL_CACHE", REPO / ".cache" / "kernels"))
+KVER_61 = "6.1.0-56-amd64"
+KVER_612 = "6.12.117+deb12-amd64"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    kver: str
+    root: Path
+
+    @property
+    def kmoddir(self) -> Path:
+        return self.root / "lib/modules" / self.kver
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.root / "boot" / f"vmlinuz-{self.kver}"
+
+
+def _kernel(kver: str) -> Kernel:
+    kernel = Kernel(kver, KERNEL_CACHE / kver)
+    if not kernel.vmlinuz.is_file():
+        # `make test` fetches the kernels first; a missing one is a set-up failure, not a skip.
+        pytest.fail(f"kernel {kver} is not unpacked in {KERNEL_CACHE}: run `make kernels`")
+    return kernel
+
+
+@pytest.fixture(scope="session")
+def kernel61() -> Kernel:
+    return _kernel(KVER_61)
+
+
+@pytest.fixture(scope="session")
+def kernel612() -> Kernel:
+    return _kernel(KVER_612)

@@ -1,0 +1,179 @@
+"""`kdump-mkinitrd build` and `inspect` on a real Debian kernel, read back by real tools."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from builder.cli import main
+from builder.compress import decompress
+from builder.cpio import read_newc
+from tests.conftest import Kernel
+
+UUID = "2f6e0e4c-8a53-4bd8-9b5c-0c0a3cf0f3a1"
+DISK_CONFIG = f"""\
+targets:
+  - type: disk
+    device: UUID={UUID}
+    fstype: ext4
+kernel_modules: [virtio_blk, virtio_pci]
+failure_action: poweroff
+final_action: poweroff
+device_timeout: 20
+compression: {{level: 3}}
+"""
+
+
+def write_config(tmp_path: Path, text: str = DISK_CONFIG) -> Path:
+    path = tmp_path / "kdump.yaml"
+    path.write_text(text)
+    return path
+
+
+def build_args(kernel: Kernel, config: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "build",
+        "-k",
+        kernel.kver,
+        "--kmoddir",
+        str(kernel.kmoddir),
+        "--kernel",
+        str(kernel.vmlinuz),
+        "-c",
+        str(config),
+        "-o",
+        str(output),
+        *extra,
+    ]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def built(kernel61: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("built")
+    image = tmp / "kdump.img"
+    assert main(build_args(kernel61, write_config(tmp), image)) == 0
+    return image
+
+
+def test_image_is_zstd_newc_readable_by_gnu_cpio(built: Path) -> None:
+    assert built.stat().st_mode & 0o777 == 0o600
+    raw = subprocess.run(["zstd", "-dc", str(built)], capture_output=True, check=True).stdout
+    listing = (
+        subprocess.run(["cpio", "-t", "--quiet"], input=raw, capture_output=True, check=True)
+        .stdout.decode()
+        .split()
+    )
+    assert "init" in listing
+    assert "usr/bin/busybox" in listing
+    assert "bin" in listing  # the usr-merge symlink, as on the host
+    assert "usr/lib/modules/6.1.0-56-amd64/kernel/fs/ext4/ext4.ko" in listing  # /lib -> usr/lib
+    tar = subprocess.run(["bsdtar", "-tf", "-"], input=raw, capture_output=True, check=True)
+    assert sorted(tar.stdout.decode().split()) == sorted(listing)
+
+
+def test_inspect_says_why_each_piece_is_there(
+    built: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(["inspect", str(built), "--json"], capsys)
+    assert code == 0
+    info = json.loads(out)
+    by_path = {e["path"]: e for e in info["entries"]}
+    assert by_path["/init"]["feature"] == "base"
+    assert by_path["/dev/console"]["type"] == "char" and by_path["/dev/console"]["rdev"] == [5, 1]
+    assert by_path["/bin"]["type"] == "symlink"
+    modules = {m["name"]: m for m in info["kernel_modules"]}
+    assert {"ext4", "jbd2", "mbcache", "virtio_blk", "virtio_pci"} <= set(modules)
+    assert "disk" in modules["ext4"]["why"]
+    assert "kernel_modules" in modules["virtio_blk"]["why"]
+    assert "ext4" in modules["jbd2"]["why"]
+    assert info["binaries"][0]["path"].endswith("busybox")
+    # The load order file lists every shipped module, each after its dependencies.
+    raw = read_newc(decompress(built.read_bytes()))
+    order = next(m for m in raw if m.path.endswith("kdump/modules.load")).data.decode().split("\n")
+    names = [line.split()[0] for line in order if line]
+    assert names.index("jbd2") < names.index("ext4")
+    assert names.index("virtio_ring") < names.index("virtio_blk")
+    code, text, _ = run_cli(["inspect", str(built)], capsys)
+    assert "ext4" in text and "[base: " in text
+
+
+def test_two_builds_are_byte_identical(kernel61: Kernel, tmp_path: Path, built: Path) -> None:
+    again = tmp_path / "again.img"
+    assert main(build_args(kernel61, built.parent / "kdump.yaml", again)) == 0
+    assert again.read_bytes() == built.read_bytes()
+
+
+def test_mtime_comes_from_source_date_epoch(
+    kernel61: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    image = tmp_path / "k.img"
+    assert main(build_args(kernel61, write_config(tmp_path), image)) == 0
+    assert {m.mtime for m in read_newc(decompress(image.read_bytes()))} == {1700000000}
+
+
+def test_failed_build_leaves_old_image(
+    kernel61: Kernel, tmp_path: Path, built: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "k.img"
+    shutil.copy(built, image)
+    before = image.read_bytes()
+    bad = write_config(tmp_path, DISK_CONFIG.replace("virtio_pci]", "virtio_pci, no_such_mod]"))
+    code, _, err = run_cli(build_args(kernel61, bad, image), capsys)
+    assert code == 1
+    assert "no_such_mod" in err and kernel61.kver in err
+    assert image.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_bad_config_names_file_line_and_key(
+    kernel61: Kernel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = write_config(tmp_path, DISK_CONFIG.replace("fstype: ext4", "fstype: ext5"))
+    code, _, err = run_cli(build_args(kernel61, bad, tmp_path / "k.img"), capsys)
+    assert code == 1
+    assert f"{bad}:4: key 'targets[0].fstype'" in err
+    assert not (tmp_path / "k.img").exists()
+
+
+def test_gzip_when_the_kernel_cannot_unpack_zstd(
+    kernel61: Kernel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    vmlinuz = boot / kernel61.vmlinuz.name
+    vmlinuz.symlink_to(kernel61.vmlinuz)
+    kconfig = (kernel61.root / "boot" / f"config-{kernel61.kver}").read_text()
+    assert "CONFIG_RD_ZSTD=y" in kconfig
+    (boot / f"config-{kernel61.kver}").write_text(
+        kconfig.replace("CONFIG_RD_ZSTD=y", "# CONFIG_RD_ZSTD is not set")
+    )
+    image = tmp_path / "k.img"
+    args = build_args(kernel61, write_config(tmp_path), image)
+    args[args.index("--kernel") + 1] = str(vmlinuz)
+    code, out, _ = run_cli([*args, "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["compression"] == "gzip"
+    assert "CONFIG_RD_ZSTD" in report["notes"][0]
+    assert image.read_bytes()[:2] == b"\x1f\x8b"
+
+
+def test_mkdumprd_style_arguments(
+    kernel61: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "k.img"
+    config = write_config(tmp_path)
+    code = main([str(image), kernel61.kver, "--kmoddir", str(kernel61.kmoddir), "-c", str(config)])
+    assert code == 0
+    assert read_newc(decompress(image.read_bytes()))

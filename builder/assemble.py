@@ -7,17 +7,24 @@ import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder import __version__
 from builder.config import Config
+from builder.elfdeps import BinaryClosure, ElfResolver
 from builder.errors import KdumpError
 from builder.features import Feature
 from builder.kmod import ModuleClosure
 from builder.modinfo import module_bytes
 from builder.plan import ImagePlan
 from builder.render import render
-from builder.resolve import Resolution
+from builder.resolve import Busybox, Resolution
+
+if TYPE_CHECKING:
+    from builder.pystage import PythonStage
+
+# The directory holding the `builder` package: where the capture stage's code is read from.
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 MANIFEST_PATH = "/etc/kdump-mkinitrd/manifest.json"
 LOAD_LIST_PATH = "/lib/kdump/modules.load"
@@ -31,6 +38,7 @@ class BuildInputs:
     kmoddir: Path
     kernel_image: Path | None
     root: Path
+    cache_dir: Path | None
 
 
 def _host(root: Path, path: str) -> Path:
@@ -63,7 +71,7 @@ def _copy_host_file(
     plan.file(dst, feature, why, source=host, mode=mode)
 
 
-def _add_modules(plan: ImagePlan, modules: ModuleClosure, kver: str) -> None:
+def add_modules(plan: ImagePlan, modules: ModuleClosure, kver: str) -> None:
     base = f"/lib/modules/{kver}"
     for mod in modules.modules:
         feature = "kernel-modules"
@@ -91,17 +99,14 @@ def _add_firmware(plan: ImagePlan, resolution: Resolution) -> None:
         )
 
 
-def _add_binaries(plan: ImagePlan, resolution: Resolution, root: Path) -> None:
-    busybox = resolution.busybox
-    plan.file(
-        busybox.path,
-        "base",
-        "static busybox runs the init",
-        source=_host(root, busybox.path),
-        mode=0o755,
-    )
+def add_binaries(
+    plan: ImagePlan, busybox: Busybox, closures: dict[str, BinaryClosure], root: Path
+) -> None:
+    """Busybox, its applet links, and each feature's programs with their libraries."""
+    why = "static busybox runs the init"
+    plan.file(busybox.path, "base", why, source=_host(root, busybox.path), mode=0o755)
     real = set()
-    for feature, closure in resolution.binaries.items():
+    for feature, closure in closures.items():
         for link in closure.symlinks:
             plan.symlink(link.path, link.target, feature, "symlink on the way to a needed file")
         for elf in closure.files:
@@ -113,13 +118,41 @@ def _add_binaries(plan: ImagePlan, resolution: Resolution, root: Path) -> None:
             plan.symlink(applet, busybox.path, "base", "busybox applet")
 
 
+def _add_python_stages(
+    plan: ImagePlan, features: list[Feature], resolution: Resolution, inputs: BuildInputs
+) -> PythonStage | None:
+    stage = None
+    for feature in features:
+        if feature.python_stage and resolution.capture.python:
+            # Imported here: a static-only build never needs the stage packer.
+            from builder.pystage import add_python_stage
+
+            resolver = ElfResolver(inputs.root)
+            stage = add_python_stage(
+                plan,
+                resolution.capture.python,
+                feature.python_stage,
+                PACKAGE_DIR,
+                feature.name,
+                resolver,
+                cache_dir=inputs.cache_dir,
+            )
+    return stage
+
+
 def template_context(
-    config: Config, features: list[Feature], resolution: Resolution, inputs: BuildInputs
+    config: Config,
+    features: list[Feature],
+    resolution: Resolution,
+    inputs: BuildInputs,
+    python: PythonStage | None,
 ) -> dict[str, Any]:
     return {
         "version": __version__,
         "kver": inputs.kver,
         "config": config,
+        "capture": resolution.capture,
+        "python": python,
         "features": [f.name for f in features],
         "modules": resolution.modules.modules,
         "load_list": LOAD_LIST_PATH,
@@ -187,10 +220,11 @@ def assemble(
         _add_feature_static(plan, feature, inputs)
     for extra in config.files:
         _copy_host_file(plan, inputs.root, extra.src, extra.dst, "config", "config key files")
-    _add_binaries(plan, resolution, inputs.root)
-    _add_modules(plan, resolution.modules, inputs.kver)
+    add_binaries(plan, resolution.busybox, resolution.binaries, inputs.root)
+    add_modules(plan, resolution.modules, inputs.kver)
     _add_firmware(plan, resolution)
-    _add_templates(plan, features, template_context(config, features, resolution, inputs))
+    python = _add_python_stages(plan, features, resolution, inputs)
+    _add_templates(plan, features, template_context(config, features, resolution, inputs, python))
     plan.directory(posixpath.dirname(MANIFEST_PATH), "base", "holds the manifest")
     return plan
 

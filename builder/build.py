@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +13,10 @@ from builder import compress
 from builder.assemble import MANIFEST_PATH, BuildInputs, assemble, manifest, manifest_bytes
 from builder.config import Config
 from builder.cpio import Entry, write_newc
+from builder.elfdeps import ElfResolver
 from builder.features import discover, select
 from builder.output import write_atomic
-from builder.resolve import resolve
+from builder.resolve import capture_settings, resolve
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,24 @@ def source_date_epoch() -> int:
     return int(value) if value.isdigit() else 0
 
 
+def write_image(
+    entries: list[Entry],
+    method: compress.Compression,
+    output: Path,
+    lap: Callable[[str], None] = lambda _: None,
+) -> tuple[bytes, bytes]:
+    """cpio, compress, write atomically; returns the archive and the compressed image."""
+    archive = io.BytesIO()
+    write_newc(entries, archive, mtime=source_date_epoch())
+    raw = archive.getvalue()
+    lap("cpio")
+    image = method.compress(raw)
+    lap("compress")
+    write_atomic(output, image)
+    lap("write")
+    return raw, image
+
+
 def build(config: Config, request: BuildRequest) -> BuildReport:
     """Build the image for `config` and write it atomically; on any error nothing is written."""
     seconds: dict[str, float] = {}
@@ -71,30 +91,26 @@ def build(config: Config, request: BuildRequest) -> BuildReport:
         seconds[name] = round(now - clock, 4)
         clock = now
 
-    features = select(discover(request.modules_dirs), config)
+    capture = capture_settings(config, ElfResolver(request.root, config.search_path), request.root)
+    features = select(discover(request.modules_dirs), config, capture.stage, capture.collector)
     resolution = resolve(
-        config, features, request.kver, request.kmoddir, request.cache_dir, request.root
+        config, features, capture, request.kver, request.kmoddir, request.cache_dir, request.root
     )
     lap("resolve")
-    inputs = BuildInputs(request.kver, request.kmoddir, request.kernel_image, request.root)
+    inputs = BuildInputs(
+        request.kver, request.kmoddir, request.kernel_image, request.root, request.cache_dir
+    )
     plan = assemble(config, features, resolution, inputs)
     entries, digests = plan.entries()
     record = manifest(plan, config, features, resolution, inputs, digests)
     entries.append(Entry(MANIFEST_PATH.lstrip("/"), "file", 0o644, manifest_bytes(record)))
     lap("plan")
-    archive = io.BytesIO()
-    write_newc(entries, archive, mtime=source_date_epoch())
-    raw = archive.getvalue()
-    lap("cpio")
     requested = compress.Compression(
         config.compression["method"], config.compression["level"], config.compression["threads"]
     )
     kconfig = compress.kernel_config(request.kver, request.kernel_image, request.boot_dir)
     method, note = compress.choose(requested, kconfig)
-    image = method.compress(raw)
-    lap("compress")
-    write_atomic(request.output, image)
-    lap("write")
+    raw, image = write_image(entries, method, request.output, lap)
     return BuildReport(
         output=str(request.output),
         kver=request.kver,

@@ -16,7 +16,7 @@ from builder.errors import KdumpError
 from builder.inspect_image import report, text
 
 DEFAULT_IMAGE_DIR = Path("/var/lib/kdump-mkinitrd")
-SUBCOMMANDS = ("build", "inspect")
+SUBCOMMANDS = ("build", "inspect", "qemu-test")
 
 
 def default_output(kver: str) -> Path:
@@ -57,6 +57,17 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         help="image path (default /var/lib/kdump-mkinitrd/kdump-KVER.img)",
     )
+    q = sub.add_parser(
+        "qemu-test", help="crash a QEMU guest and check that the image saves the dump"
+    )
+    _add_kernel_args(q)
+    q.add_argument("--memory", default="1G", help="guest memory (default 1G)")
+    q.add_argument(
+        "--crashkernel", default="256M", help="crashkernel= for the guest (default 256M)"
+    )
+    q.add_argument("--keep", type=Path, help="work in DIR and keep everything there")
+    q.add_argument("--append", default="", help="extra capture kernel command line arguments")
+    q.add_argument("--timeout", type=float, default=600.0, help="seconds before QEMU is killed")
     i = sub.add_parser("inspect", help="list an image's contents and why each piece is there")
     i.add_argument("image", type=Path)
     i.add_argument("--json", action="store_true")
@@ -98,6 +109,30 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _qemu_test(args: argparse.Namespace) -> int:
+    from builder import qemutest
+
+    kver = args.kver or os.uname().release
+    kernel = args.kernel or Path(f"/boot/vmlinuz-{kver}")
+    if not kernel.is_file():
+        raise KdumpError(f"kernel image {kernel} does not exist (give --kernel)")
+    qemutest.check_tools()
+    options = qemutest.Options(
+        kver=kver,
+        kmoddir=args.kmoddir or Path("/lib/modules") / kver,
+        kernel=kernel,
+        config=args.config,
+        memory=args.memory,
+        crashkernel=args.crashkernel,
+        keep=args.keep,
+        append=args.append,
+        timeout=args.timeout,
+    )
+    report = qemutest.run_qemu_test(options)
+    print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
+    return 0 if report.ok else 1
+
+
 def _inspect(args: argparse.Namespace) -> int:
     info = report(args.image)
     print(json.dumps(info, indent=1) if args.json else text(info))
@@ -111,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         format="kdump-mkinitrd: %(levelname)s: %(message)s",
     )
     try:
-        return {"build": _build, "inspect": _inspect}[args.command](args)
+        commands = {"build": _build, "inspect": _inspect, "qemu-test": _qemu_test}
+        return commands[args.command](args)
     except KdumpError as exc:
         print(f"kdump-mkinitrd: error: {exc}", file=sys.stderr)
         return 1

@@ -56,6 +56,21 @@ COMPRESSION_SCHEMA: dict[str, Field] = {
     "threads": Field(int, default=0, minimum=-1),
 }
 
+CAPTURE_SCHEMA: dict[str, Field] = {
+    # python: the Python stage does the careful work, the static init falls back on its own;
+    # static: no interpreter in the image at all (smallest image).
+    "stage": Field(str, default="python", choices=("python", "static")),
+    # auto: makedumpfile when the build host has it, else our native ELF writer.
+    "collector": Field(str, default="auto", choices=("auto", "makedumpfile", "native")),
+    "dump_level": Field(int, default=31, minimum=0),
+    # auto: the best that makedumpfile supports (zstd, else lzo).
+    "compression": Field(
+        str, default="auto", choices=("auto", "zstd", "lzo", "zlib", "snappy", "none")
+    ),
+    "python": Field(str),  # interpreter to pack; default: the one running the builder
+    "hostname": Field(str),  # names dump directories; default: the build host's name
+}
+
 SCHEMA: dict[str, Field] = {
     "targets": Field(list, default=[], items=TARGET_SCHEMA),
     "kernel_modules": Field(list, default=[], items=str),
@@ -65,6 +80,7 @@ SCHEMA: dict[str, Field] = {
     "final_action": Field(str, default="reboot", choices=ACTIONS),
     "device_timeout": Field(int, default=30, minimum=1),
     "compression": Field(dict, default={}, schema=COMPRESSION_SCHEMA),
+    "capture": Field(dict, default={}, schema=CAPTURE_SCHEMA),
     "busybox": Field(str, default="/bin/busybox", absolute_path=True),
     "search_path": Field(str, default="/usr/sbin:/usr/bin:/sbin:/bin"),
     "firmware_root": Field(str, default="/lib/firmware", absolute_path=True),
@@ -98,6 +114,7 @@ class Config:
     final_action: str
     device_timeout: int
     compression: dict[str, Any]
+    capture: dict[str, Any]
     busybox: str
     search_path: str
     firmware_root: str
@@ -271,6 +288,7 @@ def parse(text: str, source: str) -> Config:
         final_action=values["final_action"],
         device_timeout=values["device_timeout"],
         compression=values["compression"],
+        capture=values["capture"],
         busybox=values["busybox"],
         search_path=values["search_path"],
         firmware_root=values["firmware_root"],

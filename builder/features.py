@@ -20,19 +20,10 @@ from builder.errors import KdumpError
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "modules.d"
 
 _KEYS = {
-    "name",
-    "description",
-    "depends",
-    "when",
-    "kernel_modules",
-    "binaries",
-    "files",
-    "directories",
-    "nodes",
-    "host_symlinks",
-    "templates",
-}
-_WHEN_KEYS = {"always", "target_types"}
+    "name", "description", "depends", "when", "kernel_modules", "binaries", "files",
+    "directories", "nodes", "host_symlinks", "templates", "python_stage",
+}  # fmt: skip
+_WHEN_KEYS = {"always", "target_types", "stage", "collector"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +50,8 @@ class Feature:
     depends: tuple[str, ...]
     always: bool
     target_types: tuple[str, ...]
+    when_stage: tuple[str, ...]
+    when_collector: tuple[str, ...]
     kernel_modules: tuple[str, ...]  # may hold `{target.FIELD}` placeholders
     binaries: tuple[str, ...]
     files: tuple[str, ...]
@@ -66,12 +59,23 @@ class Feature:
     nodes: tuple[Node, ...]
     host_symlinks: tuple[str, ...]
     templates: tuple[Template, ...]
+    python_stage: str | None  # entry module of a Python stage this feature packs
 
     def targets(self, config: Config) -> tuple[Target, ...]:
         return tuple(t for t in config.targets if t.type in self.target_types)
 
-    def applies(self, config: Config) -> bool:
-        return self.always or bool(self.targets(config))
+    def applies(self, config: Config, stage: str, collector: str) -> bool:
+        """`when` keys all have to hold; `always` alone means unconditionally."""
+        if self.always:
+            return True
+        checks = []
+        if self.target_types:
+            checks.append(bool(self.targets(config)))
+        if self.when_stage:
+            checks.append(stage in self.when_stage)
+        if self.when_collector:
+            checks.append(collector in self.when_collector)
+        return bool(checks) and all(checks)
 
     def kernel_module_requests(self, config: Config) -> list[str]:
         """Expand `{target.fstype}`-style entries once per target this feature serves."""
@@ -115,6 +119,14 @@ def _node(manifest: Path, item: dict[str, Any]) -> Node:
     return Node(item["path"], kind, int(item["major"]), int(item["minor"]), mode)
 
 
+def _python_stage(manifest: Path, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("entry"), str):
+        raise _fail(manifest, "'python_stage' must be a mapping with an 'entry' module name")
+    return str(value["entry"])
+
+
 def _load(folder: Path) -> Feature:
     manifest = folder / "module.yaml"
     try:
@@ -152,6 +164,8 @@ def _load(folder: Path) -> Feature:
         depends=_str_list(manifest, data, "depends"),
         always=bool(when.get("always", False)),
         target_types=_str_list(manifest, when, "target_types"),
+        when_stage=_str_list(manifest, when, "stage"),
+        when_collector=_str_list(manifest, when, "collector"),
         kernel_modules=_str_list(manifest, data, "kernel_modules"),
         binaries=_str_list(manifest, data, "binaries"),
         files=_str_list(manifest, data, "files"),
@@ -159,6 +173,7 @@ def _load(folder: Path) -> Feature:
         nodes=nodes,
         host_symlinks=_str_list(manifest, data, "host_symlinks"),
         templates=tuple(templates),
+        python_stage=_python_stage(manifest, data.get("python_stage")),
     )
 
 
@@ -173,7 +188,9 @@ def discover(extra_dirs: tuple[Path, ...] = ()) -> dict[str, Feature]:
     return found
 
 
-def select(features: dict[str, Feature], config: Config) -> list[Feature]:
+def select(
+    features: dict[str, Feature], config: Config, stage: str, collector: str
+) -> list[Feature]:
     """The features that apply to this config plus what they depend on, dependencies first."""
     ordered: list[Feature] = []
     state: dict[str, str] = {}
@@ -192,6 +209,6 @@ def select(features: dict[str, Feature], config: Config) -> list[Feature]:
         ordered.append(features[name])
 
     for name in sorted(features):
-        if features[name].applies(config):
+        if features[name].applies(config, stage, collector):
             visit(name, name)
     return ordered

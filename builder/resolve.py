@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +23,82 @@ class Busybox:
     applets: tuple[str, ...]  # image paths such as "/bin/sh", from `busybox --list-full`
 
 
+MAKEDUMPFILE_FLAGS = {"zstd": "-z", "lzo": "-l", "zlib": "-c", "snappy": "-p", "none": ""}
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """The capture decisions made at build time and baked into the image."""
+
+    stage: str  # "python" | "static"
+    collector: str  # "makedumpfile" | "native"
+    dump_level: int
+    compression: str  # makedumpfile's page compression
+    makedumpfile_flag: str
+    hostname: str
+    python: str | None  # the interpreter to pack, for the Python stage
+
+
 @dataclass(frozen=True)
 class Resolution:
     kver: str
+    capture: CaptureSettings
     modules: ModuleClosure
     firmware: FirmwareSet
     binaries: dict[str, BinaryClosure]  # by the feature (or "config") that asked
     busybox: Busybox
+
+
+def _makedumpfile_compression(binary: Path, wanted: str) -> str:
+    """Pick what this makedumpfile build supports: `-v` lists each codec as enabled or not."""
+    try:
+        out = subprocess.run([str(binary), "-v"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KdumpError(f"cannot run {binary} -v: {exc}") from None
+    enabled = {"zlib", "none"} | {
+        words[0] for words in map(str.split, out.stdout.splitlines())
+        if len(words) == 2 and words[1] == "enabled"
+    }  # fmt: skip
+    if wanted == "auto":
+        return next(c for c in ("zstd", "lzo", "zlib") if c in enabled)
+    if wanted not in enabled:
+        raise KdumpError(
+            f"config key capture.compression: {binary} was built without {wanted} "
+            f"(it supports {', '.join(sorted(enabled))})"
+        )
+    return wanted
+
+
+def capture_settings(config: Config, resolver: ElfResolver, root: Path) -> CaptureSettings:
+    wanted = config.capture["collector"]
+    found: str | None = None
+    if wanted != "native":
+        try:
+            found = resolver.find_program("makedumpfile")
+        except KdumpError:
+            if wanted == "makedumpfile":
+                raise KdumpError(
+                    f"config key capture.collector is makedumpfile, but makedumpfile is not on "
+                    f"{config.search_path} (Debian: apt-get install makedumpfile)"
+                ) from None
+    compression = "none"
+    if found is not None:
+        compression = _makedumpfile_compression(
+            root / found.lstrip("/"), config.capture["compression"]
+        )
+    stage = config.capture["stage"]
+    python = None
+    if stage == "python":
+        python = config.capture["python"] or os.path.realpath(sys.executable)
+    return CaptureSettings(
+        stage=stage,
+        collector="makedumpfile" if found else "native",
+        dump_level=config.capture["dump_level"],
+        compression=compression,
+        makedumpfile_flag=MAKEDUMPFILE_FLAGS[compression],
+        hostname=config.capture["hostname"] or socket.gethostname(),
+        python=python,
+    )
 
 
 def module_requests(config: Config, features: list[Feature]) -> list[tuple[str, str]]:
@@ -37,8 +109,8 @@ def module_requests(config: Config, features: list[Feature]) -> list[tuple[str, 
     return requests
 
 
-def _busybox(resolver: ElfResolver, config: Config, root: Path) -> Busybox:
-    path = resolver.find_program(config.busybox)
+def find_busybox(resolver: ElfResolver, busybox: str, root: Path) -> Busybox:
+    path = resolver.find_program(busybox)
     if not resolver.is_static(path):
         raise KdumpError(
             f"{path} is dynamically linked; the capture init needs a static busybox "
@@ -61,6 +133,7 @@ def _busybox(resolver: ElfResolver, config: Config, root: Path) -> Busybox:
 def resolve(
     config: Config,
     features: list[Feature],
+    capture: CaptureSettings,
     kver: str,
     kmoddir: Path,
     cache_dir: Path | None = None,
@@ -73,4 +146,6 @@ def resolve(
     wanted = {f.name: [(name, f"feature {f.name}") for name in f.binaries] for f in features}
     wanted["config"] = [(name, "config key binaries") for name in config.binaries]
     binaries = {who: resolver.resolve(programs) for who, programs in wanted.items() if programs}
-    return Resolution(kver, modules, firmware, binaries, _busybox(resolver, config, root))
+    return Resolution(
+        kver, capture, modules, firmware, binaries, find_busybox(resolver, config.busybox, root)
+    )

@@ -25,6 +25,7 @@ failure_action: poweroff
 final_action: poweroff
 device_timeout: 20
 compression: {{level: 3}}
+capture: {{stage: static}}
 """
 
 

@@ -1,0 +1,55 @@
+"""Small helper images `qemu-test` boots around the capture image: the first stage that arms
+kdump and crashes, and the read-back stage that copies the saved dump out of the target disk.
+
+They reuse the builder's own resolution and writer, so the harness exercises the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from builder.assemble import add_binaries, add_modules
+from builder.build import write_image
+from builder.compress import Compression
+from builder.elfdeps import ElfResolver
+from builder.kmod import ModuleIndex
+from builder.plan import ImagePlan
+from builder.render import render
+from builder.resolve import find_busybox
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "qemu"
+FEATURE = "qemu-test"
+
+
+def utility_image(
+    output: Path,
+    kver: str,
+    kmoddir: Path,
+    template: str,
+    context: dict[str, Any],
+    modules: Sequence[str] = (),
+    programs: Sequence[str] = (),
+    files: dict[str, Path] | None = None,
+) -> None:
+    plan = ImagePlan()
+    for path in ("/bin", "/sbin", "/lib", "/lib64"):
+        if Path(path).is_symlink():
+            plan.symlink(path, str(Path(path).readlink()), "base", "mirrors the build host")
+    for path in ("/dev", "/proc", "/sys", "/run", "/tmp", "/mnt"):
+        plan.directory(path, "base", "mount point")
+    plan.node("/dev/console", "char", (5, 1), 0o600, "base")
+    plan.node("/dev/null", "char", (1, 3), 0o666, "base")
+    resolver = ElfResolver()
+    closures = {FEATURE: resolver.resolve([(p, FEATURE) for p in programs])} if programs else {}
+    add_binaries(plan, find_busybox(resolver, "/bin/busybox", Path("/")), closures, Path("/"))
+    if modules:
+        index = ModuleIndex.load(kver, kmoddir)
+        add_modules(plan, index.resolve([(m, FEATURE) for m in modules]), kver)
+    for dst, src in (files or {}).items():
+        plan.file(dst, FEATURE, "payload", source=src, mode=0o644)
+    init = render(TEMPLATES / template, dict(context, kver=kver))
+    plan.file("/init", FEATURE, f"rendered from {template}", data=init.encode(), mode=0o755)
+    entries, _ = plan.entries()
+    write_image(entries, Compression("zstd", 3, 0), output)

@@ -16,7 +16,7 @@ from builder.errors import KdumpError
 from builder.inspect_image import report, text
 
 DEFAULT_IMAGE_DIR = Path("/var/lib/kdump-mkinitrd")
-SUBCOMMANDS = ("build", "inspect", "qemu-test")
+SUBCOMMANDS = ("build", "inspect", "qemu-test", "recover-raw")
 
 
 def default_output(kver: str) -> Path:
@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--keep", type=Path, help="work in DIR and keep everything there")
     q.add_argument("--append", default="", help="extra capture kernel command line arguments")
     q.add_argument("--timeout", type=float, default=600.0, help="seconds before QEMU is killed")
+    r = sub.add_parser("recover-raw", help="write a dump from a raw target out as a directory")
+    r.add_argument("device", type=Path)
+    r.add_argument("directory", type=Path)
     i = sub.add_parser("inspect", help="list an image's contents and why each piece is there")
     i.add_argument("image", type=Path)
     i.add_argument("--json", action="store_true")
@@ -133,6 +136,15 @@ def _qemu_test(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _recover_raw(args: argparse.Namespace) -> int:
+    from builder import raw
+
+    out = raw.recover(args.device, args.directory)
+    complete = (out / "vmcore").exists()
+    print(f"{'recovered' if complete else 'INCOMPLETE dump recovered'} into {out}")
+    return 0 if complete else 2
+
+
 def _inspect(args: argparse.Namespace) -> int:
     info = report(args.image)
     print(json.dumps(info, indent=1) if args.json else text(info))
@@ -146,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         format="kdump-mkinitrd: %(levelname)s: %(message)s",
     )
     try:
-        commands = {"build": _build, "inspect": _inspect, "qemu-test": _qemu_test}
+        commands = {
+            "build": _build,
+            "inspect": _inspect,
+            "qemu-test": _qemu_test,
+            "recover-raw": _recover_raw,
+        }
         return commands[args.command](args)
     except KdumpError as exc:
         print(f"kdump-mkinitrd: error: {exc}", file=sys.stderr)

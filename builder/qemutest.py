@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import config as config_mod
+from builder import raw
 from builder.build import BuildRequest, build
 from builder.config import Config, Target
 from builder.errors import KdumpError
@@ -113,7 +114,8 @@ def _default_config(workdir: Path) -> Path:
 
 
 def _make_disk(path: Path, target: Target, size_mb: int) -> None:
-    """A sparse disk image formatted as the target says, with its UUID or LABEL."""
+    """A sparse disk image formatted as the target says: with its UUID or LABEL, or inside a
+    GPT partition carrying its PARTUUID."""
     with path.open("wb") as disk:
         disk.truncate(size_mb * 2**20)
     if target.type != "disk" or target.fstype is None:
@@ -126,7 +128,20 @@ def _make_disk(path: Path, target: Target, size_mb: int) -> None:
         cmd += [*flag, value]
     elif device.startswith("LABEL="):
         cmd += ["-L", device[6:]]
-    subprocess.run([*cmd, str(path)], check=True, capture_output=True)
+    if not device.startswith("PARTUUID="):
+        subprocess.run([*cmd, str(path)], check=True, capture_output=True)
+        return
+    table = f"label: gpt\nstart=2048, type=linux, uuid={device[9:]}\n"
+    subprocess.run(["sfdisk", "-q", str(path)], input=table, text=True, check=True,
+                   capture_output=True)  # fmt: skip
+    # mkfs cannot write at an offset for every filesystem: build it apart, then place it.
+    part = path.with_suffix(".part")
+    with part.open("wb") as f:
+        f.truncate((size_mb - 2) * 2**20)
+    subprocess.run([*cmd, str(part)], check=True, capture_output=True)
+    subprocess.run(["dd", f"if={part}", f"of={path}", "bs=1M", "seek=1", "conv=notrunc,sparse",
+                    "status=none"], check=True)  # fmt: skip
+    part.unlink()
 
 
 def _disk_size_mb(options: Options) -> int:
@@ -168,7 +183,13 @@ def _read_back(options: Options, config: Config, workdir: Path, disks: list[Path
         f.truncate((_disk_size_mb(options) + 64) * 2**20)
     context = {
         "disks": [
-            {"fstype": t.fstype, "device": f"/dev/vd{letters[disks.index(d)]}", "path": t.path}
+            {
+                "index": disks.index(d),
+                "fstype": t.fstype,
+                "path": t.path,
+                "device": f"/dev/vd{letters[disks.index(d)]}"
+                + ("1" if (t.device or "").startswith("PARTUUID=") else ""),
+            }
             for t, d in readable
         ],
         "out_device": f"/dev/vd{letters[len(disks)]}",
@@ -265,8 +286,13 @@ def run_qemu_test(options: Options) -> Report:
     report.check("capture_kernel_booted", "kdump: capture environment for kernel" in log)
     report.check("dump_saved", "kdump: dump saved to target" in log)
     start = time.monotonic()
-    out = _read_back(options, config, workdir, disks) if any(
-        t.type == "disk" for t in config.targets) else workdir  # fmt: skip
+    out = workdir / "dumps"
+    if any(t.type == "disk" for t in config.targets):
+        _read_back(options, config, workdir, disks)
+    for i, (target, disk) in enumerate(zip(config.targets, disks, strict=True)):
+        if target.type == "raw" and raw.read_header(disk) is not None:
+            raw.recover(disk, out / f"t{i}")
+            report.check("raw_header_cleared", raw.read_header(disk) is None)
     report.timings["read_back"] = time.monotonic() - start
     dumps = sorted(p for p in out.glob("t*/*") if p.is_dir())
     report.check("dump_dir_found", bool(dumps), f"nothing under {out}")

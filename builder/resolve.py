@@ -37,6 +37,7 @@ class CaptureSettings:
     makedumpfile_flag: str
     hostname: str
     python: str | None  # the interpreter to pack, for the Python stage
+    makedumpfile: str | None  # its path, when it is the collector
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def capture_settings(config: Config, resolver: ElfResolver, root: Path) -> Captu
         makedumpfile_flag=MAKEDUMPFILE_FLAGS[compression],
         hostname=config.capture["hostname"] or socket.gethostname(),
         python=python,
+        makedumpfile=found,
     )
 
 

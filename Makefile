@@ -14,7 +14,10 @@ DEBS := python3-venv busybox-static kexec-tools makedumpfile qemu-system-x86 cpi
 
 export KDUMP_TEST_KERNEL_CACHE := $(abspath $(KERNEL_CACHE))
 
-.PHONY: setup debs venv kernels test lint clean
+DEMO_KVER := $(KERNEL_61)
+DEMO_ROOT := $(KERNEL_CACHE)/$(DEMO_KVER)
+
+.PHONY: setup debs venv kernels test lint demo clean
 
 setup: debs venv
 
@@ -33,6 +36,14 @@ kernels: debs
 
 test: setup kernels
 	$(BIN)/pytest -q
+
+# The main job: build a capture image for a Debian kernel, crash a QEMU guest running that
+# kernel, capture the dump, check it, print a summary.
+demo: setup kernels
+	rm -rf $(CACHE)/demo
+	$(BIN)/kdump-mkinitrd qemu-test -k $(DEMO_KVER) \
+		--kmoddir $(DEMO_ROOT)/lib/modules/$(DEMO_KVER) \
+		--kernel $(DEMO_ROOT)/boot/vmlinuz-$(DEMO_KVER) --keep $(CACHE)/demo
 
 lint: venv
 	$(BIN)/ruff check builder tests

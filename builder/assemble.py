@@ -111,7 +111,7 @@ def add_binaries(
             plan.symlink(link.path, link.target, feature, "symlink on the way to a needed file")
         for elf in closure.files:
             mode = elf.source.stat().st_mode & 0o7777
-            plan.file(elf.path, feature, elf.why, source=elf.source, mode=mode)
+            plan.file(elf.path, feature, elf.why, source=elf.source, mode=mode, strip=True)
             real.add(elf.path)
     for applet in busybox.applets:
         if applet != busybox.path and applet not in real and not plan.has(applet):

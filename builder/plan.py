@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from builder.cpio import Entry, Kind
+from builder.elfstrip import loadable_only
 from builder.errors import KdumpError
 
 
@@ -26,6 +27,7 @@ class Planned:
     source: Path | None = None  # a host file whose content is copied
     data: bytes = b""  # generated content, or a symlink's target
     rdev: tuple[int, int] = (0, 0)
+    strip: bool = False  # an ELF program or library: keep only what the loader maps
 
     def same_as(self, other: Planned) -> bool:
         return (self.kind, self.mode, self.source, self.data, self.rdev) == (
@@ -62,8 +64,9 @@ class ImagePlan:
         source: Path | None = None,
         data: bytes = b"",
         mode: int = 0o644,
+        strip: bool = False,
     ) -> None:
-        self._add(Planned(path, "file", mode, feature, why, source=source, data=data))
+        self._add(Planned(path, "file", mode, feature, why, source=source, data=data, strip=strip))
 
     def directory(self, path: str, feature: str, why: str, mode: int = 0o755) -> None:
         self._add(Planned(path, "dir", mode, feature, why))
@@ -132,5 +135,7 @@ class ImagePlan:
                         f" {exc.strerror}"
                     ) from None
                 digests[str(item.source)] = hashlib.sha256(data).hexdigest()
+                if item.strip:
+                    data = loadable_only(data)
             result.append(Entry(item.path.lstrip("/"), item.kind, item.mode, data, item.rdev))
         return result, digests

@@ -1,0 +1,148 @@
+"""End to end: a real crash of a Debian kernel in QEMU, captured by our image, checked by
+`qemu-test` (files, modes, vmcore.json, and makedumpfile reading the saved vmcore)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from builder.qemutest import Options, Report, run_qemu_test
+from tests.conftest import Kernel
+
+pytestmark = pytest.mark.qemu
+
+COMMON = """\
+kernel_modules: [virtio_blk, virtio_pci]
+failure_action: poweroff
+final_action: poweroff
+device_timeout: 30
+"""
+
+
+def qemu_test(
+    kernel: Kernel,
+    tmp_path: Path,
+    config: str,
+    memory: str = "1G",
+    crashkernel: str = "256M",
+    append: str = "",
+) -> Report:
+    path = tmp_path / "kdump.yaml"
+    path.write_text(config + COMMON)
+    options = Options(
+        kernel.kver,
+        kernel.kmoddir,
+        kernel.vmlinuz,
+        config=path,
+        memory=memory,
+        crashkernel=crashkernel,
+        keep=tmp_path / "work",
+        append=append,
+    )
+    report = run_qemu_test(options)
+    assert report.ok, report.summary() + "\n" + Path(report.serial_log).read_text()[-4000:]
+    return report
+
+
+def record(report: Report) -> dict[str, object]:
+    assert report.dump_dir is not None
+    return dict(json.loads((Path(report.dump_dir) / "vmcore.json").read_text()))
+
+
+def init_log(report: Report) -> str:
+    assert report.dump_dir is not None
+    return (Path(report.dump_dir) / "kdump-init.log").read_text()
+
+
+def test_ext4_by_uuid_python_stage_with_makedumpfile(kernel61: Kernel, tmp_path: Path) -> None:
+    report = qemu_test(
+        kernel61,
+        tmp_path,
+        """\
+targets:
+  - {type: disk, device: UUID=7d0c4e0a-5f7e-4c39-9d1a-1f6f2b0e9a11, fstype: ext4, path: /var/crash}
+""",
+    )
+    data = record(report)
+    assert data["stage"] == "python"
+    assert data["collector"] == "makedumpfile" and data["format"] == "kdump-compressed"
+    assert data["dump_level"] == 31
+    assert data["kernel_release"] == kernel61.kver
+    assert isinstance(data["crash_time"], int)
+    timings = data["timings"]
+    assert isinstance(timings, dict) and set(timings) >= {"parse", "dmesg", "dump", "hash"}
+    assert {f["name"] for f in report.files} >= {
+        "vmcore",
+        "vmcore-dmesg.txt",
+        "vmcore.json",
+        "kdump-init.log",
+    }
+    assert "fallback" not in init_log(report)
+
+
+def test_xfs_by_label_native_writer(kernel61: Kernel, tmp_path: Path) -> None:
+    report = qemu_test(
+        kernel61,
+        tmp_path,
+        """\
+targets:
+  - {type: disk, device: LABEL=dumps, fstype: xfs, path: /crash}
+capture: {collector: native}
+""",
+        memory="512M",
+        crashkernel="192M",
+    )
+    data = record(report)
+    assert (data["stage"], data["collector"], data["format"]) == ("python", "native", "elf")
+    # Zero pages are left out, so the file is smaller than guest memory.
+    assert 0 < report.vmcore_size < 512 * 2**20
+    assert "writing vmcore:" in Path(report.serial_log).read_text()
+
+
+def test_btrfs_by_partuuid(kernel61: Kernel, tmp_path: Path) -> None:
+    report = qemu_test(
+        kernel61,
+        tmp_path,
+        """\
+targets:
+  - {type: disk, device: PARTUUID=3b8f0d6e-2a41-4c55-9e0f-8d7c6b5a4f32, fstype: btrfs, path: /d}
+""",
+    )
+    assert record(report)["stage"] == "python"
+
+
+def test_raw_target_and_recover_raw(kernel61: Kernel, tmp_path: Path) -> None:
+    report = qemu_test(kernel61, tmp_path, "targets:\n  - {type: raw, device: /dev/vda}\n")
+    assert report.checks["raw_header_cleared"]
+    assert record(report)["format"] == "kdump-compressed"
+
+
+def test_static_only_image(kernel61: Kernel, tmp_path: Path) -> None:
+    report = qemu_test(
+        kernel61,
+        tmp_path,
+        """\
+targets:
+  - {type: disk, device: UUID=0e5c6a1f-99b2-4d8e-a3c4-5b6d7e8f9a0b, fstype: ext4}
+capture: {stage: static}
+""",
+    )
+    assert record(report)["stage"] == "static"
+    assert "Python" not in init_log(report)
+
+
+def test_static_fallback_when_the_python_stage_fails(kernel61: Kernel, tmp_path: Path) -> None:
+    report = qemu_test(
+        kernel61,
+        tmp_path,
+        """\
+targets:
+  - {type: disk, device: UUID=5a4b3c2d-1e0f-4a9b-8c7d-6e5f4a3b2c1d, fstype: ext4}
+""",
+        append="kdump_mkinitrd.fail_stage=1",
+    )
+    assert record(report)["stage"] == "static"
+    log = init_log(report)
+    assert "the Python capture stage failed" in log and "static fallback runs" in log

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from builder.capture.dmesg import extract_dmesg
+from builder.capture.vmcore import Vmcore
 from builder.qemutest import Options, Report, run_qemu_test
 from tests.conftest import Kernel
 
@@ -99,6 +102,17 @@ capture: {collector: native}
     # Zero pages are left out, so the file is smaller than guest memory.
     assert 0 < report.vmcore_size < 512 * 2**20
     assert "writing vmcore:" in Path(report.serial_log).read_text()
+    # Our log extractor, run here on the saved ELF vmcore, agrees with makedumpfile line for line.
+    assert report.dump_dir is not None
+    vmcore = Path(report.dump_dir) / "vmcore"
+    with Vmcore.open(str(vmcore)) as core:
+        ours = extract_dmesg(core)
+    theirs = tmp_path / "makedumpfile-dmesg.txt"
+    subprocess.run(
+        ["makedumpfile", "--dump-dmesg", str(vmcore), str(theirs)], check=True, capture_output=True
+    )
+    assert ours == theirs.read_text()
+    assert ours == (Path(report.dump_dir) / "vmcore-dmesg.txt").read_text()
 
 
 def test_btrfs_by_partuuid(kernel61: Kernel, tmp_path: Path) -> None:

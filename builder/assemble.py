@@ -39,6 +39,7 @@ class BuildInputs:
     kernel_image: Path | None
     root: Path
     cache_dir: Path | None
+    feature_dirs: tuple[Path, ...]
 
 
 def _host(root: Path, path: str) -> Path:
@@ -79,7 +80,13 @@ def add_modules(plan: ImagePlan, modules: ModuleClosure, kver: str) -> None:
             plan.file(f"{base}/{mod.relpath}", feature, mod.why, source=mod.path)
         else:
             # busybox insmod reads plain ELF: unpack .ko.xz/.zst/.gz now rather than at boot.
-            plan.file(f"{base}/{mod.relpath}", feature, mod.why, data=module_bytes(mod.path))
+            plan.file(
+                f"{base}/{mod.relpath}",
+                feature,
+                mod.why,
+                data=module_bytes(mod.path),
+                origin=mod.path,
+            )
     plan.file(
         f"{base}/modules.dep",
         "kernel-modules",
@@ -95,7 +102,11 @@ def add_modules(plan: ImagePlan, modules: ModuleClosure, kver: str) -> None:
 def _add_firmware(plan: ImagePlan, resolution: Resolution) -> None:
     for fw in resolution.firmware.found:
         plan.file(
-            f"/lib/firmware/{fw.name}", "kernel-modules", f"firmware of {fw.module}", data=fw.read()
+            f"/lib/firmware/{fw.name}",
+            "kernel-modules",
+            f"firmware of {fw.module}",
+            data=fw.read(),
+            origin=fw.path,
         )
 
 
@@ -179,7 +190,7 @@ def manifest(
     features: list[Feature],
     resolution: Resolution,
     inputs: BuildInputs,
-    digests: dict[str, str],
+    inputs_seen: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """What `inspect` shows and later rebuild checks read: contents, reasons, inputs."""
     paths = {i.path: {"feature": i.feature, "why": i.why} for i in plan.items()}
@@ -208,7 +219,8 @@ def manifest(
             for feature, closure in resolution.binaries.items()
             for e in closure.files
         ],
-        "inputs": dict(sorted(digests.items())),
+        "feature_dirs": [str(d) for d in inputs.feature_dirs],
+        "inputs": dict(sorted(inputs_seen.items())),
     }
 
 

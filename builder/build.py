@@ -8,13 +8,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from builder import compress
+from builder import compress, inputs
 from builder.assemble import MANIFEST_PATH, BuildInputs, assemble, manifest, manifest_bytes
 from builder.config import Config
 from builder.cpio import Entry, write_newc
 from builder.elfdeps import ElfResolver
-from builder.features import discover, select
+from builder.errors import KdumpError
+from builder.features import BUILTIN_DIR, discover, select
+from builder.inspect_image import read_manifest
 from builder.output import write_atomic
 from builder.resolve import capture_settings, resolve
 
@@ -46,9 +49,13 @@ class BuildReport:
     features: list[str]
     notes: list[str]
     seconds: dict[str, float] = field(default_factory=dict)
+    up_to_date: bool = False  # --if-needed found nothing changed and wrote nothing
+    rebuilt_because: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         total = sum(self.seconds.values())
+        if self.up_to_date:
+            return f"{self.output}: up to date (kernel {self.kver}), checked in {total:.3f} s"
         return (
             f"{self.output}: {self.size / 1e6:.2f} MB {self.compression} "
             f"({self.uncompressed_size / 1e6:.2f} MB unpacked), {self.entries} entries, "
@@ -80,8 +87,35 @@ def write_image(
     return raw, image
 
 
-def build(config: Config, request: BuildRequest) -> BuildReport:
-    """Build the image for `config` and write it atomically; on any error nothing is written."""
+def _expected(config: Config, request: BuildRequest) -> dict[str, Any]:
+    return {
+        "kver": request.kver,
+        "kmoddir": str(request.kmoddir),
+        "kernel_image": str(request.kernel_image) if request.kernel_image else None,
+        "config_text": config.text,
+        "config_source": config.source,
+        "feature_dirs": [str(d) for d in _feature_dirs(request)],
+    }
+
+
+def _feature_dirs(request: BuildRequest) -> tuple[Path, ...]:
+    return (BUILTIN_DIR, *request.modules_dirs)
+
+
+def stale_reasons(config: Config, request: BuildRequest) -> list[str]:
+    """Why the image at request.output needs a rebuild; empty when it is up to date."""
+    if not request.output.exists():
+        return [f"no image at {request.output}"]
+    try:
+        recorded = read_manifest(request.output)
+    except KdumpError as exc:
+        return [f"the existing image cannot be read: {exc}"]
+    return inputs.stale_reasons(recorded, _expected(config, request))
+
+
+def build(config: Config, request: BuildRequest, if_needed: bool = False) -> BuildReport:
+    """Build the image for `config` and write it atomically; on any error nothing is written.
+    With `if_needed`, first check the existing image's recorded inputs and stop if none moved."""
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -91,24 +125,52 @@ def build(config: Config, request: BuildRequest) -> BuildReport:
         seconds[name] = round(now - clock, 4)
         clock = now
 
+    reasons = stale_reasons(config, request) if if_needed else []
+    if if_needed and not reasons:
+        lap("check")
+        return BuildReport(
+            str(request.output),
+            request.kver,
+            request.output.stat().st_size,
+            0,
+            "",
+            0,
+            0,
+            0,
+            0,
+            0,
+            [],
+            [],
+            seconds,
+            up_to_date=True,
+        )
+
     capture = capture_settings(config, ElfResolver(request.root, config.search_path), request.root)
+    feature_dirs = _feature_dirs(request)
     features = select(discover(request.modules_dirs), config, capture.stage, capture.collector)
     resolution = resolve(
         config, features, capture, request.kver, request.kmoddir, request.cache_dir, request.root
     )
     lap("resolve")
-    inputs = BuildInputs(
-        request.kver, request.kmoddir, request.kernel_image, request.root, request.cache_dir
+    build_inputs = BuildInputs(
+        request.kver,
+        request.kmoddir,
+        request.kernel_image,
+        request.root,
+        request.cache_dir,
+        feature_dirs,
     )
-    plan = assemble(config, features, resolution, inputs)
-    entries, digests = plan.entries()
-    record = manifest(plan, config, features, resolution, inputs, digests)
+    plan = assemble(config, features, resolution, build_inputs)
+    entries, seen = plan.entries()
+    kconfig = compress.kernel_config(request.kver, request.kernel_image, request.boot_dir)
+    for path in inputs.extra_inputs(feature_dirs, request.kmoddir, request.kernel_image, kconfig):
+        seen.setdefault(str(path), inputs.record(path))
+    record = manifest(plan, config, features, resolution, build_inputs, seen)
     entries.append(Entry(MANIFEST_PATH.lstrip("/"), "file", 0o644, manifest_bytes(record)))
     lap("plan")
     requested = compress.Compression(
         config.compression["method"], config.compression["level"], config.compression["threads"]
     )
-    kconfig = compress.kernel_config(request.kver, request.kernel_image, request.boot_dir)
     method, note = compress.choose(requested, kconfig)
     raw, image = write_image(entries, method, request.output, lap)
     return BuildReport(
@@ -125,4 +187,5 @@ def build(config: Config, request: BuildRequest) -> BuildReport:
         features=[f.name for f in features],
         notes=[note] if note else [],
         seconds=seconds,
+        rebuilt_because=reasons,
     )

@@ -52,6 +52,11 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build a capture image")
     _add_kernel_args(b)
     b.add_argument(
+        "--if-needed",
+        action="store_true",
+        help="rebuild only when an input changed since the existing image",
+    )
+    b.add_argument(
         "-o",
         "--output",
         type=Path,
@@ -102,12 +107,14 @@ def _build(args: argparse.Namespace) -> int:
         kernel_image=kernel,
         modules_dirs=tuple(args.modules_dir),
     )
-    result = build(config, request)
+    result = build(config, request, if_needed=args.if_needed)
     if args.json:
         print(json.dumps(asdict(result), indent=1))
     else:
         for note in result.notes:
             print(f"note: {note}", file=sys.stderr)
+        if args.if_needed and result.rebuilt_because:
+            print("rebuilding: " + "; ".join(result.rebuilt_because[:5]), file=sys.stderr)
         print(result.summary())
     return 0
 

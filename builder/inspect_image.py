@@ -27,6 +27,11 @@ def _load(image: Path) -> tuple[list[Member], dict[str, Any]]:
         raise KdumpError(f"{image}: manifest {MANIFEST_PATH} is not valid JSON: {exc}") from None
 
 
+def read_manifest(image: Path) -> dict[str, Any]:
+    """The manifest an image carries; {} for an image built by something else."""
+    return _load(image)[1]
+
+
 def report(image: Path) -> dict[str, Any]:
     members, data = _load(image)
     paths: dict[str, dict[str, str]] = data.get("paths", {})

@@ -7,14 +7,15 @@ under the symlink's target, as the kernel's unpacker would place it.
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from builder.cpio import Entry, Kind
 from builder.elfstrip import loadable_only
 from builder.errors import KdumpError
+from builder.inputs import record
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Planned:
     data: bytes = b""  # generated content, or a symlink's target
     rdev: tuple[int, int] = (0, 0)
     strip: bool = False  # an ELF program or library: keep only what the loader maps
+    origin: Path | None = None  # the host file generated `data` came from (an input)
 
     def same_as(self, other: Planned) -> bool:
         return (self.kind, self.mode, self.source, self.data, self.rdev) == (
@@ -65,8 +67,21 @@ class ImagePlan:
         data: bytes = b"",
         mode: int = 0o644,
         strip: bool = False,
+        origin: Path | None = None,
     ) -> None:
-        self._add(Planned(path, "file", mode, feature, why, source=source, data=data, strip=strip))
+        self._add(
+            Planned(
+                path,
+                "file",
+                mode,
+                feature,
+                why,
+                source=source,
+                data=data,
+                strip=strip,
+                origin=origin,
+            )
+        )
 
     def directory(self, path: str, feature: str, why: str, mode: int = 0o755) -> None:
         self._add(Planned(path, "dir", mode, feature, why))
@@ -120,22 +135,26 @@ class ImagePlan:
                 parent = posixpath.dirname(parent)
         return [out[p] for p in sorted(out, key=lambda p: p.split("/"))]
 
-    def entries(self) -> tuple[list[Entry], dict[str, str]]:
-        """cpio entries and the sha256 of each host file read: the one place content is read."""
+    def entries(self) -> tuple[list[Entry], dict[str, dict[str, Any]]]:
+        """cpio entries, and a record of every host file they came from: the one place
+        content is read."""
         result = []
-        digests: dict[str, str] = {}
+        inputs: dict[str, dict[str, Any]] = {}
         for item in self.items():
             data = item.data
-            if item.kind == "file" and item.source is not None:
-                try:
+            try:
+                if item.kind == "file" and item.source is not None:
                     data = item.source.read_bytes()
-                except OSError as exc:
-                    raise KdumpError(
-                        f"cannot read {item.source} for {item.path} ({item.feature}: {item.why}):"
-                        f" {exc.strerror}"
-                    ) from None
-                digests[str(item.source)] = hashlib.sha256(data).hexdigest()
-                if item.strip:
-                    data = loadable_only(data)
+                    inputs[str(item.source)] = record(item.source, data)
+                    if item.strip:
+                        data = loadable_only(data)
+                elif item.origin is not None:
+                    inputs[str(item.origin)] = record(item.origin)
+            except OSError as exc:
+                host = item.source or item.origin
+                raise KdumpError(
+                    f"cannot read {host} for {item.path} ({item.feature}: {item.why}):"
+                    f" {exc.strerror}"
+                ) from None
             result.append(Entry(item.path.lstrip("/"), item.kind, item.mode, data, item.rdev))
-        return result, digests
+        return result, inputs

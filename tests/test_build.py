@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -178,3 +179,34 @@ def test_mkdumprd_style_arguments(
     code = main([str(image), kernel61.kver, "--kmoddir", str(kernel61.kmoddir), "-c", str(config)])
     assert code == 0
     assert read_newc(decompress(image.read_bytes()))
+
+
+def test_if_needed_rebuilds_only_when_an_input_changed(
+    kernel61: Kernel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "k.img"
+    config = write_config(tmp_path)
+    extra = tmp_path / "features"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "modules.d" / "disk", extra / "disk")
+    args = [*build_args(kernel61, config, image, "--json"), "--modules-dir", str(extra)]
+
+    def if_needed() -> dict[str, object]:
+        code, out, _ = run_cli([*args, "--if-needed"], capsys)
+        assert code == 0
+        return dict(json.loads(out))
+
+    assert if_needed()["rebuilt_because"] == [f"no image at {image}"]
+    first = image.read_bytes()
+    assert if_needed()["up_to_date"] is True
+    assert image.read_bytes() == first
+    # A new mtime with the same content is not a change.
+    os.utime(config)
+    assert if_needed()["up_to_date"] is True
+    # A feature module's template is an input too.
+    template = extra / "disk" / "disk-target.sh.j2"
+    template.write_text(template.read_text() + "# changed\n")
+    report = if_needed()
+    assert report["up_to_date"] is False
+    assert report["rebuilt_because"] == [f"{template} changed"]
+    config.write_text(config.read_text() + "# edited\n")
+    assert if_needed()["rebuilt_because"] == [f"config {config} changed"]

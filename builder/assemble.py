@@ -40,6 +40,7 @@ class BuildInputs:
     root: Path
     cache_dir: Path | None
     feature_dirs: tuple[Path, ...]
+    hostonly: bool
 
 
 def _host(root: Path, path: str) -> Path:
@@ -220,6 +221,7 @@ def manifest(
             for e in closure.files
         ],
         "feature_dirs": [str(d) for d in inputs.feature_dirs],
+        "hostonly": inputs.hostonly,
         "inputs": dict(sorted(inputs_seen.items())),
     }
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import compress, inputs
+from builder import compress, hostonly, inputs
 from builder.assemble import MANIFEST_PATH, BuildInputs, assemble, manifest, manifest_bytes
 from builder.config import Config
 from builder.cpio import Entry, write_newc
@@ -32,6 +32,7 @@ class BuildRequest:
     cache_dir: Path | None = None
     root: Path = Path("/")
     boot_dir: Path = Path("/boot")
+    hostonly: bool = False  # add the drivers sysfs shows under each target device
 
 
 @dataclass
@@ -95,6 +96,7 @@ def _expected(config: Config, request: BuildRequest) -> dict[str, Any]:
         "config_text": config.text,
         "config_source": config.source,
         "feature_dirs": [str(d) for d in _feature_dirs(request)],
+        "hostonly": request.hostonly,
     }
 
 
@@ -148,8 +150,16 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
     capture = capture_settings(config, ElfResolver(request.root, config.search_path), request.root)
     feature_dirs = _feature_dirs(request)
     features = select(discover(request.modules_dirs), config, capture.stage, capture.collector)
+    detected = hostonly.target_modules(config) if request.hostonly else None
     resolution = resolve(
-        config, features, capture, request.kver, request.kmoddir, request.cache_dir, request.root
+        config,
+        features,
+        capture,
+        request.kver,
+        request.kmoddir,
+        request.cache_dir,
+        request.root,
+        detected,
     )
     lap("resolve")
     build_inputs = BuildInputs(
@@ -159,6 +169,7 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         request.root,
         request.cache_dir,
         feature_dirs,
+        request.hostonly,
     )
     plan = assemble(config, features, resolution, build_inputs)
     entries, seen = plan.entries()

@@ -52,6 +52,11 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build a capture image")
     _add_kernel_args(b)
     b.add_argument(
+        "--hostonly",
+        action="store_true",
+        help="also include the drivers sysfs shows under each target device on this host",
+    )
+    b.add_argument(
         "--if-needed",
         action="store_true",
         help="rebuild only when an input changed since the existing image",
@@ -106,6 +111,7 @@ def _build(args: argparse.Namespace) -> int:
         output=args.output or default_output(kver),
         kernel_image=kernel,
         modules_dirs=tuple(args.modules_dir),
+        hostonly=args.hostonly,
     )
     result = build(config, request, if_needed=args.if_needed)
     if args.json:

@@ -140,9 +140,11 @@ def resolve(
     kmoddir: Path,
     cache_dir: Path | None = None,
     root: Path = Path("/"),
+    detected: list[tuple[str, str]] | None = None,
 ) -> Resolution:
+    """`detected`: (module, why) pairs found on the host, for host-only images."""
     index = ModuleIndex.load(kver, kmoddir, cache_dir=cache_dir)
-    modules = index.resolve(module_requests(config, features))
+    modules = index.resolve(module_requests(config, features) + (detected or []))
     firmware = resolve_firmware(modules, kver, root / config.firmware_root.lstrip("/"))
     resolver = ElfResolver(root=root, search_path=config.search_path)
     wanted = {f.name: [(name, f"feature {f.name}") for name in f.binaries] for f in features}

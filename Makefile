@@ -52,3 +52,87 @@ lint: venv
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
+
+# ---- make install [DESTDIR=/tmp/stage] [PREFIX=/usr] ----------------------------------------
+# Lays out:
+#   $(BINDIR)/kdump-mkinitrd            launcher: $(INSTALL_PYTHON) -I, runs builder from PKGLIBDIR
+#   $(PKGLIBDIR)/{builder,modules.d,templates}   the code, side by side as the builder expects
+#   $(KERNELINSTALLDIR)/60-kdump-mkinitrd.install   kernel-install plugin (INSTALL_KERNEL_INSTALL)
+#   $(SYSCONFDIR)/kernel/post{inst,rm}.d/kdump-mkinitrd   Debian kernel hooks (INSTALL_DEBIAN_HOOKS)
+#   $(SYSTEMDUNITDIR)/kdump-mkinitrd.service    systemd unit (INSTALL_SYSTEMD)
+#   $(SYSCONFDIR)/init.d/kdump-mkinitrd         OpenRC (INSTALL_OPENRC) or SysV (INSTALL_SYSVINIT)
+#                                               script: one of the two at most, both default no
+#   $(MANDIR)/man8/kdump-mkinitrd.8, $(MANDIR)/man5/kdump-mkinitrd.yaml.5
+# @BINDIR@ in the unit and init scripts becomes $(BINDIR). Python dependencies are not
+# installed: INSTALL_PYTHON must already have them (see pyproject.toml).
+# kernel-install reads plugins only from /usr/lib and /etc, whatever PREFIX is.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+PKGLIBDIR ?= $(PREFIX)/lib/kdump-mkinitrd
+MANDIR ?= $(PREFIX)/share/man
+SYSCONFDIR ?= /etc
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+KERNELINSTALLDIR ?= /usr/lib/kernel/install.d
+INSTALL_PYTHON ?= /usr/bin/python3
+INSTALL_KERNEL_INSTALL ?= yes
+INSTALL_DEBIAN_HOOKS ?= yes
+INSTALL_SYSTEMD ?= yes
+INSTALL_OPENRC ?= no
+INSTALL_SYSVINIT ?= no
+SUBST = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@PKGLIBDIR@|$(PKGLIBDIR)|g' \
+	-e 's|@PYTHON@|$(INSTALL_PYTHON)|g'
+
+.PHONY: install
+
+install:
+	@if [ "$(INSTALL_OPENRC)" = yes ] && [ "$(INSTALL_SYSVINIT)" = yes ]; then \
+		echo "install: INSTALL_OPENRC and INSTALL_SYSVINIT both install /etc/init.d/kdump-mkinitrd: pick one" >&2; \
+		exit 1; \
+	fi
+	rm -rf '$(DESTDIR)$(PKGLIBDIR)/builder' '$(DESTDIR)$(PKGLIBDIR)/modules.d' \
+		'$(DESTDIR)$(PKGLIBDIR)/templates'
+	set -e; for f in $$(find builder modules.d templates -name __pycache__ -prune \
+			-o -type f ! -name '*.pyc' -print | LC_ALL=C sort); do \
+		install -D -m 0644 "$$f" '$(DESTDIR)$(PKGLIBDIR)'/"$$f"; \
+	done
+	install -d '$(DESTDIR)$(BINDIR)'
+	$(SUBST) system/kdump-mkinitrd.in > '$(DESTDIR)$(BINDIR)/kdump-mkinitrd'
+	chmod 0755 '$(DESTDIR)$(BINDIR)/kdump-mkinitrd'
+	install -D -m 0644 system/man/kdump-mkinitrd.8 '$(DESTDIR)$(MANDIR)/man8/kdump-mkinitrd.8'
+	install -D -m 0644 system/man/kdump-mkinitrd.yaml.5 \
+		'$(DESTDIR)$(MANDIR)/man5/kdump-mkinitrd.yaml.5'
+ifeq ($(INSTALL_KERNEL_INSTALL),yes)
+	install -D -m 0755 system/kernel-install/60-kdump-mkinitrd.install \
+		'$(DESTDIR)$(KERNELINSTALLDIR)/60-kdump-mkinitrd.install'
+endif
+ifeq ($(INSTALL_DEBIAN_HOOKS),yes)
+	install -D -m 0755 system/debian/postinst.d/kdump-mkinitrd \
+		'$(DESTDIR)$(SYSCONFDIR)/kernel/postinst.d/kdump-mkinitrd'
+	install -D -m 0755 system/debian/postrm.d/kdump-mkinitrd \
+		'$(DESTDIR)$(SYSCONFDIR)/kernel/postrm.d/kdump-mkinitrd'
+endif
+ifeq ($(INSTALL_SYSTEMD),yes)
+	install -d '$(DESTDIR)$(SYSTEMDUNITDIR)'
+	$(SUBST) system/systemd/kdump-mkinitrd.service \
+		> '$(DESTDIR)$(SYSTEMDUNITDIR)/kdump-mkinitrd.service'
+	chmod 0644 '$(DESTDIR)$(SYSTEMDUNITDIR)/kdump-mkinitrd.service'
+endif
+ifeq ($(INSTALL_OPENRC),yes)
+	install -d '$(DESTDIR)$(SYSCONFDIR)/init.d'
+	$(SUBST) system/openrc/kdump-mkinitrd > '$(DESTDIR)$(SYSCONFDIR)/init.d/kdump-mkinitrd'
+	chmod 0755 '$(DESTDIR)$(SYSCONFDIR)/init.d/kdump-mkinitrd'
+endif
+ifeq ($(INSTALL_SYSVINIT),yes)
+	install -d '$(DESTDIR)$(SYSCONFDIR)/init.d'
+	$(SUBST) system/sysvinit/kdump-mkinitrd > '$(DESTDIR)$(SYSCONFDIR)/init.d/kdump-mkinitrd'
+	chmod 0755 '$(DESTDIR)$(SYSCONFDIR)/init.d/kdump-mkinitrd'
+endif
+
+# Benchmarks against dracut and makedumpfile (issue 7): writes bench/results.json and
+# bench/results.md and prints the table. BENCH_QUICK=1 skips the QEMU parts (crash-memory
+# bisection, capture timing); the full run takes a while.
+BENCH_DEBS := dracut-core zstd busybox-static makedumpfile kexec-tools openssh-client
+.PHONY: bench
+bench: setup kernels
+	@scripts/install-debs $(BENCH_DEBS)
+	BENCH_QUICK="$(BENCH_QUICK)" $(BIN)/python bench/run.py

@@ -14,6 +14,7 @@ from builder.config import Config
 from builder.elfdeps import BinaryClosure, ElfResolver
 from builder.errors import KdumpError
 from builder.features import Feature
+from builder.inputs import record
 from builder.kmod import ModuleClosure
 from builder.modinfo import module_bytes
 from builder.plan import ImagePlan
@@ -201,6 +202,7 @@ def manifest(
         "kver": inputs.kver,
         "kmoddir": str(inputs.kmoddir),
         "kernel_image": str(inputs.kernel_image) if inputs.kernel_image else None,
+        "kernel_sha256": record(inputs.kernel_image)["sha256"] if inputs.kernel_image else None,
         "config": {"source": config.source, "text": config.text},
         "features": [{"name": f.name, "folder": str(f.folder)} for f in features],
         "paths": paths,

@@ -92,7 +92,10 @@ def _expected(config: Config, request: BuildRequest) -> dict[str, Any]:
     return {
         "kver": request.kver,
         "kmoddir": str(request.kmoddir),
-        "kernel_image": str(request.kernel_image) if request.kernel_image else None,
+        # By content: kernel-install and a boot-time register may name one kernel two ways.
+        "kernel_sha256": inputs.record(request.kernel_image)["sha256"]
+        if request.kernel_image
+        else None,
         "config_text": config.text,
         "config_source": config.source,
         "feature_dirs": [str(d) for d in _feature_dirs(request)],

@@ -16,7 +16,9 @@ from builder.errors import KdumpError
 from builder.inspect_image import report, text
 
 DEFAULT_IMAGE_DIR = Path("/var/lib/kdump-mkinitrd")
-SUBCOMMANDS = ("build", "inspect", "qemu-test", "recover-raw")
+SUBCOMMANDS = (
+    "build", "inspect", "qemu-test", "recover-raw", "register", "unregister", "status", "estimate",
+)  # fmt: skip
 
 
 def default_output(kver: str) -> Path:
@@ -77,7 +79,37 @@ def parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--keep", type=Path, help="work in DIR and keep everything there")
     q.add_argument("--append", default="", help="extra capture kernel command line arguments")
+    q.add_argument(
+        "--first-stage",
+        choices=("register", "hostonly", "kexec-tools"),
+        default="register",
+        help="how the first guest arms the capture kernel: our register (default), our register "
+        "after building the image in the guest with --hostonly, or kexec-tools",
+    )
     q.add_argument("--timeout", type=float, default=600.0, help="seconds before QEMU is killed")
+    g = sub.add_parser("register", help="build if needed, then load the capture kernel (kexec)")
+    _add_kernel_args(g)
+    g.add_argument(
+        "--image", type=Path, help="capture image (default /var/lib/kdump-mkinitrd/kdump-KVER.img)"
+    )
+    g.add_argument(
+        "--hostonly",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="detect target drivers here (default: on for the running kernel)",
+    )
+    g.add_argument(
+        "--append", action="append", default=[], help="extra capture kernel argument (repeatable)"
+    )
+    sub.add_parser("unregister", help="unload the capture kernel")
+    s = sub.add_parser("status", help="is a capture kernel loaded, and is its image up to date")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("-c", "--config", type=Path, help=argparse.SUPPRESS)
+    e = sub.add_parser("estimate", help="how much crashkernel= memory the capture needs")
+    _add_kernel_args(e)
+    e.add_argument(
+        "--image", type=Path, help="capture image (default /var/lib/kdump-mkinitrd/kdump-KVER.img)"
+    )
     r = sub.add_parser("recover-raw", help="write a dump from a raw target out as a directory")
     r.add_argument("device", type=Path)
     r.add_argument("directory", type=Path)
@@ -97,22 +129,8 @@ def _mkdumprd_style(argv: list[str]) -> list[str]:
 
 
 def _build(args: argparse.Namespace) -> int:
-    kver = args.kver or os.uname().release
-    kmoddir = args.kmoddir or Path("/lib/modules") / kver
-    kernel = args.kernel
-    if kernel is None and Path(f"/boot/vmlinuz-{kver}").exists():
-        kernel = Path(f"/boot/vmlinuz-{kver}")
-    elif kernel is not None and not kernel.is_file():
-        raise KdumpError(f"kernel image {kernel} does not exist")
     config = config_mod.load(args.config)
-    request = BuildRequest(
-        kver=kver,
-        kmoddir=kmoddir,
-        output=args.output or default_output(kver),
-        kernel_image=kernel,
-        modules_dirs=tuple(args.modules_dir),
-        hostonly=args.hostonly,
-    )
+    request = _request(args, args.output, args.hostonly)
     result = build(config, request, if_needed=args.if_needed)
     if args.json:
         print(json.dumps(asdict(result), indent=1))
@@ -143,10 +161,100 @@ def _qemu_test(args: argparse.Namespace) -> int:
         keep=args.keep,
         append=args.append,
         timeout=args.timeout,
+        first_stage=args.first_stage,
     )
     report = qemutest.run_qemu_test(options)
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
     return 0 if report.ok else 1
+
+
+def _request(args: argparse.Namespace, output: Path | None, hostonly: bool) -> BuildRequest:
+    kver = args.kver or os.uname().release
+    kernel = args.kernel
+    if kernel is None and Path(f"/boot/vmlinuz-{kver}").exists():
+        kernel = Path(f"/boot/vmlinuz-{kver}")
+    elif kernel is not None and not kernel.is_file():
+        raise KdumpError(f"kernel image {kernel} does not exist")
+    return BuildRequest(
+        kver=kver,
+        kmoddir=args.kmoddir or Path("/lib/modules") / kver,
+        output=output or default_output(kver),
+        kernel_image=kernel,
+        modules_dirs=tuple(args.modules_dir),
+        hostonly=hostonly,
+    )
+
+
+def _register(args: argparse.Namespace) -> int:
+    from builder import registration
+
+    kver = args.kver or os.uname().release
+    # Host-only by default when arming the kernel that runs here: its devices are the truth.
+    hostonly = args.hostonly if args.hostonly is not None else kver == os.uname().release
+    request = _request(args, args.image, hostonly)
+    config = config_mod.load(args.config)
+    try:
+        loaded, rebuilt = registration.register(config, request, tuple(args.append))
+    except registration.NoReservation as exc:
+        print(f"kdump-mkinitrd: {exc}", file=sys.stderr)
+        return registration.EXIT_NO_RESERVATION
+    if rebuilt:
+        print("rebuilt the image: " + "; ".join(rebuilt[:5]), file=sys.stderr)
+    print(f"capture kernel {loaded.kernel} loaded with {loaded.image}")
+    if args.json:
+        print(json.dumps(asdict(loaded), indent=1))
+    return 0
+
+
+def _unregister(args: argparse.Namespace) -> int:
+    from builder import registration
+
+    print(
+        "capture kernel unloaded" if registration.unregister() else "no capture kernel was loaded"
+    )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from builder import registration
+
+    code, info = registration.status(config_mod.load)
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        state = "loaded" if info["loaded"] else "NOT loaded"
+        print(f"capture kernel: {state}; reserved: {info['reserved_bytes'] // 2**20} MB")
+        if "image" in info:
+            print(f"image: {info['image']} (kernel {info['kernel']})")
+            print(
+                "up to date"
+                if info["up_to_date"]
+                else "STALE: " + "; ".join(info.get("stale_because", []))
+            )
+            print("targets: " + ", ".join(info.get("targets", [])))
+    return code
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from builder import registration
+    from builder.kexec import crash_status
+
+    request = _request(args, args.image, False)
+    if not request.output.exists():
+        raise KdumpError(f"no image at {request.output}: build it first")
+    result = registration.estimate(request.output, crash_status().reserved_bytes)
+    if args.json:
+        print(json.dumps(dict(asdict(result), enough=result.enough), indent=1))
+    else:
+        print(
+            f"crashkernel={result.total_mb}M needed: kernel floor {result.floor_mb}M + image "
+            f"{result.image_mb}M + unpacked {result.unpacked_mb}M + Python stage "
+            f"{result.python_mb}M + working {result.working_mb}M"
+        )
+        if result.reserved_mb is not None:
+            verdict = "enough" if result.enough else "NOT enough"
+            print(f"reserved now: {result.reserved_mb}M ({verdict})")
+    return 0 if result.enough is not False else 1
 
 
 def _recover_raw(args: argparse.Namespace) -> int:
@@ -176,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             "inspect": _inspect,
             "qemu-test": _qemu_test,
             "recover-raw": _recover_raw,
+            "register": _register,
+            "unregister": _unregister,
+            "status": _status,
+            "estimate": _estimate,
         }
         return commands[args.command](args)
     except KdumpError as exc:

@@ -71,6 +71,11 @@ CAPTURE_SCHEMA: dict[str, Field] = {
     "hostname": Field(str),  # names dump directories; default: the build host's name
 }
 
+CMDLINE_SCHEMA: dict[str, Field] = {
+    "append": Field(list, default=[], items=str),  # added to the capture kernel's command line
+    "remove": Field(list, default=[], items=str),  # taken out (by key, or key=value)
+}
+
 SCHEMA: dict[str, Field] = {
     "targets": Field(list, default=[], items=TARGET_SCHEMA),
     "kernel_modules": Field(list, default=[], items=str),
@@ -81,6 +86,7 @@ SCHEMA: dict[str, Field] = {
     "device_timeout": Field(int, default=30, minimum=1),
     "compression": Field(dict, default={}, schema=COMPRESSION_SCHEMA),
     "capture": Field(dict, default={}, schema=CAPTURE_SCHEMA),
+    "cmdline": Field(dict, default={}, schema=CMDLINE_SCHEMA),
     "busybox": Field(str, default="/bin/busybox", absolute_path=True),
     "search_path": Field(str, default="/usr/sbin:/usr/bin:/sbin:/bin"),
     "firmware_root": Field(str, default="/lib/firmware", absolute_path=True),
@@ -115,6 +121,7 @@ class Config:
     device_timeout: int
     compression: dict[str, Any]
     capture: dict[str, Any]
+    cmdline: dict[str, Any]
     busybox: str
     search_path: str
     firmware_root: str
@@ -289,6 +296,7 @@ def parse(text: str, source: str) -> Config:
         device_timeout=values["device_timeout"],
         compression=values["compression"],
         capture=values["capture"],
+        cmdline=values["cmdline"],
         busybox=values["busybox"],
         search_path=values["search_path"],
         firmware_root=values["firmware_root"],

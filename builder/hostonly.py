@@ -9,6 +9,8 @@ is what makes a dump disk on another controller than / work.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 from builder.config import Config
@@ -18,10 +20,16 @@ BY_KIND = {"UUID=": "by-uuid", "LABEL=": "by-label", "PARTUUID=": "by-partuuid"}
 
 
 def device_node(spec: str, dev: Path = Path("/dev")) -> Path:
-    """The /dev node a UUID=/LABEL=/PARTUUID=/path spec names on this host."""
+    """The /dev node a UUID=/LABEL=/PARTUUID=/path spec names on this host: udev's links when
+    there are any, else blkid probing the devices itself (a host without udev, a rescue shell)."""
     for prefix, folder in BY_KIND.items():
         if spec.startswith(prefix):
-            return dev / "disk" / folder / spec[len(prefix) :]
+            link = dev / "disk" / folder / spec[len(prefix) :]
+            if link.exists() or shutil.which("blkid") is None:
+                return link
+            found = subprocess.run(["blkid", "-o", "device", "-t", spec], capture_output=True,
+                                   text=True, timeout=60).stdout.split()  # fmt: skip
+            return Path(found[0]) if found else link
     return Path(spec)
 
 

@@ -77,7 +77,7 @@ def stale_reasons(manifest: dict[str, Any], expected: dict[str, Any]) -> list[st
         reasons.append(
             f"built by kdump-mkinitrd {manifest.get('builder_version')}, not {__version__}"
         )
-    for key in ("kver", "kmoddir", "kernel_image", "hostonly"):
+    for key in ("kver", "kmoddir", "kernel_sha256", "hostonly"):
         if manifest.get(key) != expected[key]:
             reasons.append(f"{key} was {manifest.get(key)!r}, now {expected[key]!r}")
     if manifest.get("config", {}).get("text") != expected["config_text"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,28 +13,36 @@ from builder.cpio import Member, read_newc
 from builder.errors import KdumpError
 
 
-def _load(image: Path) -> tuple[list[Member], dict[str, Any]]:
+@dataclass(frozen=True)
+class LoadedImage:
+    members: list[Member]
+    manifest: dict[str, Any]  # {} for an image built by something else
+    unpacked_size: int
+
+
+def load_image(image: Path) -> LoadedImage:
     try:
         blob = image.read_bytes()
     except OSError as exc:
         raise KdumpError(f"cannot read image {image}: {exc.strerror}") from None
-    members = read_newc(decompress(blob, str(image)))
+    archive = decompress(blob, str(image))
+    members = read_newc(archive)
     record = next((m for m in members if "/" + m.path == MANIFEST_PATH), None)
     if record is None:
-        return members, {}
+        return LoadedImage(members, {}, len(archive))
     try:
-        return members, dict(json.loads(record.data))
+        return LoadedImage(members, dict(json.loads(record.data)), len(archive))
     except ValueError as exc:
         raise KdumpError(f"{image}: manifest {MANIFEST_PATH} is not valid JSON: {exc}") from None
 
 
 def read_manifest(image: Path) -> dict[str, Any]:
-    """The manifest an image carries; {} for an image built by something else."""
-    return _load(image)[1]
+    return load_image(image).manifest
 
 
 def report(image: Path) -> dict[str, Any]:
-    members, data = _load(image)
+    loaded = load_image(image)
+    members, data = loaded.members, loaded.manifest
     paths: dict[str, dict[str, str]] = data.get("paths", {})
     entries = []
     for m in members:

@@ -12,11 +12,12 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,9 @@ class Options:
     crashkernel: str = "256M"
     keep: Path | None = None
     append: str = ""  # extra capture-kernel arguments (tests use them to inject faults)
+    # How the first guest arms the capture kernel: our own `register` (kexec_file_load), the
+    # same after building the image inside the guest with --hostonly, or kexec-tools.
+    first_stage: str = "register"
     timeout: float = 600.0
 
 
@@ -149,16 +153,56 @@ def _disk_size_mb(options: Options) -> int:
     return _mb(options.memory) + 512
 
 
-def _capture_boot(
-    options: Options, workdir: Path, image: Path, disks: list[Path]
-) -> tuple[str, float]:
-    first = workdir / "first-stage.img"
+def _first_stage_with_kexec_tools(options: Options, first: Path, image: Path) -> tuple[str, ...]:
     utility_image(
         first, options.kver, options.kmoddir, "first-stage.sh.j2",
         {"capture_cmdline": f"{CAPTURE_CMDLINE} {options.append}".strip()},
         programs=["kexec"],
         files={"/kdump/vmlinuz": options.kernel, "/kdump/capture.img": image},
     )  # fmt: skip
+    return ()
+
+
+def _first_stage_with_register(
+    options: Options, first: Path, image: Path, config_path: Path
+) -> tuple[str, ...]:
+    """The guest runs this very installation of kdump-mkinitrd from the host's root (9p)."""
+    command = [
+        sys.executable, "-m", "builder.cli", "register", "-k", options.kver,
+        "--kmoddir", str(options.kmoddir.resolve()),
+        "--kernel", str(options.kernel.resolve()),
+        "-c", str(config_path.resolve()),
+    ]  # fmt: skip
+    if options.first_stage == "hostonly":
+        # Built inside the guest, from what it sees: its kernel, its disks, its sysfs.
+        command += ["--image", "/run/kdump-mkinitrd/capture.img", "--hostonly"]
+    else:
+        command += ["--image", str(image.resolve()), "--no-hostonly"]
+    if options.append:
+        command += ["--append", options.append]
+    utility_image(
+        first, options.kver, options.kmoddir, "first-stage-register.sh.j2",
+        {
+            "commands": [command],
+            # Not /tmp: configs and work directories often live there on the host.
+            "writable": ["/run"],
+            "environment": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",
+                            "XDG_CACHE_HOME=/run/cache", "PYTHONDONTWRITEBYTECODE=1",
+                            "KDUMP_MKINITRD_STATE_DIR=/run/kdump-mkinitrd"],
+        },
+        modules=["9p", "9pnet_virtio", "virtio_pci", "virtio_blk"],
+    )  # fmt: skip
+    return ("-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on")
+
+
+def _capture_boot(
+    options: Options, workdir: Path, image: Path, disks: list[Path], config_path: Path
+) -> tuple[str, float]:
+    first = workdir / "first-stage.img"
+    if options.first_stage == "kexec-tools":
+        extra = _first_stage_with_kexec_tools(options, first, image)
+    else:
+        extra = _first_stage_with_register(options, first, image, config_path)
     result = run(
         Boot(
             kernel=options.kernel,
@@ -169,6 +213,7 @@ def _capture_boot(
             disks=tuple(disks),
             accel=default_accel(),
             timeout=options.timeout,
+            extra=extra,
         )
     )
     return result.log, result.seconds
@@ -263,10 +308,14 @@ def verify_dump(dump: Path, report: Report) -> None:
 
 
 def run_qemu_test(options: Options) -> Report:
-    workdir = options.keep or Path(tempfile.mkdtemp(prefix="kdump-qemu-test-", dir="/var/tmp"))
+    # The guest's own `register` sees these paths through 9p: give both sides the same names.
+    options = replace(options, kernel=options.kernel.resolve(), kmoddir=options.kmoddir.resolve())
+    workdir = (
+        options.keep or Path(tempfile.mkdtemp(prefix="kdump-qemu-test-", dir="/var/tmp"))
+    ).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     report = Report(workdir=str(workdir), serial_log=str(workdir / "serial.log"))
-    config_path = options.config or _default_config(workdir)
+    config_path = (options.config or _default_config(workdir)).resolve()
     config = config_mod.load(config_path)
     if not config.targets or any(t.type not in ("disk", "raw") for t in config.targets):
         raise KdumpError(
@@ -280,7 +329,7 @@ def run_qemu_test(options: Options) -> Report:
     disks = [workdir / f"target{i}.img" for i in range(len(config.targets))]
     for target, disk in zip(config.targets, disks, strict=True):
         _make_disk(disk, target, _disk_size_mb(options))
-    log, seconds = _capture_boot(options, workdir, image, disks)
+    log, seconds = _capture_boot(options, workdir, image, disks, config_path)
     report.timings["crash_and_capture"] = seconds
     report.check("capture_kernel_loaded", "kdump-test: capture kernel loaded" in log)
     report.check("capture_kernel_booted", "kdump: capture environment for kernel" in log)

@@ -70,6 +70,12 @@ def _makedumpfile_compression(binary: Path, wanted: str) -> str:
     return wanted
 
 
+def _dump_hostname(name: str) -> str:
+    # A host without a name reports "(none)": not something to put in a directory name.
+    clean = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("._")
+    return clean if clean and name != "(none)" else "localhost"
+
+
 def capture_settings(config: Config, resolver: ElfResolver, root: Path) -> CaptureSettings:
     wanted = config.capture["collector"]
     found: str | None = None
@@ -97,7 +103,7 @@ def capture_settings(config: Config, resolver: ElfResolver, root: Path) -> Captu
         dump_level=config.capture["dump_level"],
         compression=compression,
         makedumpfile_flag=MAKEDUMPFILE_FLAGS[compression],
-        hostname=config.capture["hostname"] or socket.gethostname(),
+        hostname=config.capture["hostname"] or _dump_hostname(socket.gethostname()),
         python=python,
         makedumpfile=found,
     )

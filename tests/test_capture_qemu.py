@@ -16,8 +16,8 @@ from tests.conftest import Kernel
 
 pytestmark = pytest.mark.qemu
 
+DRIVERS = "kernel_modules: [virtio_blk, virtio_pci]\n"
 COMMON = """\
-kernel_modules: [virtio_blk, virtio_pci]
 failure_action: poweroff
 final_action: poweroff
 device_timeout: 30
@@ -31,19 +31,14 @@ def qemu_test(
     memory: str = "1G",
     crashkernel: str = "256M",
     append: str = "",
+    first_stage: str = "register",
+    drivers: str = DRIVERS,
 ) -> Report:
     path = tmp_path / "kdump.yaml"
-    path.write_text(config + COMMON)
-    options = Options(
-        kernel.kver,
-        kernel.kmoddir,
-        kernel.vmlinuz,
-        config=path,
-        memory=memory,
-        crashkernel=crashkernel,
-        keep=tmp_path / "work",
-        append=append,
-    )
+    path.write_text(config + drivers + COMMON)
+    options = Options(kernel.kver, kernel.kmoddir, kernel.vmlinuz, config=path, memory=memory,
+                      crashkernel=crashkernel, keep=tmp_path / "work", append=append,
+                      first_stage=first_stage)  # fmt: skip
     report = run_qemu_test(options)
     assert report.ok, report.summary() + "\n" + Path(report.serial_log).read_text()[-4000:]
     return report
@@ -160,3 +155,43 @@ targets:
     assert record(report)["stage"] == "static"
     log = init_log(report)
     assert "the Python capture stage failed" in log and "static fallback runs" in log
+
+
+def test_register_through_kexec_file_load_in_the_guest(kernel61: Kernel, tmp_path: Path) -> None:
+    """The default first stage runs our own `register` inside the guest (from the host's root
+    over 9p): kexec_file_load, capture command line derived from the guest's /proc/cmdline."""
+    report = qemu_test(
+        kernel61,
+        tmp_path,
+        """\
+targets:
+  - {type: disk, device: UUID=1c2d3e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f, fstype: ext4}
+""",
+    )
+    log = Path(report.serial_log).read_text()
+    assert "kdump-mkinitrd: error" not in log
+    assert "capture kernel " in log and " loaded with " in log
+    capture_line = next(line for line in log.splitlines() if "Command line: elfcorehdr=" in line)
+    for arg in ("irqpoll", "nr_cpus=1", "reset_devices", "novmcoredd"):
+        assert arg in capture_line.split()
+    assert "crashkernel=" not in capture_line
+
+
+def test_hostonly_build_inside_the_guest(kernel61: Kernel, tmp_path: Path) -> None:
+    """No drivers in the config: the guest builds its own image with --hostonly, finding
+    virtio_blk and its chain by walking sysfs up from the target disk, registers it, crashes,
+    and the dump is saved."""
+    report = qemu_test(
+        kernel61,
+        tmp_path,
+        """\
+targets:
+  - {type: disk, device: LABEL=hostonly, fstype: ext4}
+capture: {stage: static}
+""",
+        first_stage="hostonly",
+        drivers="",
+    )
+    log = Path(report.serial_log).read_text()
+    assert "rebuilt the image: no image at /run/kdump-mkinitrd/capture.img" in log
+    assert "kdump: loaded kernel module virtio_blk" in log

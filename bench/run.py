@@ -1,0 +1,974 @@
+"""`make bench`: our builder against dracut, and our capture against makedumpfile alone.
+
+Parts (each records an error string in the JSON when it fails; the others still run):
+
+* build: `kdump-mkinitrd build` and dracut alternated, a warm-up then 5 runs each, median wall
+  time, CPU time and peak RSS; `build --if-needed` no-op time when the CLI has it;
+* size: our image (static stage, Python stage, SSH target when implemented) next to dracut's,
+  compressed and uncompressed;
+* profile: where our build's time goes (the --json phases and a cProfile top-10);
+* crash memory (skipped with BENCH_QUICK=1): the smallest crashkernel= at which qemu-test
+  passes, for the static and the Python stage, and the kernel's own floor;
+* capture (skipped with BENCH_QUICK=1): time to save the dump with our stage, makedumpfile
+  alone and a raw read of /proc/vmcore, in the capture kernel.
+
+Writes bench/results.json and bench/results.md and prints the table. Timings are noisy on a
+shared 2-core machine: runs are alternated, medians reported, nothing asserted on time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import pstats
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
+
+import harness  # noqa: E402
+from harness import Kernel  # noqa: E402
+
+BENCH = ROOT / "bench"
+CACHE = ROOT / ".cache" / "bench"
+BIN = Path(sys.executable).parent
+CLI = BIN / "kdump-mkinitrd"
+KERNEL_CACHE = ROOT / ".cache" / "kernels"
+KERNELS = ("6.1.0-56-amd64", "6.12.117+deb12-amd64")
+RUNS = 5
+DRACUT_DRIVERS = "virtio_blk virtio_pci ext4"
+TARGET_UUID = "2f6e0c1a-1111-4222-8333-944455556666"
+CONFIG = f"""\
+targets:
+  - type: disk
+    device: UUID={TARGET_UUID}
+    fstype: ext4
+    path: /var/crash
+kernel_modules: [virtio_blk, virtio_pci]
+failure_action: poweroff
+final_action: poweroff
+device_timeout: 30
+"""
+GOALS = {
+    "build_ratio": 0.1,
+    "size_ratio_static": 0.2,
+    "size_ratio_python": 0.6,
+    "capture_ratio_makedumpfile": 1.1,
+}
+CRASH_SLACK_MB = 16
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+@dataclass
+class Timed:
+    wall: float
+    cpu: float
+    maxrss_kb: int
+    status: int
+    stdout: str
+    stderr: str
+
+    def check(self, what: str) -> Timed:
+        if self.status != 0:
+            tail = (self.stderr.strip() or self.stdout.strip())[-600:]
+            raise RuntimeError(f"{what} exited {self.status}: {tail}")
+        return self
+
+
+def timed(cmd: list[str], timeout: float = 900.0, env: dict[str, str] | None = None) -> Timed:
+    """Run `cmd`; wall time, and from wait4's rusage the CPU time and peak RSS (ru_maxrss:
+    the largest resident set of the child or any descendant it waited for)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Timed(
+            wall=wall,
+            cpu=usage.ru_utime + usage.ru_stime,
+            maxrss_kb=usage.ru_maxrss,
+            status=proc.returncode,
+            stdout=out.read().decode(errors="replace"),
+            stderr=err.read().decode(errors="replace"),
+        )
+
+
+def median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 4) if values else None
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    if ours is None or theirs is None or theirs == 0:
+        return None
+    return round(ours / theirs, 4)
+
+
+def summarise(runs: list[Timed]) -> dict[str, Any]:
+    return {
+        "runs": len(runs),
+        "wall_median_s": median([r.wall for r in runs]),
+        "wall_s": [round(r.wall, 3) for r in runs],
+        "cpu_median_s": median([r.cpu for r in runs]),
+        "maxrss_median_kb": median([float(r.maxrss_kb) for r in runs]),
+        "maxrss_max_kb": max((r.maxrss_kb for r in runs), default=None),
+    }
+
+
+def kernel(kver: str) -> Kernel:
+    """The bench module tree: a hard-linked copy of the unpacked package with depmod run in
+    it, so dracut and our builder both see modules.dep (Debian's package ships none)."""
+    unpacked = KERNEL_CACHE / kver
+    vmlinuz = unpacked / "boot" / f"vmlinuz-{kver}"
+    source = unpacked / "lib" / "modules" / kver
+    if not vmlinuz.is_file() or not source.is_dir():
+        raise RuntimeError(f"kernel {kver} is not unpacked in {unpacked}; run `make kernels`")
+    base = CACHE / "trees" / kver
+    tree = base / "lib" / "modules" / kver
+    if not (tree / "modules.dep").is_file():
+        shutil.rmtree(base, ignore_errors=True)
+        tree.parent.mkdir(parents=True)
+        subprocess.run(["cp", "-al", str(source), str(tree)], check=True)
+        subprocess.run(["depmod", "-b", str(base), kver], check=True, capture_output=True)
+    return Kernel(kver, tree, vmlinuz)
+
+
+def write_config(name: str, extra: str = "") -> Path:
+    path = CACHE / "configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(CONFIG + extra)
+    return path
+
+
+def python_config() -> Path:
+    return write_config("python", "capture: {stage: python}\n")
+
+
+def static_config() -> Path:
+    return write_config("static", "capture: {stage: static}\n")
+
+
+def ours_cmd(k: Kernel, config: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        str(CLI),
+        "build",
+        "-k",
+        k.kver,
+        "--kmoddir",
+        str(k.kmoddir),
+        "--kernel",
+        str(k.vmlinuz),
+        "-c",
+        str(config),
+        "-o",
+        str(output),
+        "--json",
+        *extra,
+    ]
+
+
+def dracut_cmd(k: Kernel, output: Path) -> list[str]:
+    tmp = CACHE / "dracut-tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return [
+        "dracut",
+        "--no-hostonly",
+        "-m",
+        "base",
+        "--drivers",
+        DRACUT_DRIVERS,
+        "--zstd",
+        "--force",
+        "--no-early-microcode",
+        "--kver",
+        k.kver,
+        "--kmoddir",
+        str(k.kmoddir),
+        "--tmpdir",
+        str(tmp),
+        str(output),
+        k.kver,
+    ]
+
+
+def if_needed_supported() -> bool:
+    out = subprocess.run([str(CLI), "build", "--help"], capture_output=True, text=True)
+    return "--if-needed" in out.stdout
+
+
+def uncompressed_size(image: Path) -> int:
+    """Bytes of the cpio archive inside the image (zstd, gzip or none)."""
+    magic = image.read_bytes()[:4]
+    if magic == b"\x28\xb5\x2f\xfd":
+        cmd = ["zstd", "-dc", str(image)]
+    elif magic[:2] == b"\x1f\x8b":
+        cmd = ["gzip", "-dc", str(image)]
+    elif magic == b"0707":
+        return image.stat().st_size
+    else:
+        raise RuntimeError(f"{image}: unknown compression (magic {magic.hex()})")
+    total = 0
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read(1 << 20):
+            total += len(chunk)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}")
+    return total
+
+
+def tool_version(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or out.stderr.strip()).splitlines()[0] if out else None
+
+
+# --- parts -------------------------------------------------------------------------------
+
+
+def part_build(kver: str) -> dict[str, Any]:
+    k = kernel(kver)
+    work = CACHE / "build" / kver
+    work.mkdir(parents=True, exist_ok=True)
+    ours_py, ours_static, dracut_img = (
+        work / "ours.img",
+        work / "ours-static.img",
+        work / "dracut.img",
+    )
+    commands: dict[str, list[str]] = {
+        "ours": ours_cmd(k, python_config(), ours_py),
+        "ours_static": ours_cmd(k, static_config(), ours_static),
+    }
+    notes: list[str] = []
+    dracut_error = None
+    if shutil.which("dracut"):
+        commands["dracut"] = dracut_cmd(k, dracut_img)
+    else:
+        dracut_error = "dracut is not installed (Debian: dracut-core)"
+    for name, cmd in commands.items():  # warm-up, not counted
+        timed(cmd).check(f"warm-up {name}")
+    runs: dict[str, list[Timed]] = {name: [] for name in commands}
+    names = list(commands)
+    for i in range(RUNS):
+        order = names[i % len(names) :] + names[: i % len(names)]  # rotate: drift cancels out
+        for name in order:
+            runs[name].append(timed(commands[name]).check(name))
+    phases: dict[str, list[float]] = {}
+    for r in runs["ours"]:
+        for phase, seconds in json.loads(r.stdout).get("seconds", {}).items():
+            phases.setdefault(phase, []).append(seconds)
+    result: dict[str, Any] = {name: summarise(rs) for name, rs in runs.items()}
+    result["ours"]["phases_median_s"] = {p: median(v) for p, v in phases.items()}
+    phase_sum = sum(v for v in result["ours"]["phases_median_s"].values() if v is not None)
+    wall = result["ours"]["wall_median_s"]
+    result["ours"]["outside_phases_s"] = round(wall - phase_sum, 4) if wall else None
+    if dracut_error:
+        result["dracut"] = {"error": dracut_error}
+    dracut_wall = result["dracut"].get("wall_median_s")
+    result["ratio_wall"] = ratio(wall, dracut_wall)
+    result["ratio_wall_static"] = ratio(result["ours_static"]["wall_median_s"], dracut_wall)
+    result["ratio_cpu"] = ratio(
+        result["ours"]["cpu_median_s"], result["dracut"].get("cpu_median_s")
+    )
+    result["ratio_maxrss"] = ratio(
+        result["ours"]["maxrss_median_kb"], result["dracut"].get("maxrss_median_kb")
+    )
+    # The no-op rebuild: the image from the last run is current, so --if-needed has nothing to do.
+    if if_needed_supported():
+        timed(commands["ours"]).check("ours before --if-needed")
+        noop = [timed([*commands["ours"], "--if-needed"]).check("--if-needed") for _ in range(RUNS)]
+        reports = [json.loads(r.stdout) for r in noop]
+        result["if_needed"] = summarise(noop)
+        result["if_needed"]["all_up_to_date"] = all(r.get("up_to_date") for r in reports)
+        result["if_needed"]["rebuilt_because"] = [r.get("rebuilt_because") for r in reports]
+        for r in reports:
+            if not r.get("up_to_date"):
+                why = ", ".join(r.get("rebuilt_because") or []) or "no reason given"
+                notes.append(f"{kver}: a --if-needed run rebuilt (because: {why[:200]})")
+    else:
+        result["if_needed"] = None
+        notes.append("build --if-needed is not in this CLI yet: no-op time not measured")
+    result["notes"] = notes
+    result["commands"] = {name: " ".join(cmd) for name, cmd in commands.items()}
+    return result
+
+
+def ssh_target_config(work: Path) -> tuple[Path | None, str]:
+    """A config with one SSH target, filled from whatever fields the schema has, or why not."""
+    from builder import config as config_mod
+
+    if "ssh" not in getattr(config_mod, "TARGET_TYPES", ()):
+        return None, "the config schema has no ssh target type"
+    key = work / "id_ed25519"
+    if not key.exists() and shutil.which("ssh-keygen"):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+            check=True,
+            capture_output=True,
+        )
+    known = work / "known_hosts"
+    pub = key.with_suffix(".pub")
+    host_key = pub.read_text().split()[:2] if pub.exists() else ["ssh-ed25519", "AAAA"]
+    known.write_text(f"192.0.2.10 {' '.join(host_key)}\n")
+    guesses: dict[str, Any] = {
+        "host": "192.0.2.10",
+        "server": "192.0.2.10",
+        "address": "192.0.2.10",
+        "user": "kdump",
+        "username": "kdump",
+        "port": 22,
+        "destination": "kdump@192.0.2.10",
+        "ssh": "kdump@192.0.2.10",
+        "key": str(key),
+        "identity": str(key),
+        "identity_file": str(key),
+        "sshkey": str(key),
+        "ssh_key": str(key),
+        "known_hosts": str(known),
+        "host_key": " ".join(host_key),
+    }
+    schema = getattr(config_mod, "TARGET_SCHEMA", {})
+    fields = {"type": "ssh", "path": "/var/crash"}
+    for name, spec in schema.items():
+        if name in fields or name in ("device", "fstype", "mount_options"):
+            continue
+        if name in guesses:
+            fields[name] = guesses[name]
+        elif getattr(spec, "required", False):
+            fields[name] = "kdump@192.0.2.10"
+    lines = "".join(f"    {k}: {json.dumps(v)}\n" for k, v in fields.items() if k != "type")
+    text = CONFIG.replace(
+        f"  - type: disk\n    device: UUID={TARGET_UUID}\n    fstype: ext4\n    path: /var/crash\n",
+        f"  - type: ssh\n{lines}",
+    )
+    path = work / "ssh.yaml"
+    path.write_text(text)
+    try:
+        config_mod.load(path)
+    except Exception as exc:
+        return None, f"the config schema rejects the ssh target: {exc}"
+    return path, ""
+
+
+def part_size(kver: str) -> dict[str, Any]:
+    k = kernel(kver)
+    work = CACHE / "size" / kver
+    work.mkdir(parents=True, exist_ok=True)
+    images: dict[str, Any] = {}
+    configs: dict[str, Path | None] = {
+        "ours_static": static_config(),
+        "ours_python": python_config(),
+    }
+    ssh_config, ssh_reason = ssh_target_config(work)
+    configs["ours_ssh"] = ssh_config
+    for name, config in configs.items():
+        if config is None:
+            images[name] = {"size": None, "note": ssh_reason}
+            continue
+        out = work / f"{name}.img"
+        run = timed(ours_cmd(k, config, out))
+        if run.status != 0:
+            images[name] = {"size": None, "error": (run.stderr.strip() or run.stdout)[-400:]}
+            continue
+        report = json.loads(run.stdout)
+        entry: dict[str, Any] = {
+            "size": out.stat().st_size,
+            "uncompressed_size": uncompressed_size(out),
+            "compression": report.get("compression"),
+            "entries": report.get("entries"),
+            "kernel_modules": report.get("kernel_modules"),
+            "features": report.get("features"),
+        }
+        if name == "ours_ssh" and not any("ssh" in f for f in report.get("features", [])):
+            entry = {
+                "size": None,
+                "note": "the config accepts type: ssh but no feature module serves ssh targets "
+                f"yet (features: {', '.join(report.get('features', []))}); not measured",
+            }
+        images[name] = entry
+    dracut_img = work / "dracut.img"
+    if shutil.which("dracut"):
+        run = timed(dracut_cmd(k, dracut_img)).check("dracut")
+        images["dracut"] = {
+            "size": dracut_img.stat().st_size,
+            "uncompressed_size": uncompressed_size(dracut_img),
+            "compression": "zstd",
+        }
+    else:
+        images["dracut"] = {"size": None, "error": "dracut is not installed"}
+    theirs = images["dracut"]
+    for name in ("ours_static", "ours_python", "ours_ssh"):
+        mine = images[name]
+        mine["ratio"] = ratio(mine.get("size"), theirs.get("size"))
+        mine["ratio_uncompressed"] = ratio(
+            mine.get("uncompressed_size"), theirs.get("uncompressed_size")
+        )
+    return images
+
+
+def part_profile(kver: str) -> dict[str, Any]:
+    """cProfile of one Python-stage build, run on the CLI module as `python -m cProfile`."""
+    k = kernel(kver)
+    work = CACHE / "profile"
+    work.mkdir(parents=True, exist_ok=True)
+    prof = work / "build.prof"
+    cmd = [
+        sys.executable,
+        "-m",
+        "cProfile",
+        "-o",
+        str(prof),
+        "-m",
+        "builder.cli",
+        *ours_cmd(k, python_config(), work / "ours.img")[1:],
+    ]
+    timed(ours_cmd(k, python_config(), work / "ours.img")).check("build before profiling")
+    timed(cmd).check("cProfile build")  # a warm build, like the timed ones (caches filled)
+    stats = pstats.Stats(str(prof))
+    raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    total = float(stats.total_tt)  # type: ignore[attr-defined]
+
+    def where(key: tuple[str, int, str]) -> str:
+        path, line, func = key
+        short = path.split(str(ROOT) + "/", 1)[-1] if path.startswith(str(ROOT)) else path
+        short = re.sub(r"^.*/(site-packages|python3\.\d+)/", "", short)
+        return f"{short}:{line}({func})"
+
+    def top(index: int) -> list[dict[str, Any]]:
+        ordered = sorted(raw.items(), key=lambda item: item[1][index], reverse=True)
+        rows = []
+        for key, (_cc, nc, tt, ct, _) in ordered:
+            if key[2] in (
+                "<module>",
+                "<built-in method builtins.exec>",
+                "main",
+                "_run_code",
+                "_run_module_as_main",
+                "run",
+                "runctx",
+                "_build",
+            ):
+                continue
+            rows.append(
+                {
+                    "function": where(key),
+                    "calls": nc,
+                    "tottime_s": round(tt, 4),
+                    "cumtime_s": round(ct, 4),
+                }
+            )
+            if len(rows) == 10:
+                break
+        return rows
+
+    # Where the time goes, by the outermost function of each piece of work.
+    categories: dict[str, Callable[[str, str], bool]] = {
+        "imports": lambda p, f: f == "_find_and_load" and "importlib" in p,
+        "module resolution (kmod)": lambda p, f: (
+            p.endswith("builder/kmod.py") and f in ("load", "resolve")
+        ),
+        "ELF resolution (elfdeps)": lambda p, f: (
+            p.endswith("builder/elfdeps.py") and f == "resolve"
+        ),
+        "busybox applets": lambda p, f: p.endswith("builder/resolve.py") and f == "find_busybox",
+        "makedumpfile -v probe": lambda p, f: f == "_makedumpfile_compression",
+        "python stage packing": lambda p, f: (
+            p.endswith("builder/pystage.py") and f == "add_python_stage"
+        ),
+        "plan entries (read, strip, hash files)": lambda p, f: (
+            p.endswith("builder/plan.py") and f == "entries"
+        ),
+        "cpio writing": lambda p, f: p.endswith("builder/cpio.py") and f == "write_newc",
+        "compression": lambda p, f: p.endswith("builder/compress.py") and f == "compress",
+        "atomic write": lambda p, f: p.endswith("builder/output.py") and f == "write_atomic",
+    }
+    where_time: dict[str, float | None] = {}
+    for name, match in categories.items():
+        hits = [v[3] for (p, _, f), v in raw.items() if match(p, f)]
+        where_time[name] = round(max(hits), 4) if hits else None
+    return {
+        "command": " ".join(cmd),
+        "profile_file": str(prof),
+        "total_s": round(total, 4),
+        "where_cumulative_s": where_time,
+        "top10_cumulative": top(3),
+        "top10_tottime": top(2),
+    }
+
+
+def part_crash_memory(kver: str) -> dict[str, Any]:
+    k = kernel(kver)
+    work = CACHE / "crash" / kver
+    shutil.rmtree(work, ignore_errors=True)
+    out: dict[str, Any] = {"kver": kver, "memory": "1G", "step_mb": 8}
+
+    def stage_probe(name: str, config: Path) -> Callable[[int], harness.Probe]:
+        def probe(mb: int) -> harness.Probe:
+            probe_dir = work / name / f"{mb}M"
+            result, _ = harness.qemu_test(CLI, k, config, mb, probe_dir, want_stage=name)
+            harness.cleanup(probe_dir)
+            print(
+                f"  crash memory {name} {mb}M: {'pass' if result.passed else 'FAIL'} "
+                f"({result.seconds:.0f}s) {result.detail}",
+                flush=True,
+            )
+            return result
+
+        return probe
+
+    floor_probe = harness.floor_probe(k, work / "floor")
+
+    def floor(mb: int) -> harness.Probe:
+        result = floor_probe(mb)
+        print(
+            f"  crash memory floor {mb}M: {'pass' if result.passed else 'FAIL'} "
+            f"({result.seconds:.0f}s) {result.detail}",
+            flush=True,
+        )
+        return result
+
+    searches: list[tuple[str, Callable[[int], harness.Probe], int, int]] = [
+        ("floor", floor, 64, 128),
+        ("static", stage_probe("static", static_config()), 96, 256),
+        ("python", stage_probe("python", python_config()), 96, 256),
+    ]
+    for name, probe, low, high in searches:
+        try:
+            out[name] = harness.bisect(probe, low, high).as_dict()
+        except Exception as exc:
+            out[name] = {"minimum_mb": None, "error": f"{type(exc).__name__}: {exc}"}
+    out["floor"]["image_size"] = harness.floor_image_size(work / "floor")
+    return out
+
+
+def part_capture(kver: str) -> dict[str, Any]:
+    from builder import config as config_mod
+    from builder.elfdeps import ElfResolver
+    from builder.resolve import capture_settings
+
+    k = kernel(kver)
+    work = CACHE / "capture" / kver
+    shutil.rmtree(work, ignore_errors=True)
+    out: dict[str, Any] = {"kver": kver, "crashkernel_mb": 256, "memory": "1G"}
+    # Our stage, from vmcore.json: the python stage's timings, the static capture's uptimes.
+    ours: dict[str, list[dict[str, Any]]] = {"python": [], "static": []}
+    configs = {"python": python_config(), "static": static_config()}
+    for i in range(3):
+        for stage in ("python", "static") if i % 2 == 0 else ("static", "python"):
+            probe_dir = work / f"{stage}-{i}"
+            probe, report = harness.qemu_test(CLI, k, configs[stage], 256, probe_dir, stage)
+            record = harness.dump_record(report) if probe.passed else None
+            harness.cleanup(probe_dir)
+            if record is None:
+                ours[stage].append({"error": probe.detail})
+                continue
+            timings = record.get("timings", {})
+            entry: dict[str, Any] = {
+                "vmcore_size": record.get("vmcore_size"),
+                "collector": record.get("collector"),
+            }
+            if stage == "python":
+                entry["dump_s"] = timings.get("dump")
+                entry["total_s"] = round(sum(timings.values()), 3)
+                entry["timings"] = timings
+            else:
+                entry["total_s"] = round(record["uptime_end"] - record["uptime_start"], 3)
+            ours[stage].append(entry)
+            print(f"  capture ours/{stage} run {i}: {entry}", flush=True)
+    out["ours_python_runs"] = ours["python"]
+    out["ours_static_runs"] = ours["static"]
+    py_ok = [r for r in ours["python"] if "dump_s" in r]
+    st_ok = [r for r in ours["static"] if "total_s" in r]
+    out["ours_dump_median_s"] = median([r["dump_s"] for r in py_ok])
+    out["ours_stage_total_median_s"] = median([r["total_s"] for r in py_ok])
+    out["ours_static_total_median_s"] = median([r["total_s"] for r in st_ok])
+    out["ours_vmcore_size"] = py_ok[0]["vmcore_size"] if py_ok else None
+    # makedumpfile alone with the arguments our stage gives it, and dd to /dev/null.
+    try:
+        config = config_mod.load(configs["python"])
+        settings = capture_settings(config, ElfResolver(Path("/"), config.search_path), Path("/"))
+        mdf = [
+            str(settings.makedumpfile or "makedumpfile"),
+            *settings.makedumpfile_flag.split(),
+            "-d",
+            str(settings.dump_level),
+            "--message-level",
+            "7",
+        ]
+    except Exception as exc:
+        mdf = ["makedumpfile", "-l", "-d", "31", "--message-level", "7"]
+        out["makedumpfile_args_note"] = f"fell back to defaults: {exc}"
+    out["makedumpfile_args"] = mdf
+    results = harness.capture_timing(k, work / "alone", mdf, rounds=3)
+    out["alone_runs"] = results
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        if r["status"] == 0:
+            by_kind.setdefault(r["kind"], []).append(r)
+    mdf_runs, dd_runs = by_kind.get("makedumpfile", []), by_kind.get("dd", [])
+    out["makedumpfile_median_s"] = median([r["seconds"] for r in mdf_runs])
+    out["makedumpfile_with_sync_median_s"] = median([r["seconds_with_sync"] for r in mdf_runs])
+    out["makedumpfile_dump_size"] = mdf_runs[0]["size"] if mdf_runs else None
+    out["dd_median_s"] = median([r["seconds"] for r in dd_runs])
+    out["proc_vmcore_size"] = dd_runs[0]["size"] if dd_runs else None
+    out["ratio_dump_step"] = ratio(out["ours_dump_median_s"], out["makedumpfile_median_s"])
+    out["ratio_stage_total"] = ratio(out["ours_stage_total_median_s"], out["makedumpfile_median_s"])
+    out["ratio_static_total"] = ratio(
+        out["ours_static_total_median_s"], out["makedumpfile_median_s"]
+    )
+    return out
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    labels = {
+        "build_ratio": "build time, ours / dracut (6.1, median wall)",
+        "size_ratio_static": "image size, static stage / dracut (6.1, zstd)",
+        "size_ratio_python": "image size, Python stage / dracut (6.1, zstd)",
+        "capture_ratio_makedumpfile": "capture time, our stage's dump step / makedumpfile alone",
+    }
+    for key, goal in GOALS.items():
+        value = results.get(key)
+        row: dict[str, Any] = {
+            "metric": key,
+            "what": labels[key],
+            "value": value,
+            "goal": f"<= {goal}x",
+        }
+        if value is None:
+            row.update(met=None, verdict="not measured")
+        else:
+            met = value <= goal
+            how = f"{value / goal:.2f}x the goal" if not met else f"{goal / value:.2f}x inside"
+            row.update(met=met, verdict=f"{'met' if met else 'MISSED'} ({how})")
+        rows.append(row)
+    floor = results.get("kernel_floor_mb")
+    for stage in ("static", "python"):
+        value = results.get(f"crashkernel_min_{stage}_mb")
+        row = {
+            "metric": f"crashkernel_min_{stage}_mb",
+            "what": f"smallest crashkernel=, {stage} stage (MB)",
+            "value": value,
+            "goal": f"<= floor + {CRASH_SLACK_MB}M"
+            + (f" = {floor + CRASH_SLACK_MB}M" if floor else ""),
+        }
+        if value is None or floor is None:
+            row.update(met=None, verdict="not measured")
+        else:
+            over = value - (floor + CRASH_SLACK_MB)
+            met = over <= 0
+            row.update(
+                met=met,
+                verdict=f"{'met' if met else 'MISSED'} "
+                f"({abs(over)}M {'inside' if met else 'over'})",
+            )
+        rows.append(row)
+    return rows
+
+
+def fmt(value: Any, unit: str = "", digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{unit}"
+    return f"{value}{unit}"
+
+
+def mb(size: Any) -> str:
+    return "-" if size is None else f"{size / 1e6:.2f} MB"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    lines = [
+        "# kdump-mkinitrd benchmark",
+        "",
+        f"{meta['started']}, {meta.get('duration_s', 0):.0f} s, "
+        f"{'quick (no QEMU parts)' if meta['quick'] else 'full'}; {meta['cpus']} CPUs, "
+        f"load {meta['loadavg_start']} at start; {meta.get('dracut') or 'no dracut'}. "
+        "Medians of alternated runs; timings are noisy (shared machine, TCG guests).",
+        "",
+        "## Goals",
+        "",
+        "| goal | value | target | verdict |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in results["goals"]:
+        lines.append(
+            f"| {row['what']} | {fmt(row['value'], digits=3)} | {row['goal']} | {row['verdict']} |"
+        )
+    lines += [
+        "",
+        "## Build",
+        "",
+        "| kernel | builder | wall (median) | CPU | peak RSS | ratio to dracut |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for kver, b in results["build"].items():
+        if "error" in b and len(b) == 1:
+            lines.append(f"| {kver} | error: {b['error'][:200]} | | | | |")
+            continue
+        dracut_wall = b.get("dracut", {}).get("wall_median_s")
+        for name in ("ours", "ours_static", "dracut", "if_needed"):
+            s = b.get(name)
+            if not s or "wall_median_s" not in s:
+                note = (s or {}).get("error") or "not measured (CLI has no --if-needed)"
+                lines.append(f"| {kver} | {name} | {note} | | | |")
+                continue
+            label = {
+                "ours": "ours (Python stage)",
+                "ours_static": "ours (static stage)",
+                "dracut": "dracut",
+                "if_needed": "ours `--if-needed` no-op",
+            }[name]
+            lines.append(
+                f"| {kver} | {label} | {fmt(s['wall_median_s'], ' s', 3)} | "
+                f"{fmt(s['cpu_median_s'], ' s', 3)} | "
+                f"{fmt((s['maxrss_median_kb'] or 0) / 1024, ' MB', 1)} | "
+                f"{fmt(ratio(s['wall_median_s'], dracut_wall), 'x', 3)} |"
+            )
+    lines += [
+        "",
+        "## Image size",
+        "",
+        "| kernel | image | compressed | uncompressed | ratio (compressed) | ratio (unc.) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for kver, images in results["size"].items():
+        if "error" in images and len(images) == 1:
+            lines.append(f"| {kver} | error: {images['error'][:200]} | | | | |")
+            continue
+        for name, s in images.items():
+            if not isinstance(s, dict):
+                continue
+            if s.get("size") is None:
+                why = s.get("note") or s.get("error") or ""
+                lines.append(f"| {kver} | {name} | - ({why[:160]}) | | | |")
+                continue
+            lines.append(
+                f"| {kver} | {name} | {mb(s['size'])} | {mb(s.get('uncompressed_size'))} | "
+                f"{fmt(s.get('ratio'), 'x', 3)} | {fmt(s.get('ratio_uncompressed'), 'x', 3)} |"
+            )
+    crash = results.get("crash_memory")
+    lines += ["", "## Crash memory (smallest crashkernel= that works, 1 GiB guest, 8M steps)", ""]
+    if crash is None:
+        lines.append("skipped (BENCH_QUICK=1)")
+    elif "error" in crash and len(crash) == 1:
+        lines.append(f"error: {crash['error']}")
+    else:
+        lines += [
+            "| capture image | smallest passing | largest failing | probes |",
+            "| --- | --- | --- | --- |",
+        ]
+        for name, label in (
+            ("floor", "kernel floor (busybox, prints a marker)"),
+            ("static", "ours, static stage"),
+            ("python", "ours, Python stage"),
+        ):
+            s = crash.get(name, {})
+            probes = ", ".join(
+                f"{p['crashkernel_mb']}M {'ok' if p['passed'] else 'fail'}"
+                for p in s.get("probes", [])
+            )
+            err = f" (error: {s['error']})" if s.get("error") else ""
+            lines.append(
+                f"| {label} | {fmt(s.get('minimum_mb'), 'M')} | "
+                f"{fmt(s.get('failing_mb'), 'M')} | {probes}{err} |"
+            )
+    cap = results.get("capture")
+    lines += ["", "## Capture (in the capture kernel, crashkernel=256M, 1 GiB guest)", ""]
+    if cap is None:
+        lines.append("skipped (BENCH_QUICK=1)")
+    elif "error" in cap and len(cap) == 1:
+        lines.append(f"error: {cap['error']}")
+    else:
+        mdf_s = cap.get("makedumpfile_median_s")
+        lines += [
+            "| what | seconds (median) | ratio to makedumpfile alone | dump size |",
+            "| --- | --- | --- | --- |",
+            f"| our Python stage, dump step | {fmt(cap.get('ours_dump_median_s'), ' s')} | "
+            f"{fmt(cap.get('ratio_dump_step'), 'x', 3)} | {mb(cap.get('ours_vmcore_size'))} |",
+            f"| our Python stage, all steps (parse, dmesg, dump, sha256) | "
+            f"{fmt(cap.get('ours_stage_total_median_s'), ' s')} | "
+            f"{fmt(cap.get('ratio_stage_total'), 'x', 3)} | |",
+            f"| our static capture (dmesg, makedumpfile, sha256sum) | "
+            f"{fmt(cap.get('ours_static_total_median_s'), ' s')} | "
+            f"{fmt(cap.get('ratio_static_total'), 'x', 3)} | |",
+            f"| makedumpfile alone (`{' '.join(cap.get('makedumpfile_args', []))}`) | "
+            f"{fmt(mdf_s, ' s')} | 1.000x | {mb(cap.get('makedumpfile_dump_size'))} |",
+            f"| makedumpfile alone + sync | {fmt(cap.get('makedumpfile_with_sync_median_s'), ' s')}"
+            f" | {fmt(ratio(cap.get('makedumpfile_with_sync_median_s'), mdf_s), 'x', 3)} | |",
+            f"| dd /proc/vmcore to /dev/null | {fmt(cap.get('dd_median_s'), ' s')} | "
+            f"{fmt(ratio(cap.get('dd_median_s'), mdf_s), 'x', 3)} | "
+            f"{mb(cap.get('proc_vmcore_size'))} read |",
+        ]
+    lines += ["", "## Where our build's time goes", ""]
+    for kver, b in results["build"].items():
+        phases = b.get("ours", {}).get("phases_median_s")
+        if phases:
+            parts = ", ".join(f"{p} {v:.3f} s" for p, v in phases.items() if v is not None)
+            lines.append(
+                f"- {kver}, `--json` phases (median): {parts}; outside the phases "
+                f"(interpreter start, imports, config): "
+                f"{fmt(b['ours'].get('outside_phases_s'), ' s', 3)}"
+            )
+    prof = results.get("profile")
+    if prof and "where_cumulative_s" in prof:
+        parts = ", ".join(f"{k} {v:.3f} s" for k, v in prof["where_cumulative_s"].items() if v)
+        lines += [
+            f"- cProfile of one Python-stage build ({prof['total_s']:.2f} s under the "
+            f"profiler), cumulative: {parts}",
+            "",
+            "cProfile top 10 (cumulative):",
+            "",
+            "| function | calls | own s | cumulative s |",
+            "| --- | --- | --- | --- |",
+        ]
+        for row in prof["top10_cumulative"]:
+            lines.append(
+                f"| `{row['function']}` | {row['calls']} | {row['tottime_s']:.3f} | "
+                f"{row['cumtime_s']:.3f} |"
+            )
+        lines += [
+            "",
+            "cProfile top 10 (own time):",
+            "",
+            "| function | calls | own s | cumulative s |",
+            "| --- | --- | --- | --- |",
+        ]
+        for row in prof["top10_tottime"]:
+            lines.append(
+                f"| `{row['function']}` | {row['calls']} | {row['tottime_s']:.3f} | "
+                f"{row['cumtime_s']:.3f} |"
+            )
+    elif prof:
+        lines.append(f"- profile error: {prof.get('error')}")
+    errors = results.get("errors", {})
+    if errors:
+        lines += ["", "## Errors", ""] + [
+            f"- {k}: {v.splitlines()[-1][:300]}" for k, v in errors.items()
+        ]
+    notes = [n for b in results["build"].values() for n in b.get("notes", [])]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in sorted(set(notes))]
+    return "\n".join(lines) + "\n"
+
+
+def headline(results: dict[str, Any]) -> None:
+    """The top-level keys the issue asks for, from the detailed parts."""
+    first = KERNELS[0]
+    build = results["build"].get(first, {})
+    size = results["size"].get(first, {})
+    results["build_ratio"] = build.get("ratio_wall")
+    results["size_ratio_static"] = size.get("ours_static", {}).get("ratio")
+    results["size_ratio_python"] = size.get("ours_python", {}).get("ratio")
+    results["size_ratio_ssh"] = size.get("ours_ssh", {}).get("ratio")
+    crash = results.get("crash_memory") or {}
+    results["crashkernel_min_static_mb"] = crash.get("static", {}).get("minimum_mb")
+    results["crashkernel_min_python_mb"] = crash.get("python", {}).get("minimum_mb")
+    results["kernel_floor_mb"] = crash.get("floor", {}).get("minimum_mb")
+    capture = results.get("capture") or {}
+    results["capture_ratio_makedumpfile"] = capture.get("ratio_dump_step")
+    results["capture_ratio_makedumpfile_stage_total"] = capture.get("ratio_stage_total")
+    if_needed = build.get("if_needed")
+    results["if_needed_noop_s"] = if_needed.get("wall_median_s") if if_needed else None
+    results["goals"] = goal_rows(results)
+
+
+def save(results: dict[str, Any]) -> None:
+    headline(results)
+    (BENCH / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (BENCH / "results.md").write_text(markdown(results))
+
+
+def main() -> int:
+    quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    crash_kver = os.environ.get("BENCH_CRASH_KVER", KERNELS[0])
+    CACHE.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    results: dict[str, Any] = {
+        "meta": {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "quick": quick,
+            "cpus": os.cpu_count(),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(),
+            "dracut": tool_version(["dracut", "--version"]),
+            "makedumpfile": tool_version(["makedumpfile", "-v"]),
+            "kernels": list(KERNELS),
+            "runs": RUNS,
+        },
+        "build": {},
+        "size": {},
+        "profile": None,
+        "crash_memory": None,
+        "capture": None,
+        "errors": {},
+    }
+
+    def part(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        print(f"bench: {name} ...", flush=True)
+        t0 = time.monotonic()
+        try:
+            value = fn()
+        except Exception as exc:
+            results["errors"][name] = "".join(traceback.format_exception(exc))[-2000:]
+            value = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"bench: {name} FAILED: {value['error']}", flush=True)
+        results["meta"].setdefault("part_seconds", {})[name] = round(time.monotonic() - t0, 1)
+        results["meta"]["duration_s"] = round(time.monotonic() - start, 1)
+        return value
+
+    for kver in KERNELS:
+        results["build"][kver] = part(f"build {kver}", functools.partial(part_build, kver))
+        save(results)
+        results["size"][kver] = part(f"size {kver}", functools.partial(part_size, kver))
+        save(results)
+    results["profile"] = part("profile", lambda: part_profile(KERNELS[0]))
+    save(results)
+    if not quick:
+        results["crash_memory"] = part("crash memory", lambda: part_crash_memory(crash_kver))
+        save(results)
+        results["capture"] = part("capture", lambda: part_capture(crash_kver))
+    results["meta"]["duration_s"] = round(time.monotonic() - start, 1)
+    results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    save(results)
+    print()
+    print((BENCH / "results.md").read_text())
+    print(
+        f"bench: wrote {BENCH / 'results.json'} and {BENCH / 'results.md'} "
+        f"in {results['meta']['duration_s']:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

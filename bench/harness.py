@@ -290,3 +290,50 @@ def capture_timing(
             f"capture timing boot {why} ({len(results)} results); see {workdir}/serial-*.log"
         )
     return results
+
+
+def _debugfs(disk: Path, request: str) -> str:
+    out = subprocess.run(
+        ["debugfs", "-R", request, str(disk)], capture_output=True, text=True, check=True
+    )
+    return out.stdout
+
+
+def ours_capture(
+    kernel: Kernel,
+    workdir: Path,
+    image: Path,
+    device_uuid: str,
+    dump_path: str = "/var/crash",
+    crashkernel_mb: int = 256,
+) -> dict[str, Any]:
+    """Crash into our capture `image` with the same first stage as `capture_timing` (so the
+    crashed kernel's memory, and so the dump, is the same kind), onto an ext4 disk with
+    `device_uuid`; returns the dump's vmcore.json, read off the disk image with debugfs."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    disk = workdir / "target.img"
+    with disk.open("wb") as f:
+        f.truncate(1536 * 2**20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-U", device_uuid, str(disk)], check=True,
+                   capture_output=True)  # fmt: skip
+    try:
+        log, seconds, timed_out = _crash_boot(
+            kernel, image, crashkernel_mb, workdir, disks=(disk,), timeout=600
+        )
+        if "kdump: dump saved to target" not in log:
+            why = "timed out" if timed_out else "no 'dump saved' line"
+            raise RuntimeError(f"our capture did not save the dump ({why}); see {workdir}")
+        names = [
+            line.split("/")[5]
+            for line in _debugfs(disk, f"ls -p {dump_path}").splitlines()
+            if line.count("/") >= 6 and line.split("/")[5] not in (".", "..")
+        ]
+        if len(names) != 1:
+            raise RuntimeError(f"expected one dump directory under {dump_path}, found {names}")
+        record: dict[str, Any] = json.loads(
+            _debugfs(disk, f"cat {dump_path}/{names[0]}/vmcore.json")
+        )
+        record["boot_seconds"] = round(seconds, 1)
+        return record
+    finally:
+        disk.unlink(missing_ok=True)

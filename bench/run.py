@@ -567,6 +567,9 @@ def part_crash_memory(kver: str) -> dict[str, Any]:
 
 
 def part_capture(kver: str) -> dict[str, Any]:
+    """Our stage, our static capture, and makedumpfile alone / dd, each crashed into by the
+    same busybox first stage (so the crashed kernel's memory is alike), 3 boots each,
+    alternated."""
     from builder import config as config_mod
     from builder.elfdeps import ElfResolver
     from builder.resolve import capture_settings
@@ -574,41 +577,12 @@ def part_capture(kver: str) -> dict[str, Any]:
     k = kernel(kver)
     work = CACHE / "capture" / kver
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     out: dict[str, Any] = {"kver": kver, "crashkernel_mb": 256, "memory": "1G"}
-    # Our stage, from vmcore.json: the python stage's timings, the static capture's uptimes.
-    ours: dict[str, list[dict[str, Any]]] = {"python": [], "static": []}
     configs = {"python": python_config(), "static": static_config()}
-    for i in range(3):
-        for stage in ("python", "static") if i % 2 == 0 else ("static", "python"):
-            probe_dir = work / f"{stage}-{i}"
-            probe, report = harness.qemu_test(CLI, k, configs[stage], 256, probe_dir, stage)
-            record = harness.dump_record(report) if probe.passed else None
-            harness.cleanup(probe_dir)
-            if record is None:
-                ours[stage].append({"error": probe.detail})
-                continue
-            timings = record.get("timings", {})
-            entry: dict[str, Any] = {
-                "vmcore_size": record.get("vmcore_size"),
-                "collector": record.get("collector"),
-            }
-            if stage == "python":
-                entry["dump_s"] = timings.get("dump")
-                entry["total_s"] = round(sum(timings.values()), 3)
-                entry["timings"] = timings
-            else:
-                entry["total_s"] = round(record["uptime_end"] - record["uptime_start"], 3)
-            ours[stage].append(entry)
-            print(f"  capture ours/{stage} run {i}: {entry}", flush=True)
-    out["ours_python_runs"] = ours["python"]
-    out["ours_static_runs"] = ours["static"]
-    py_ok = [r for r in ours["python"] if "dump_s" in r]
-    st_ok = [r for r in ours["static"] if "total_s" in r]
-    out["ours_dump_median_s"] = median([r["dump_s"] for r in py_ok])
-    out["ours_stage_total_median_s"] = median([r["total_s"] for r in py_ok])
-    out["ours_static_total_median_s"] = median([r["total_s"] for r in st_ok])
-    out["ours_vmcore_size"] = py_ok[0]["vmcore_size"] if py_ok else None
-    # makedumpfile alone with the arguments our stage gives it, and dd to /dev/null.
+    images = {stage: work / f"ours-{stage}.img" for stage in configs}
+    for stage, path in configs.items():
+        timed(ours_cmd(k, path, images[stage])).check(f"build the {stage}-stage image")
     try:
         config = config_mod.load(configs["python"])
         settings = capture_settings(config, ElfResolver(Path("/"), config.search_path), Path("/"))
@@ -624,16 +598,55 @@ def part_capture(kver: str) -> dict[str, Any]:
         mdf = ["makedumpfile", "-l", "-d", "31", "--message-level", "7"]
         out["makedumpfile_args_note"] = f"fell back to defaults: {exc}"
     out["makedumpfile_args"] = mdf
-    results = harness.capture_timing(k, work / "alone", mdf, rounds=3)
-    out["alone_runs"] = results
+    runs: dict[str, list[dict[str, Any]]] = {"python": [], "static": [], "alone": []}
+    kinds = list(runs)
+    for i in range(3):
+        for kind in kinds[i:] + kinds[:i]:
+            boot_dir = work / f"{kind}-{i}"
+            try:
+                if kind == "alone":
+                    for r in harness.capture_timing(k, boot_dir, mdf, rounds=1):
+                        runs["alone"].append(r)
+                    continue
+                record = harness.ours_capture(k, boot_dir, images[kind], TARGET_UUID)
+            except Exception as exc:
+                runs[kind].append({"error": f"{type(exc).__name__}: {exc}"})
+                continue
+            timings = record.get("timings", {})
+            entry: dict[str, Any] = {
+                "vmcore_size": record.get("vmcore_size"),
+                "collector": record.get("collector"),
+                "stage": record.get("stage"),
+            }
+            if kind == "python" and record.get("stage") == "python":
+                entry["dump_s"] = timings.get("dump")
+                entry["total_s"] = round(sum(timings.values()), 3)
+                entry["timings"] = timings
+            elif kind == "static" and "uptime_end" in record:
+                entry["total_s"] = round(record["uptime_end"] - record["uptime_start"], 3)
+            else:
+                entry["error"] = f"unexpected record from the {kind} image: {record}"
+            runs[kind].append(entry)
+        print(f"  capture round {i}: " + json.dumps({k_: v[-1:] for k_, v in runs.items()}),
+              flush=True)  # fmt: skip
+    out["ours_python_runs"] = runs["python"]
+    out["ours_static_runs"] = runs["static"]
+    out["alone_runs"] = runs["alone"]
+    py_ok = [r for r in runs["python"] if "dump_s" in r]
+    st_ok = [r for r in runs["static"] if "total_s" in r]
+    out["ours_dump_median_s"] = median([r["dump_s"] for r in py_ok])
+    out["ours_stage_total_median_s"] = median([r["total_s"] for r in py_ok])
+    out["ours_static_total_median_s"] = median([r["total_s"] for r in st_ok])
+    out["ours_vmcore_size"] = median([r["vmcore_size"] for r in py_ok])
+    out["ours_static_vmcore_size"] = median([r["vmcore_size"] for r in st_ok])
     by_kind: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        if r["status"] == 0:
+    for r in runs["alone"]:
+        if r.get("status") == 0:
             by_kind.setdefault(r["kind"], []).append(r)
     mdf_runs, dd_runs = by_kind.get("makedumpfile", []), by_kind.get("dd", [])
     out["makedumpfile_median_s"] = median([r["seconds"] for r in mdf_runs])
     out["makedumpfile_with_sync_median_s"] = median([r["seconds_with_sync"] for r in mdf_runs])
-    out["makedumpfile_dump_size"] = mdf_runs[0]["size"] if mdf_runs else None
+    out["makedumpfile_dump_size"] = median([r["size"] for r in mdf_runs])
     out["dd_median_s"] = median([r["seconds"] for r in dd_runs])
     out["proc_vmcore_size"] = dd_runs[0]["size"] if dd_runs else None
     out["ratio_dump_step"] = ratio(out["ours_dump_median_s"], out["makedumpfile_median_s"])
@@ -821,7 +834,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{fmt(cap.get('ratio_stage_total'), 'x', 3)} | |",
             f"| our static capture (dmesg, makedumpfile, sha256sum) | "
             f"{fmt(cap.get('ours_static_total_median_s'), ' s')} | "
-            f"{fmt(cap.get('ratio_static_total'), 'x', 3)} | |",
+            f"{fmt(cap.get('ratio_static_total'), 'x', 3)} | "
+            f"{mb(cap.get('ours_static_vmcore_size'))} |",
             f"| makedumpfile alone (`{' '.join(cap.get('makedumpfile_args', []))}`) | "
             f"{fmt(mdf_s, ' s')} | 1.000x | {mb(cap.get('makedumpfile_dump_size'))} |",
             f"| makedumpfile alone + sync | {fmt(cap.get('makedumpfile_with_sync_median_s'), ' s')}"

@@ -52,7 +52,7 @@ FILE_SCHEMA: dict[str, Field] = {
 
 COMPRESSION_SCHEMA: dict[str, Field] = {
     "method": Field(str, default="zstd", choices=("zstd", "gzip", "none")),
-    "level": Field(int, default=12, minimum=1),
+    "level": Field(int, default=9, minimum=1),
     "threads": Field(int, default=0, minimum=-1),
 }
 

@@ -30,7 +30,7 @@ def test_good_config_parses_with_defaults() -> None:
     assert config.kernel_modules == ("virtio_blk", "virtio_pci")
     assert config.failure_action == "poweroff"
     assert config.final_action == "reboot"
-    assert config.compression == {"method": "zstd", "level": 12, "threads": 0}
+    assert config.compression == {"method": "zstd", "level": 9, "threads": 0}
     assert [(f.src, f.dst) for f in config.files] == [
         ("/etc/hostname", "/etc/hostname"),
         ("/etc/hosts", "/etc/hosts.copy"),

@@ -180,10 +180,12 @@ def _first_stage_with_register(
         command += ["--image", str(image.resolve()), "--no-hostonly"]
     if options.append:
         command += ["--append", options.append]
+    # `status` must then say: loaded, and the image up to date (exit 0), or the guest stops.
+    status = [sys.executable, "-m", "builder.cli", "status"]
     utility_image(
         first, options.kver, options.kmoddir, "first-stage-register.sh.j2",
         {
-            "commands": [command],
+            "commands": [command, status],
             # Not /tmp: configs and work directories often live there on the host.
             "writable": ["/run"],
             "environment": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",

@@ -175,6 +175,9 @@ targets:
     for arg in ("irqpoll", "nr_cpus=1", "reset_devices", "novmcoredd"):
         assert arg in capture_line.split()
     assert "crashkernel=" not in capture_line
+    # `status` in the guest, after register: loaded, reserved, and the image up to date.
+    assert "capture kernel: loaded; reserved: 256 MB" in log
+    assert "\nup to date\n" in log.replace("\r", "")
 
 
 def test_hostonly_build_inside_the_guest(kernel61: Kernel, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from builder.features import BUILTIN_DIR, discover, select
 from builder.inspect_image import read_manifest
 from builder.output import write_atomic
 from builder.resolve import capture_settings, resolve
+from builder.verify import check_image
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         seen.setdefault(str(path), inputs.record(path))
     record = manifest(plan, config, features, resolution, build_inputs, seen)
     entries.append(Entry(MANIFEST_PATH.lstrip("/"), "file", 0o644, manifest_bytes(record)))
+    check_image(entries)
     lap("plan")
     requested = compress.Compression(
         config.compression["method"], config.compression["level"], config.compression["threads"]

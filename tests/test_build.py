@@ -12,7 +12,9 @@ import pytest
 
 from builder.cli import main
 from builder.compress import decompress
-from builder.cpio import read_newc
+from builder.cpio import Entry, read_newc
+from builder.errors import KdumpError
+from builder.verify import check_image
 from tests.conftest import Kernel
 
 UUID = "2f6e0e4c-8a53-4bd8-9b5c-0c0a3cf0f3a1"
@@ -210,3 +212,21 @@ def test_if_needed_rebuilds_only_when_an_input_changed(
     assert report["rebuilt_because"] == [f"{template} changed"]
     config.write_text(config.read_text() + "# edited\n")
     assert if_needed()["rebuilt_because"] == [f"config {config} changed"]
+
+
+def test_post_build_check_refuses_an_image_that_cannot_work(built: Path) -> None:
+    members = read_newc(decompress(built.read_bytes()))
+    entries = [Entry(m.path, m.kind, m.mode, m.data, m.rdev) for m in members]
+    check_image(entries)  # the real image passes
+
+    def without(suffix: str) -> list[Entry]:
+        kept = [e for e in entries if not e.path.endswith(suffix)]
+        assert len(kept) == len(entries) - 1
+        return kept
+
+    with pytest.raises(KdumpError, match=r"needs libc\.so\.6, which is not in the image"):
+        check_image(without("/libc.so.6"))
+    with pytest.raises(KdumpError, match=r"jbd2\.ko is listed in modules\.dep but missing"):
+        check_image(without("/jbd2.ko"))
+    with pytest.raises(KdumpError, match=r"/bin/nothing -> /usr/bin/missing leads nowhere"):
+        check_image([*entries, Entry("bin/nothing", "symlink", 0o777, b"/usr/bin/missing")])

@@ -14,6 +14,7 @@ from builder.config import Config
 from builder.elfdeps import BinaryClosure, ElfResolver
 from builder.errors import KdumpError
 from builder.features import Feature
+from builder.firmware import FoundFirmware
 from builder.inputs import record
 from builder.kmod import ModuleClosure
 from builder.modinfo import module_bytes
@@ -101,13 +102,22 @@ def add_modules(plan: ImagePlan, modules: ModuleClosure, kver: str) -> None:
     )
 
 
+def _read_firmware(fw: FoundFirmware) -> bytes:
+    try:
+        return fw.read()
+    except OSError as exc:
+        raise KdumpError(
+            f"cannot read firmware {fw.path} (needed by {fw.module}): {exc.strerror}"
+        ) from None
+
+
 def _add_firmware(plan: ImagePlan, resolution: Resolution) -> None:
     for fw in resolution.firmware.found:
         plan.file(
             f"/lib/firmware/{fw.name}",
             "kernel-modules",
             f"firmware of {fw.module}",
-            data=fw.read(),
+            data=_read_firmware(fw),
             origin=fw.path,
         )
 

@@ -10,7 +10,8 @@ KERNEL_61 := 6.1.0-56-amd64
 KERNEL_612 := 6.12.117+deb12-amd64
 KERNELS := $(KERNEL_61) $(KERNEL_612)
 DEBS := python3-venv busybox-static kexec-tools makedumpfile qemu-system-x86 cpio \
-	e2fsprogs xfsprogs btrfs-progs fdisk libarchive-tools zstd xz-utils kmod
+	e2fsprogs xfsprogs btrfs-progs fdisk libarchive-tools zstd xz-utils kmod \
+	openssh-client openssh-server
 
 export KDUMP_TEST_KERNEL_CACHE := $(abspath $(KERNEL_CACHE))
 

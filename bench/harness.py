@@ -8,6 +8,7 @@ sysrq and lets the capture kernel run an image; only the capture image differs.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -24,13 +25,26 @@ from builder.qemu import Boot, default_accel, run
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
 FLOOR_MARKER = "kdump-bench: floor marker reached"
-# qemu-test's capture command line, so every probe boots the capture kernel the same way.
-CAPTURE_CMDLINE: str = getattr(
-    qemutest,
-    "CAPTURE_CMDLINE",
-    "console=ttyS0 irqpoll nr_cpus=1 reset_devices cgroup_disable=memory "
-    "transparent_hugepage=never novmcoredd panic=-1 acpi_no_memhotplug",
-)
+FIRST_CMDLINE = "console=ttyS0 crashkernel={mb}M panic=-1"
+
+
+def capture_cmdline() -> str:
+    """The capture kernel's command line that qemu-test's guest gets from `register` (derived
+    from the first kernel's), so the floor and the timing boots match qemu-test's; older
+    trees without builder.cmdline used qemu-test's fixed line."""
+    try:
+        from builder.cmdline import capture_cmdline as derive
+
+        return derive(FIRST_CMDLINE.format(mb=256), "x86_64")
+    except ImportError:
+        return str(
+            getattr(
+                qemutest,
+                "CAPTURE_CMDLINE",
+                "console=ttyS0 irqpoll nr_cpus=1 reset_devices cgroup_disable=memory "
+                "transparent_hugepage=never novmcoredd panic=-1 acpi_no_memhotplug",
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,22 @@ def bisect(
     return out
 
 
+@functools.cache
+def qemu_test_args(cli: Path) -> tuple[str, ...]:
+    """Extra qemu-test arguments: the kexec-tools first stage where the CLI offers it, with
+    the derived capture command line appended. Its default first stage runs our `register`
+    in the guest from the host's live tree, which rebuilds (and fails on the read-only 9p
+    mount) whenever a builder source changed since the host built the image: with other
+    engineers editing the tree, that fails at random. Where the image is loaded from does not
+    change what the capture kernel has to fit into its reservation."""
+    text = subprocess.run([str(cli), "qemu-test", "--help"], capture_output=True, text=True)
+    if "--first-stage" not in text.stdout or "kexec-tools" not in text.stdout:
+        return ()
+    base = set(str(getattr(qemutest, "CAPTURE_CMDLINE", "")).split())
+    extra = [a for a in capture_cmdline().split() if a not in base and not a.startswith("console=")]
+    return ("--first-stage", "kexec-tools", "--append", " ".join(extra))
+
+
 def qemu_test(
     cli: Path,
     kernel: Kernel,
@@ -126,7 +156,7 @@ def qemu_test(
         str(cli), "qemu-test", "-k", kernel.kver, "--kmoddir", str(kernel.kmoddir),
         "--kernel", str(kernel.vmlinuz), "-c", str(config), "--memory", "1G",
         "--crashkernel", f"{crashkernel_mb}M", "--keep", str(workdir), "--json",
-        "--timeout", str(int(timeout)),
+        "--timeout", str(int(timeout)), *qemu_test_args(cli),
     ]  # fmt: skip
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * 2 + 120)
@@ -196,14 +226,14 @@ def _crash_boot(
     first = workdir / "first-stage.img"
     utility_image(
         first, kernel.kver, kernel.kmoddir, str(TEMPLATES / "first-stage.sh.j2"),
-        {"capture_cmdline": CAPTURE_CMDLINE}, programs=["kexec"],
+        {"capture_cmdline": capture_cmdline()}, programs=["kexec"],
         files={"/kdump/vmlinuz": kernel.vmlinuz, "/kdump/capture.img": capture_image},
     )  # fmt: skip
     result = run(
         Boot(
             kernel=kernel.vmlinuz,
             initrd=first,
-            cmdline=f"console=ttyS0 crashkernel={crashkernel_mb}M panic=-1",
+            cmdline=FIRST_CMDLINE.format(mb=crashkernel_mb),
             serial_log=workdir / f"serial-{crashkernel_mb}M.log",
             memory="1G",
             disks=disks,

@@ -240,6 +240,38 @@ def uncompressed_size(image: Path) -> int:
     return total
 
 
+def size_by_feature(image: Path) -> dict[str, Any]:
+    """Uncompressed bytes of regular files per feature, and the five biggest files, from
+    `kdump-mkinitrd inspect --json` (empty when inspect cannot say)."""
+    out = subprocess.run([str(CLI), "inspect", "--json", str(image)], capture_output=True,
+                         text=True)  # fmt: skip
+    try:
+        entries = json.loads(out.stdout)["entries"]
+    except (ValueError, KeyError):
+        return {}
+    totals: dict[str, int] = {}
+    files = [e for e in entries if e.get("type") == "file"]
+    for e in files:
+        totals[e.get("feature", "?")] = totals.get(e.get("feature", "?"), 0) + e["size"]
+    biggest = sorted(files, key=lambda e: e["size"], reverse=True)[:5]
+    return {
+        "features": dict(sorted(totals.items(), key=lambda kv: -kv[1])),
+        "biggest": {e["path"]: e["size"] for e in biggest},
+    }
+
+
+def tree_state() -> dict[str, Any]:
+    """The commit and the uncommitted builder changes: others edit this tree while the bench
+    runs, and a run that saw the builder change under it says so."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return out.stdout.rstrip()
+
+    dirty = git("status", "--short", "--", "builder", "templates", "modules.d").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_builder_files": dirty}
+
+
 def tool_version(cmd: list[str]) -> str | None:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -386,6 +418,12 @@ def part_size(kver: str) -> dict[str, Any]:
     }
     ssh_config, ssh_reason = ssh_target_config(work)
     configs["ours_ssh"] = ssh_config
+    # The default packs the interpreter running the builder; a Debian host packs Debian's.
+    debian_python = Path("/usr/bin/python3.11")
+    if debian_python.is_file() and Path(sys.executable).resolve() != debian_python.resolve():
+        configs["ours_python_debian"] = write_config(
+            "python-debian", f"capture: {{stage: python, python: {debian_python}}}\n"
+        )
     for name, config in configs.items():
         if config is None:
             images[name] = {"size": None, "note": ssh_reason}
@@ -404,6 +442,7 @@ def part_size(kver: str) -> dict[str, Any]:
             "kernel_modules": report.get("kernel_modules"),
             "features": report.get("features"),
         }
+        entry["by_feature"] = size_by_feature(out)
         if name == "ours_ssh" and not any("ssh" in f for f in report.get("features", [])):
             entry = {
                 "size": None,
@@ -422,8 +461,11 @@ def part_size(kver: str) -> dict[str, Any]:
     else:
         images["dracut"] = {"size": None, "error": "dracut is not installed"}
     theirs = images["dracut"]
-    for name in ("ours_static", "ours_python", "ours_ssh"):
-        mine = images[name]
+    images["builder_python"] = str(Path(sys.executable).resolve())
+    for name in ("ours_static", "ours_python", "ours_ssh", "ours_python_debian"):
+        mine = images.get(name)
+        if mine is None:
+            continue
         mine["ratio"] = ratio(mine.get("size"), theirs.get("size"))
         mine["ratio_uncompressed"] = ratio(
             mine.get("uncompressed_size"), theirs.get("uncompressed_size")
@@ -525,7 +567,9 @@ def part_crash_memory(kver: str) -> dict[str, Any]:
     k = kernel(kver)
     work = CACHE / "crash" / kver
     shutil.rmtree(work, ignore_errors=True)
-    out: dict[str, Any] = {"kver": kver, "memory": "1G", "step_mb": 8}
+    out: dict[str, Any] = {"kver": kver, "memory": "1G", "step_mb": 8,
+                           "floor_capture_cmdline": harness.capture_cmdline(),
+                           "qemu_test_args": list(harness.qemu_test_args(CLI))}  # fmt: skip
 
     def stage_probe(name: str, config: Path) -> Callable[[int], harness.Probe]:
         def probe(mb: int) -> harness.Probe:
@@ -578,7 +622,8 @@ def part_capture(kver: str) -> dict[str, Any]:
     work = CACHE / "capture" / kver
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    out: dict[str, Any] = {"kver": kver, "crashkernel_mb": 256, "memory": "1G"}
+    out: dict[str, Any] = {"kver": kver, "crashkernel_mb": 256, "memory": "1G",
+                           "capture_cmdline": harness.capture_cmdline()}  # fmt: skip
     configs = {"python": python_config(), "static": static_config()}
     images = {stage: work / f"ours-{stage}.img" for stage in configs}
     for stage, path in configs.items():
@@ -606,7 +651,7 @@ def part_capture(kver: str) -> dict[str, Any]:
             try:
                 if kind == "alone":
                     for r in harness.capture_timing(k, boot_dir, mdf, rounds=1):
-                        runs["alone"].append(r)
+                        runs["alone"].append(dict(r, boot=i))
                     continue
                 record = harness.ours_capture(k, boot_dir, images[kind], TARGET_UUID)
             except Exception as exc:
@@ -790,6 +835,20 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {kver} | {name} | {mb(s['size'])} | {mb(s.get('uncompressed_size'))} | "
                 f"{fmt(s.get('ratio'), 'x', 3)} | {fmt(s.get('ratio_uncompressed'), 'x', 3)} |"
             )
+    first = results["size"].get(KERNELS[0], {})
+    breakdown = []
+    for name in ("ours_static", "ours_python", "ours_python_debian"):
+        parts = (first.get(name) or {}).get("by_feature", {}).get("features")
+        if parts:
+            text = ", ".join(f"{f} {mb(v)}" for f, v in parts.items() if v)
+            breakdown.append(f"- {name}: {text}")
+    if breakdown:
+        intro = (
+            f"Uncompressed file bytes by feature ({KERNELS[0]}; `ours_python` packs the "
+            f"interpreter running the builder, {first.get('builder_python', '?')}; "
+            "`ours_python_debian` packs Debian's /usr/bin/python3.11):"
+        )
+        lines += ["", intro, "", *breakdown]
     crash = results.get("crash_memory")
     lines += ["", "## Crash memory (smallest crashkernel= that works, 1 GiB guest, 8M steps)", ""]
     if crash is None:
@@ -939,6 +998,7 @@ def main() -> int:
             "makedumpfile": tool_version(["makedumpfile", "-v"]),
             "kernels": list(KERNELS),
             "runs": RUNS,
+            "tree_start": tree_state(),
         },
         "build": {},
         "size": {},
@@ -974,6 +1034,7 @@ def main() -> int:
         results["capture"] = part("capture", lambda: part_capture(crash_kver))
     results["meta"]["duration_s"] = round(time.monotonic() - start, 1)
     results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["meta"]["tree_end"] = tree_state()
     save(results)
     print()
     print((BENCH / "results.md").read_text())

@@ -18,6 +18,7 @@ from builder.inspect_image import report, text
 DEFAULT_IMAGE_DIR = Path("/var/lib/kdump-mkinitrd")
 SUBCOMMANDS = (
     "build", "inspect", "qemu-test", "recover-raw", "register", "unregister", "status", "estimate",
+    "ssh-setup", "list-dumps",
 )  # fmt: skip
 
 
@@ -87,6 +88,44 @@ def parser() -> argparse.ArgumentParser:
         "after building the image in the guest with --hostonly, or kexec-tools",
     )
     q.add_argument("--timeout", type=float, default=600.0, help="seconds before QEMU is killed")
+    q.add_argument(
+        "--target",
+        choices=("disk", "ssh"),
+        default="disk",
+        help="disk: local disks for disk and raw targets (default); ssh: also start a test "
+        "OpenSSH server on 127.0.0.1 for ssh targets (a -c config names it with @SSH_HOST@, "
+        "@SSH_PORT@, @SSH_PATH@, @SSH_IDENTITY@, @SSH_KNOWN_HOSTS@)",
+    )
+    h = sub.add_parser(
+        "ssh-setup",
+        help="make the key an ssh target uses, install it on the server, pin its host keys",
+    )
+    h.add_argument("destination", help="user@host")
+    h.add_argument("-p", "--port", type=int, default=22)
+    h.add_argument(
+        "--key",
+        type=Path,
+        default=Path(config_mod.SSH_IDENTITY),
+        help=f"private key (default {config_mod.SSH_IDENTITY}; made if missing)",
+    )
+    h.add_argument(
+        "--known-hosts",
+        type=Path,
+        default=Path(config_mod.SSH_KNOWN_HOSTS),
+        help=f"pinned host keys (default {config_mod.SSH_KNOWN_HOSTS})",
+    )
+    h.add_argument(
+        "--no-install",
+        action="store_true",
+        help="do not log in to append the public key to ~/.ssh/authorized_keys",
+    )
+    h.add_argument(
+        "-o",
+        "--ssh-option",
+        action="append",
+        default=[],
+        help="extra ssh -o option for the login that installs the key (repeatable)",
+    )
     g = sub.add_parser("register", help="build if needed, then load the capture kernel (kexec)")
     _add_kernel_args(g)
     g.add_argument(
@@ -110,6 +149,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--image", type=Path, help="capture image (default /var/lib/kdump-mkinitrd/kdump-KVER.img)"
     )
+    ld = sub.add_parser("list-dumps", help="which dumps under a directory finished, which did not")
+    ld.add_argument("directory", type=Path)
+    ld.add_argument("--json", action="store_true")
     r = sub.add_parser("recover-raw", help="write a dump from a raw target out as a directory")
     r.add_argument("device", type=Path)
     r.add_argument("directory", type=Path)
@@ -162,10 +204,32 @@ def _qemu_test(args: argparse.Namespace) -> int:
         append=args.append,
         timeout=args.timeout,
         first_stage=args.first_stage,
+        target=args.target,
     )
     report = qemutest.run_qemu_test(options)
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
     return 0 if report.ok else 1
+
+
+def _ssh_setup(args: argparse.Namespace) -> int:
+    from builder import sshsetup
+
+    result = sshsetup.setup(
+        args.destination,
+        args.port,
+        key=args.key,
+        known_hosts=args.known_hosts,
+        install=not args.no_install,
+        options=tuple(args.ssh_option),
+    )
+    print(f"key: {result.key} ({'created' if result.key_created else 'existing'})")
+    print(f"pinned host keys of {args.destination} port {args.port} in {result.known_hosts}:")
+    for line in result.fingerprints:
+        print(f"  {line}")
+    print("compare these fingerprints with the server's own (ssh-keygen -lf on its host keys)")
+    if result.installed:
+        print(f"installed {result.key}.pub in {args.destination}:~/.ssh/authorized_keys")
+    return 0
 
 
 def _request(args: argparse.Namespace, output: Path | None, hostonly: bool) -> BuildRequest:
@@ -257,6 +321,18 @@ def _estimate(args: argparse.Namespace) -> int:
     return 0 if result.enough is not False else 1
 
 
+def _list_dumps(args: argparse.Namespace) -> int:
+    from builder.dumps import list_dumps
+
+    found = list_dumps(args.directory)
+    if args.json:
+        print(json.dumps([asdict(d) for d in found], indent=1))
+    for d in [] if args.json else found:
+        print(f"{d.state:<10} {d.vmcore_size / 1e6:9.1f} MB  {d.path}")
+    # Exit 2 tells a script that some dump never finished.
+    return 2 if any(d.state == "incomplete" for d in found) else 0
+
+
 def _recover_raw(args: argparse.Namespace) -> int:
     from builder import raw
 
@@ -284,10 +360,12 @@ def main(argv: list[str] | None = None) -> int:
             "inspect": _inspect,
             "qemu-test": _qemu_test,
             "recover-raw": _recover_raw,
+            "list-dumps": _list_dumps,
             "register": _register,
             "unregister": _unregister,
             "status": _status,
             "estimate": _estimate,
+            "ssh-setup": _ssh_setup,
         }
         return commands[args.command](args)
     except KdumpError as exc:

@@ -6,6 +6,7 @@ Every error names the file, the line and the key, so an admin can fix it without
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,35 @@ TARGET_SCHEMA: dict[str, Field] = {
     "fstype": Field(str, choices=FSTYPES),
     "path": Field(str, default="/var/crash", absolute_path=True),
     "mount_options": Field(str, default="defaults"),
+    # ssh targets: user@host, its port, and the key and pinned host keys built into the image
+    # (defaults: what `kdump-mkinitrd ssh-setup` writes).
+    "host": Field(str),
+    "port": Field(int, minimum=1),
+    "identity": Field(str, absolute_path=True),
+    "known_hosts": Field(str, absolute_path=True),
+}
+
+# Where `ssh-setup` keeps the key and the pinned host keys, and where the image holds them.
+SSH_DIR = "/etc/kdump-mkinitrd/ssh"
+SSH_IDENTITY = f"{SSH_DIR}/id_ed25519"
+SSH_KNOWN_HOSTS = f"{SSH_DIR}/known_hosts"
+NETWORK_TARGET_TYPES = ("ssh", "nfs")
+# user@host for ssh: nothing that ssh could take for an option, no shell or ssh syntax.
+_SSH_HOST = re.compile(
+    r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?(?:[A-Za-z0-9][A-Za-z0-9.-]*|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)"
+)
+_MAC = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
+_IFNAME = re.compile(r"[A-Za-z0-9_.:-]{1,15}")
+_IPV4 = r"(?:(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])"
+
+NETWORK_SCHEMA: dict[str, Field] = {
+    "interface": Field(str),  # by name (eth0, ens3), or:
+    "mac": Field(str),  # by MAC address; neither: the first interface that is not loopback
+    "dhcp": Field(bool),  # default: true unless a static address is given
+    "address": Field(str),  # static IPv4 address with prefix: 192.0.2.10/24
+    "gateway": Field(str),
+    "dns": Field(list, default=[], items=str),
+    "timeout": Field(int, default=30, minimum=1),  # seconds for the link, then for an address
 }
 
 FILE_SCHEMA: dict[str, Field] = {
@@ -90,6 +120,7 @@ SCHEMA: dict[str, Field] = {
     "busybox": Field(str, default="/bin/busybox", absolute_path=True),
     "search_path": Field(str, default="/usr/sbin:/usr/bin:/sbin:/bin"),
     "firmware_root": Field(str, default="/lib/firmware", absolute_path=True),
+    "network": Field(dict, default={}, schema=NETWORK_SCHEMA),
 }
 
 
@@ -100,6 +131,10 @@ class Target:
     fstype: str | None
     path: str
     mount_options: str
+    host: str | None = None
+    port: int | None = None
+    identity: str | None = None
+    known_hosts: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +160,7 @@ class Config:
     busybox: str
     search_path: str
     firmware_root: str
+    network: dict[str, Any] = field(default_factory=dict)
     lines: dict[str, int] = field(default_factory=dict, compare=False)
 
     def line_of(self, key: str) -> str:
@@ -263,11 +299,86 @@ def _cross_checks(checker: _Checker, data: dict[str, Any]) -> None:
             raise checker.fail(key, f"a {target['type']} target needs 'device'")
         if target["type"] == "disk" and not target["fstype"]:
             raise checker.fail(key, "a disk target needs 'fstype' (ext4, xfs or btrfs)")
+        if target["type"] == "ssh":
+            _check_ssh_target(checker, key, target)
+        else:
+            for name in ("host", "port", "identity", "known_hosts"):
+                if target[name] is not None:
+                    raise checker.fail(f"{key}.{name}", "only ssh targets take this key")
         device = target["device"]
         if device and not device.startswith(("/dev/", "UUID=", "LABEL=", "PARTUUID=")):
             raise checker.fail(
                 f"{key}.device", f"expected UUID=, LABEL=, PARTUUID= or a /dev path; got {device!r}"
             )
+
+
+def _check_ssh_target(checker: _Checker, key: str, target: dict[str, Any]) -> None:
+    if not target["host"]:
+        raise checker.fail(key, "an ssh target needs 'host' (user@host)")
+    if not _SSH_HOST.fullmatch(target["host"]):
+        raise checker.fail(f"{key}.host", f"expected user@host or host; got {target['host']!r}")
+    for name in ("device", "fstype"):
+        if target[name] is not None:
+            raise checker.fail(f"{key}.{name}", "an ssh target takes no " + repr(name))
+    if target["port"] is not None and target["port"] > 65535:
+        raise checker.fail(f"{key}.port", f"must be at most 65535, got {target['port']}")
+    if target["mount_options"] != "defaults":
+        raise checker.fail(f"{key}.mount_options", "an ssh target mounts nothing")
+
+
+def _check_network(checker: _Checker, net: dict[str, Any], has_network_target: bool) -> None:
+    given = {k for k, v in net.items() if v not in (None, [], NETWORK_SCHEMA[k].default)}
+    if given and not has_network_target:
+        raise checker.fail("network", "no target needs the network (ssh)")
+    if net["interface"] is not None and net["mac"] is not None:
+        raise checker.fail("network.mac", "give 'interface' or 'mac', not both")
+    if net["interface"] is not None and not _IFNAME.fullmatch(net["interface"]):
+        raise checker.fail("network.interface", f"not an interface name: {net['interface']!r}")
+    if net["mac"] is not None and not _MAC.fullmatch(net["mac"]):
+        raise checker.fail("network.mac", f"expected aa:bb:cc:dd:ee:ff; got {net['mac']!r}")
+    static = net["address"] is not None
+    if net["dhcp"] is None:
+        net["dhcp"] = not static
+    if net["dhcp"] and (static or net["gateway"] is not None):
+        raise checker.fail("network.dhcp", "a static address or gateway needs dhcp: false")
+    if not net["dhcp"] and not static:
+        raise checker.fail("network.address", "dhcp: false needs a static 'address' (a.b.c.d/nn)")
+    if static and not re.fullmatch(_IPV4 + r"/(?:3[0-2]|[12]?[0-9])", net["address"]):
+        raise checker.fail("network.address", f"expected a.b.c.d/nn; got {net['address']!r}")
+    for key, value in [("gateway", net["gateway"])] + [
+        (f"dns[{i}]", v) for i, v in enumerate(net["dns"])
+    ]:
+        if value is not None and not re.fullmatch(_IPV4, value):
+            raise checker.fail(f"network.{key}", f"expected an IPv4 address; got {value!r}")
+
+
+def _targets(values: list[dict[str, Any]]) -> tuple[Target, ...]:
+    out = []
+    for t in values:
+        if t["type"] == "ssh":
+            t = dict(
+                t,
+                port=t["port"] or 22,
+                identity=t["identity"] or SSH_IDENTITY,
+                known_hosts=t["known_hosts"] or SSH_KNOWN_HOSTS,
+            )
+        out.append(Target(**t))
+    return tuple(out)
+
+
+def ssh_image_paths(index: int) -> tuple[str, str]:
+    """Where target `index`'s private key and pinned host keys live inside the image."""
+    return f"{SSH_DIR}/{index}/id_ed25519", f"{SSH_DIR}/{index}/known_hosts"
+
+
+def _target_files(targets: tuple[Target, ...]) -> list[ExtraFile]:
+    """Files that target keys name and the image must hold: an ssh target's key and known_hosts."""
+    out = []
+    for i, t in enumerate(targets):
+        if t.type == "ssh" and t.identity and t.known_hosts:
+            key, known = ssh_image_paths(i)
+            out += [ExtraFile(src=t.identity, dst=key), ExtraFile(src=t.known_hosts, dst=known)]
+    return out
 
 
 def parse(text: str, source: str) -> Config:
@@ -284,13 +395,20 @@ def parse(text: str, source: str) -> Config:
     checker = _Checker(source, located.lines)
     values = checker.mapping(data, SCHEMA, "")
     _cross_checks(checker, values)
+    _check_network(
+        checker,
+        values["network"],
+        any(t["type"] in NETWORK_TARGET_TYPES for t in values["targets"]),
+    )
+    targets = _targets(values["targets"])
+    files = [ExtraFile(src=f["src"], dst=f["dst"] or f["src"]) for f in values["files"]]
     return Config(
         source=source,
         text=text,
-        targets=tuple(Target(**t) for t in values["targets"]),
+        targets=targets,
         kernel_modules=tuple(values["kernel_modules"]),
         binaries=tuple(values["binaries"]),
-        files=tuple(ExtraFile(src=f["src"], dst=f["dst"] or f["src"]) for f in values["files"]),
+        files=tuple(files + _target_files(targets)),
         failure_action=values["failure_action"],
         final_action=values["final_action"],
         device_timeout=values["device_timeout"],
@@ -300,6 +418,7 @@ def parse(text: str, source: str) -> Config:
         busybox=values["busybox"],
         search_path=values["search_path"],
         firmware_root=values["firmware_root"],
+        network=values["network"],
         lines=located.lines,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from builder.config import Config, Target
 from builder.errors import KdumpError
 from builder.guest_images import utility_image
 from builder.qemu import Boot, default_accel, run
+from builder.sshsetup import TestServer
 
 PANIC_LINE = "sysrq: Trigger a crash"
 # What a capture kernel wants on its command line (issue: register builds this from the host's).
@@ -46,6 +48,24 @@ failure_action: poweroff
 final_action: poweroff
 device_timeout: 30
 """
+# --target ssh: the guest dumps into a throwaway OpenSSH server on the host's 127.0.0.1, which
+# QEMU's user-mode network shows the guest as 10.0.2.2. A config given with -c may use these
+# placeholders; qemu-test fills them in for its own server and refuses any other ssh server.
+SSH_GUEST_HOST = "10.0.2.2"
+SSH_CONFIG = """\
+targets:
+  - type: ssh
+    host: "@SSH_HOST@"
+    port: @SSH_PORT@
+    path: "@SSH_PATH@"
+    identity: "@SSH_IDENTITY@"
+    known_hosts: "@SSH_KNOWN_HOSTS@"
+kernel_modules: [virtio_pci, virtio_net]
+failure_action: poweroff
+final_action: poweroff
+device_timeout: 30
+"""
+NETWORK = ("-netdev", "user,id=n0,ipv6=off", "-device", "virtio-net-pci,netdev=n0")
 MKFS = {
     "ext4": ["mkfs.ext4", "-q", "-F"],
     "xfs": ["mkfs.xfs", "-q", "-f"],
@@ -67,6 +87,8 @@ class Options:
     # same after building the image inside the guest with --hostonly, or kexec-tools.
     first_stage: str = "register"
     timeout: float = 600.0
+    # disk: local disks for disk and raw targets; ssh: also a test OpenSSH server for ssh ones.
+    target: str = "disk"
 
 
 @dataclass
@@ -198,7 +220,12 @@ def _first_stage_with_register(
 
 
 def _capture_boot(
-    options: Options, workdir: Path, image: Path, disks: list[Path], config_path: Path
+    options: Options,
+    workdir: Path,
+    image: Path,
+    disks: list[Path],
+    config_path: Path,
+    network: bool = False,
 ) -> tuple[str, float]:
     first = workdir / "first-stage.img"
     if options.first_stage == "kexec-tools":
@@ -215,7 +242,7 @@ def _capture_boot(
             disks=tuple(disks),
             accel=default_accel(),
             timeout=options.timeout,
-            extra=extra,
+            extra=extra + (NETWORK if network else ()),
         )
     )
     return result.log, result.seconds
@@ -301,12 +328,73 @@ def verify_dump(dump: Path, report: Report) -> None:
     if record.get("collector") != "dd":
         text = dmesg.read_text(errors="replace") if dmesg.is_file() else ""
         report.check("dmesg_has_panic", PANIC_LINE in text, f"{PANIC_LINE!r} not in {dmesg.name}")
+    readable = vmcore
+    if record.get("format") == "kdump-compressed-flattened":
+        # A streamed dump (ssh, raw) is makedumpfile's flattened format: rebuild it first.
+        readable = dump.parent / f"{dump.name}.rebuilt-vmcore"
+        with vmcore.open("rb") as stream:
+            proc = subprocess.run(["makedumpfile", "-R", str(readable)], stdin=stream,
+                                  capture_output=True, text=True)  # fmt: skip
+        report.check("makedumpfile_rebuilds_flattened", proc.returncode == 0,
+                     proc.stderr.strip()[-300:])  # fmt: skip
     independent = dump.parent / f"{dump.name}.makedumpfile-dmesg.txt"
-    proc = subprocess.run(["makedumpfile", "--dump-dmesg", str(vmcore), str(independent)],
+    proc = subprocess.run(["makedumpfile", "--dump-dmesg", str(readable), str(independent)],
                           capture_output=True, text=True)  # fmt: skip
     theirs = independent.read_text(errors="replace") if independent.exists() else ""
     report.check("makedumpfile_agrees", PANIC_LINE in theirs,
                  proc.stderr.strip()[-300:] or "no panic line")  # fmt: skip
+
+
+def _ssh_config(options: Options, workdir: Path, server: TestServer) -> Path:
+    """The config with the test server's placeholders filled in; every ssh target in it must
+    name that server, so the guest never reaches anything else."""
+    text = options.config.read_text() if options.config else SSH_CONFIG
+    (workdir / "ssh").mkdir(mode=0o700, exist_ok=True)
+    known_hosts = workdir / "ssh" / "known_hosts"
+    known_hosts.write_text(server.known_hosts_line(SSH_GUEST_HOST) + "\n")
+    known_hosts.chmod(0o600)
+    values = {
+        "@SSH_HOST@": f"{server.user}@{SSH_GUEST_HOST}",
+        "@SSH_PORT@": str(server.port),
+        "@SSH_PATH@": str(workdir / "ssh-dumps"),
+        "@SSH_IDENTITY@": str(server.client_key),
+        "@SSH_KNOWN_HOSTS@": str(known_hosts),
+    }
+    text = re.sub("|".join(map(re.escape, values)), lambda m: values[m.group(0)], text)
+    path = workdir / "kdump-ssh.yaml"
+    path.write_text(text)
+    return path
+
+
+def _check_targets(options: Options, config: Config, config_path: Path, port: int) -> None:
+    for i, target in enumerate(config.targets):
+        if target.type in ("disk", "raw"):
+            continue
+        if target.type != "ssh" or options.target != "ssh":
+            raise KdumpError(
+                f"{config_path}: targets[{i}]: qemu-test makes local disks for disk and raw "
+                "targets, and a test server for ssh targets only with --target ssh"
+            )
+        if (target.host or "").rpartition("@")[2] != SSH_GUEST_HOST or target.port != port:
+            raise KdumpError(
+                f"{config_path}: targets[{i}]: qemu-test --target ssh reaches only its own "
+                "server: use host @SSH_HOST@ and port @SSH_PORT@"
+            )
+    if not config.targets:
+        raise KdumpError(f"{config_path}: no targets")
+
+
+def _saved_dump(log: str, config: Config, out: Path) -> Path | None:
+    """The dump directory of the target the capture log says took the dump."""
+    saved = re.findall(r"kdump: dump saved to target (\d+)", log)
+    order = [int(saved[-1])] if saved else list(range(len(config.targets)))
+    for i in order:
+        target = config.targets[i]
+        where = Path(target.path) if target.type == "ssh" else out / f"t{i}"
+        found = sorted(p for p in where.glob("*") if p.is_dir()) if where.is_dir() else []
+        if found:
+            return found[-1]
+    return None
 
 
 def run_qemu_test(options: Options) -> Report:
@@ -316,13 +404,24 @@ def run_qemu_test(options: Options) -> Report:
         options.keep or Path(tempfile.mkdtemp(prefix="kdump-qemu-test-", dir="/var/tmp"))
     ).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    server = None
+    if options.target == "ssh":
+        server = TestServer(workdir / "sshd").start()
+    try:
+        return _run(options, workdir, server)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run(options: Options, workdir: Path, server: TestServer | None) -> Report:
     report = Report(workdir=str(workdir), serial_log=str(workdir / "serial.log"))
-    config_path = (options.config or _default_config(workdir)).resolve()
+    if server is not None:
+        config_path = _ssh_config(options, workdir, server)
+    else:
+        config_path = (options.config or _default_config(workdir)).resolve()
     config = config_mod.load(config_path)
-    if not config.targets or any(t.type not in ("disk", "raw") for t in config.targets):
-        raise KdumpError(
-            f"{config_path}: qemu-test makes local disks only for disk and raw targets"
-        )
+    _check_targets(options, config, config_path, server.port if server else 0)
     image = workdir / "capture.img"
     start = time.monotonic()
     built = build(config, BuildRequest(options.kver, options.kmoddir, image, options.kernel))
@@ -330,8 +429,10 @@ def run_qemu_test(options: Options) -> Report:
     report.image_size = built.size
     disks = [workdir / f"target{i}.img" for i in range(len(config.targets))]
     for target, disk in zip(config.targets, disks, strict=True):
-        _make_disk(disk, target, _disk_size_mb(options))
-    log, seconds = _capture_boot(options, workdir, image, disks, config_path)
+        # An ssh target gets a tiny placeholder so that disk names stay in config order.
+        _make_disk(disk, target, 1 if target.type == "ssh" else _disk_size_mb(options))
+    network = any(t.type == "ssh" for t in config.targets)
+    log, seconds = _capture_boot(options, workdir, image, disks, config_path, network)
     report.timings["crash_and_capture"] = seconds
     report.check("capture_kernel_loaded", "kdump-test: capture kernel loaded" in log)
     report.check("capture_kernel_booted", "kdump: capture environment for kernel" in log)
@@ -345,10 +446,10 @@ def run_qemu_test(options: Options) -> Report:
             raw.recover(disk, out / f"t{i}")
             report.check("raw_header_cleared", raw.read_header(disk) is None)
     report.timings["read_back"] = time.monotonic() - start
-    dumps = sorted(p for p in out.glob("t*/*") if p.is_dir())
-    report.check("dump_dir_found", bool(dumps), f"nothing under {out}")
-    if dumps:
-        verify_dump(dumps[-1], report)
+    dump = _saved_dump(log, config, out)
+    report.check("dump_dir_found", dump is not None, f"nothing under {out} or the ssh paths")
+    if dump is not None:
+        verify_dump(dump, report)
     report.ok = not report.problems
     if report.ok and options.keep is None:
         for disk in disks:

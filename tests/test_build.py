@@ -14,6 +14,7 @@ from builder.cli import main
 from builder.compress import decompress
 from builder.cpio import Entry, read_newc
 from builder.errors import KdumpError
+from builder.registration import estimate
 from builder.verify import check_image
 from tests.conftest import Kernel
 
@@ -230,3 +231,17 @@ def test_post_build_check_refuses_an_image_that_cannot_work(built: Path) -> None
         check_image(without("/jbd2.ko"))
     with pytest.raises(KdumpError, match=r"/bin/nothing -> /usr/bin/missing leads nowhere"):
         check_image([*entries, Entry("bin/nothing", "symlink", 0o777, b"/usr/bin/missing")])
+
+
+@pytest.mark.parametrize(("stage", "measured_minimum_mb"), [("static", 96), ("python", 112)])
+def test_estimate_stays_above_the_measured_minimum(
+    stage: str, measured_minimum_mb: int, kernel61: Kernel, tmp_path: Path
+) -> None:
+    """The smallest crashkernel= at which qemu-test passed (make bench, Debian 6.1, 1 GiB)."""
+    image = tmp_path / "k.img"
+    text = DISK_CONFIG.replace("capture: {stage: static}", f"capture: {{stage: {stage}}}")
+    assert main(build_args(kernel61, write_config(tmp_path, text), image)) == 0
+    result = estimate(image, 128 * 2**20)
+    assert result.total_mb % 8 == 0
+    assert measured_minimum_mb < result.total_mb <= measured_minimum_mb + 24
+    assert result.python_mb == (8 if stage == "python" else 0)

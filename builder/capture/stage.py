@@ -129,6 +129,12 @@ def _collect(
         status = _run(argv)
         if status != 0:
             raise StageError(f"makedumpfile failed with status {status}")
+        # makedumpfile never fsyncs: the data must be on disk before the rename says "done".
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return {"collector": "makedumpfile", "format": "kdump-compressed",
                 "dump_level": int(args["dump_level"])}  # fmt: skip
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

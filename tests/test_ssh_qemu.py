@@ -1,0 +1,184 @@
+"""SSH targets: a real crash in QEMU dumped over user-mode networking into a real OpenSSH
+server on 127.0.0.1 (the guest's 10.0.2.2), a server with the wrong host key refused with the
+next target taking the dump, and the config rules for ssh targets and the network."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from builder.config import SSH_IDENTITY, SSH_KNOWN_HOSTS, parse, ssh_image_paths
+from builder.errors import KdumpError
+from builder.qemutest import Options, Report, run_qemu_test
+from builder.sshsetup import TestServer, setup
+from tests.conftest import Kernel
+
+COMMON = "failure_action: poweroff\nfinal_action: poweroff\ndevice_timeout: 30\n"
+
+
+def run(kernel: Kernel, tmp_path: Path, config: str | None = None) -> Report:
+    path = None
+    if config is not None:
+        path = tmp_path / "kdump.yaml"
+        path.write_text(config + COMMON)
+    options = Options(kernel.kver, kernel.kmoddir, kernel.vmlinuz, config=path,
+                      keep=tmp_path / "work", target="ssh")  # fmt: skip
+    report = run_qemu_test(options)
+    assert report.ok, report.summary() + "\n" + Path(report.serial_log).read_text()[-4000:]
+    return report
+
+
+@pytest.mark.qemu
+def test_ssh_target_end_to_end(kernel61: Kernel, tmp_path: Path) -> None:
+    report = run(kernel61, tmp_path)
+    assert report.dump_dir is not None
+    dump = Path(report.dump_dir)
+    # The files are on the host side, written by the test sshd.
+    assert dump.parent == tmp_path / "work" / "ssh-dumps"
+    assert {f["name"] for f in report.files} == {
+        "vmcore", "vmcore-dmesg.txt", "vmcore.json", "kdump-init.log",
+    }  # fmt: skip
+    assert all(f["mode"] == "0600" for f in report.files)
+    record = json.loads((dump / "vmcore.json").read_text())
+    assert record["format"] == "kdump-compressed-flattened"
+    assert record["collector"] == "makedumpfile"
+    assert record["target"].startswith("ssh:") and record["target"].endswith(str(dump.parent))
+    assert report.checks["makedumpfile_rebuilds_flattened"]
+    log = (dump / "kdump-init.log").read_text()
+    assert "network: udhcpc: lease bound: 10.0.2.15/24 on eth0" in log
+    assert "ssh capture saved" in log
+    print(report.summary())
+
+
+@pytest.mark.qemu
+def test_wrong_host_key_is_refused_and_the_disk_takes_the_dump(
+    kernel61: Kernel, tmp_path: Path
+) -> None:
+    # known_hosts pins some other server's key for every host: ssh must refuse ours.
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kind, blob = other.with_suffix(".pub").read_text().split()[:2]
+    wrong = tmp_path / "wrong_known_hosts"
+    wrong.write_text(f"* {kind} {blob}\n")
+    report = run(
+        kernel61,
+        tmp_path,
+        f"""\
+targets:
+  - type: ssh
+    host: "@SSH_HOST@"
+    port: @SSH_PORT@
+    path: "@SSH_PATH@"
+    identity: "@SSH_IDENTITY@"
+    known_hosts: {wrong}
+  - {{type: disk, device: UUID=6f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0, fstype: ext4}}
+kernel_modules: [virtio_blk, virtio_pci, virtio_net]
+""",
+    )
+    assert report.dump_dir is not None
+    dump = Path(report.dump_dir)
+    assert dump.parent.parent == tmp_path / "work" / "dumps"  # read back from the disk
+    log = (dump / "kdump-init.log").read_text()
+    assert "ssh: Host key verification failed." in log
+    assert "target 0 could not take the dump" in log
+    assert "kdump: dump saved to target 1" in Path(report.serial_log).read_text()
+    # Nothing was written on the server with the wrong key.
+    assert not list((tmp_path / "work" / "ssh-dumps").glob("*"))
+    assert "Accepted publickey" not in (tmp_path / "work" / "sshd" / "sshd.log").read_text()
+
+
+SSH = "targets:\n  - {type: ssh, host: kdump@backup.example, path: /srv/crash}\n"
+
+
+def test_ssh_target_defaults_and_built_in_files() -> None:
+    config = parse(SSH, "k.yaml")
+    target = config.targets[0]
+    assert (target.host, target.port, target.path) == ("kdump@backup.example", 22, "/srv/crash")
+    assert (target.identity, target.known_hosts) == (SSH_IDENTITY, SSH_KNOWN_HOSTS)
+    assert target.device is None and target.fstype is None
+    key, known = ssh_image_paths(0)
+    assert [(f.src, f.dst) for f in config.files] == [
+        (SSH_IDENTITY, key),
+        (SSH_KNOWN_HOSTS, known),
+    ]
+    assert config.network["dhcp"] is True
+
+
+def test_ssh_target_paths_match_the_template() -> None:
+    text = (Path(__file__).parent.parent / "modules.d/ssh/ssh-target.sh.j2").read_text()
+    key, known = ssh_image_paths(3)
+    assert key == "/etc/kdump-mkinitrd/ssh/3/id_ed25519"
+    assert known == "/etc/kdump-mkinitrd/ssh/3/known_hosts"
+    assert '"/etc/kdump-mkinitrd/ssh"' in text and '"/id_ed25519"' in text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("targets:\n  - {type: ssh, path: /x}\n", "key 'targets[0]': an ssh target needs 'host'"),
+        (
+            "targets:\n  - {type: ssh, host: -oProxyCommand=x}\n",
+            "key 'targets[0].host': expected user@host",
+        ),
+        ("targets:\n  - {type: ssh, host: 'a b'}\n", "key 'targets[0].host': expected user@host"),
+        ("targets:\n  - {type: ssh, host: h, port: 70000}\n", "must be at most 65535"),
+        ("targets:\n  - {type: ssh, host: h, port: 0}\n", "must be at least 1"),
+        (
+            "targets:\n  - {type: ssh, host: h, device: /dev/vda}\n",
+            "key 'targets[0].device': an ssh target takes no 'device'",
+        ),
+        (
+            "targets:\n  - {type: ssh, host: h, identity: id}\n",
+            "key 'targets[0].identity': must be an absolute path",
+        ),
+        (
+            "targets:\n  - {type: disk, device: /dev/vda, fstype: ext4, host: h}\n",
+            "key 'targets[0].host': only ssh targets take this key",
+        ),
+        (SSH + "network: {mac: 'zz'}\n", "key 'network.mac': expected aa:bb:cc:dd:ee:ff"),
+        (SSH + "network: {interface: eth0, mac: '52:54:00:12:34:56'}\n", "not both"),
+        (SSH + "network: {dhcp: false}\n", "dhcp: false needs a static 'address'"),
+        (SSH + "network: {address: 10.0.0.2}\n", "key 'network.address': expected a.b.c.d/nn"),
+        (SSH + "network: {dhcp: true, address: 10.0.0.2/24}\n", "needs dhcp: false"),
+        (SSH + "network: {address: 10.0.0.2/24, dns: [x]}\n", "key 'network.dns[0]'"),
+        ("network: {interface: eth0}\n", "key 'network': no target needs the network"),
+    ],
+)
+def test_ssh_and_network_config_errors(text: str, message: str) -> None:
+    with pytest.raises(KdumpError) as err:
+        parse(text, "k.yaml")
+    assert message in str(err.value)
+
+
+def test_static_network_config() -> None:
+    config = parse(
+        SSH + "network: {interface: ens3, address: 192.0.2.10/24, gateway: 192.0.2.1, "
+        "dns: [192.0.2.53]}\n",
+        "k.yaml",
+    )
+    assert config.network["dhcp"] is False
+    assert config.network["address"] == "192.0.2.10/24"
+
+
+def test_ssh_setup_pins_the_servers_host_key(tmp_path: Path) -> None:
+    """Against a real sshd on 127.0.0.1: a new key, and known_hosts holding exactly the
+    server's host key under [127.0.0.1]:PORT (installing the key needs a login: not here)."""
+    with TestServer(tmp_path / "server") as server:
+        result = setup(
+            "root@127.0.0.1",
+            server.port,
+            key=tmp_path / "client" / "id_ed25519",
+            known_hosts=tmp_path / "client" / "known_hosts",
+            install=False,
+        )
+        assert result.key_created and result.key.stat().st_mode & 0o777 == 0o600
+        assert result.known_hosts.read_text() == server.known_hosts_line("127.0.0.1") + "\n"
+        assert len(result.fingerprints) == 1 and "ED25519" in result.fingerprints[0]
+        # Run again: the key is kept and the host's line replaced, not duplicated.
+        again = setup("root@127.0.0.1", server.port, key=result.key,
+                      known_hosts=result.known_hosts, install=False)  # fmt: skip
+        assert not again.key_created
+        assert result.known_hosts.read_text().count("\n") == 1

@@ -87,6 +87,11 @@ def parser() -> argparse.ArgumentParser:
         help="how the first guest arms the capture kernel: our register (default), our register "
         "after building the image in the guest with --hostonly, or kexec-tools",
     )
+    q.add_argument(
+        "--fault",
+        help="make something go wrong on purpose and check the designed "
+        "outcome: no-target, wrong-fs, disk-full, python-killed, power-cut, second-crash",
+    )
     q.add_argument("--timeout", type=float, default=600.0, help="seconds before QEMU is killed")
     q.add_argument(
         "--target",
@@ -204,6 +209,7 @@ def _qemu_test(args: argparse.Namespace) -> int:
         append=args.append,
         timeout=args.timeout,
         first_stage=args.first_stage,
+        fault=args.fault,
         target=args.target,
     )
     report = qemutest.run_qemu_test(options)

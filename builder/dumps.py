@@ -14,7 +14,7 @@ from builder.errors import KdumpError
 @dataclass(frozen=True)
 class Dump:
     path: str
-    state: str  # "complete" | "incomplete" | "empty"
+    state: str  # "complete" (vmcore is there) | "incomplete" (it never got renamed into place)
     vmcore_size: int
     stage: str | None
     recorded_size_matches: bool | None  # vmcore.json's size against the file, when both exist
@@ -31,9 +31,9 @@ def _one(directory: Path) -> Dump:
         return Dump(
             str(directory), "complete", size, str(record.get("stage")) if record else None, matches
         )
-    if partial.is_file():
-        return Dump(str(directory), "incomplete", partial.stat().st_size, None, None)
-    return Dump(str(directory), "empty", 0, None, None)
+    # A cut can lose even the partial file's name; without vmcore the dump did not finish.
+    size = partial.stat().st_size if partial.is_file() else 0
+    return Dump(str(directory), "incomplete", size, None, None)
 
 
 def list_dumps(parent: Path) -> list[Dump]:

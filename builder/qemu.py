@@ -23,6 +23,8 @@ class Boot:
     accel: str = "tcg"
     timeout: float = 120.0
     extra: tuple[str, ...] = ()
+    # Pull the plug: kill QEMU as soon as the serial log shows any of these lines.
+    kill_when: tuple[str, ...] = ()
 
 
 @dataclass
@@ -81,9 +83,12 @@ def run(boot: Boot) -> BootResult:
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
+    code: int | None
     try:
-        _, err = proc.communicate(timeout=boot.timeout)
-        code: int | None = proc.returncode
+        if boot.kill_when and _wait_for(boot, proc, start):
+            proc.kill()
+        _, err = proc.communicate(timeout=max(boot.timeout - (time.monotonic() - start), 1))
+        code = proc.returncode
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()
@@ -93,6 +98,16 @@ def run(boot: Boot) -> BootResult:
     if code not in (0, None):
         log += f"\n[qemu exited {code}: {err.decode(errors='replace').strip()}]\n"
     return BootResult(code, seconds, log, cmd)
+
+
+def _wait_for(boot: Boot, proc: subprocess.Popen[bytes], start: float) -> bool:
+    """Poll the serial log until a `kill_when` line shows; False when QEMU ended or time ran out."""
+    while time.monotonic() - start < boot.timeout and proc.poll() is None:
+        text = boot.serial_log.read_text(errors="replace") if boot.serial_log.exists() else ""
+        if any(marker in text for marker in boot.kill_when):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def default_accel() -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import config as config_mod
-from builder import raw
+from builder import faults, raw
 from builder.build import BuildRequest, build
 from builder.config import Config, Target
 from builder.errors import KdumpError
@@ -86,6 +86,7 @@ class Options:
     # How the first guest arms the capture kernel: our own `register` (kexec_file_load), the
     # same after building the image inside the guest with --hostonly, or kexec-tools.
     first_stage: str = "register"
+    fault: str | None = None  # a name from builder.faults.FAULTS
     timeout: float = 600.0
     # disk: local disks for disk and raw targets; ssh: also a test OpenSSH server for ssh ones.
     target: str = "disk"
@@ -226,6 +227,8 @@ def _capture_boot(
     disks: list[Path],
     config_path: Path,
     network: bool = False,
+    serial_log: str = "serial.log",
+    kill_when: tuple[str, ...] = (),
 ) -> tuple[str, float]:
     first = workdir / "first-stage.img"
     if options.first_stage == "kexec-tools":
@@ -237,12 +240,13 @@ def _capture_boot(
             kernel=options.kernel,
             initrd=first,
             cmdline=f"console=ttyS0 crashkernel={options.crashkernel} panic=-1",
-            serial_log=workdir / "serial.log",
+            serial_log=workdir / serial_log,
             memory=options.memory,
             disks=tuple(disks),
             accel=default_accel(),
             timeout=options.timeout,
             extra=extra + (NETWORK if network else ()),
+            kill_when=kill_when,
         )
     )
     return result.log, result.seconds
@@ -400,6 +404,11 @@ def _saved_dump(log: str, config: Config, out: Path) -> Path | None:
 def run_qemu_test(options: Options) -> Report:
     # The guest's own `register` sees these paths through 9p: give both sides the same names.
     options = replace(options, kernel=options.kernel.resolve(), kmoddir=options.kmoddir.resolve())
+    if options.fault:
+        if options.fault not in faults.FAULTS:
+            raise KdumpError(f"unknown fault {options.fault!r}; known: {', '.join(faults.FAULTS)}")
+        append = f"{options.append} {faults.FAULTS[options.fault].append}".strip()
+        options = replace(options, append=append)
     workdir = (
         options.keep or Path(tempfile.mkdtemp(prefix="kdump-qemu-test-", dir="/var/tmp"))
     ).resolve()
@@ -431,14 +440,31 @@ def _run(options: Options, workdir: Path, server: TestServer | None) -> Report:
     for target, disk in zip(config.targets, disks, strict=True):
         # An ssh target gets a tiny placeholder so that disk names stay in config order.
         _make_disk(disk, target, 1 if target.type == "ssh" else _disk_size_mb(options))
+    fault = faults.FAULTS[options.fault] if options.fault else None
+    facts = faults.prepare(fault, config, disks, workdir) if fault else {}
     network = any(t.type == "ssh" for t in config.targets)
-    log, seconds = _capture_boot(options, workdir, image, disks, config_path, network)
-    report.timings["crash_and_capture"] = seconds
+    logs = []
+    for n in range(fault.crashes if fault else 1):
+        last = n == (fault.crashes if fault else 1) - 1
+        log, seconds = _capture_boot(
+            options, workdir, image, disks, config_path, network,
+            serial_log="serial.log" if n == 0 else f"serial-{n + 1}.log",
+            kill_when=fault.kill_when if fault and last else (),
+        )  # fmt: skip
+        logs.append(log)
+        report.timings["crash_and_capture" if n == 0 else f"crash_and_capture_{n + 1}"] = seconds
     report.check("capture_kernel_loaded", "kdump-test: capture kernel loaded" in log)
     report.check("capture_kernel_booted", "kdump: capture environment for kernel" in log)
-    report.check("dump_saved", "kdump: dump saved to target" in log)
     start = time.monotonic()
     out = workdir / "dumps"
+    if fault is not None:
+        if fault.read_back:
+            _read_back(options, config, workdir, disks)
+        report.timings["read_back"] = time.monotonic() - start
+        faults.check(fault, logs, out, facts, report)
+        report.ok = not report.problems
+        return report
+    report.check("dump_saved", "kdump: dump saved to target" in log)
     if any(t.type == "disk" for t in config.targets):
         _read_back(options, config, workdir, disks)
     for i, (target, disk) in enumerate(zip(config.targets, disks, strict=True)):

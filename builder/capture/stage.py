@@ -22,7 +22,11 @@ from builder.capture.elfdump import write_elf_dump
 from builder.capture.vmcore import Vmcore, VmcoreError
 
 VMCORE = "/proc/vmcore"
-FAIL_SWITCH = "kdump_mkinitrd.fail_stage=1"  # on the capture command line: exercise the fallback
+# On the capture command line, only ever set by qemu-test: exercise the static fallback by
+# failing at once, or by dying of SIGKILL as the dump starts, as an out-of-memory kill would.
+FAIL_SWITCH = "kdump_mkinitrd.fail_stage=1"
+KILL_SWITCH = "kdump_mkinitrd.kill_stage=1"
+SIGKILL = 9  # the signal module would pull in enum
 
 
 class StageError(Exception):
@@ -138,6 +142,8 @@ def _collect(
         return {"collector": "makedumpfile", "format": "kdump-compressed",
                 "dump_level": int(args["dump_level"])}  # fmt: skip
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # The name must survive a power cut, so that a cut dump is found and marked incomplete.
+    _fsync_dir(os.path.dirname(partial))
     try:
         result = write_elf_dump(core, fd, progress=Progress(console))
         os.fsync(fd)
@@ -182,6 +188,9 @@ def capture(args: dict[str, str], console: Console) -> dict[str, object]:
     lap("dmesg")
     partial = os.path.join(directory, "vmcore.incomplete")
     final = os.path.join(directory, "vmcore")
+    if args.get("kill") == "1":
+        _write_file(partial, b"")
+        os.kill(os.getpid(), SIGKILL)
     try:
         record.update(_collect(args, core, partial, console))
     except (VmcoreError, OSError) as exc:
@@ -227,6 +236,8 @@ def main(argv: list[str]) -> int:
             raise StageError(f"cannot read /proc/cmdline: {exc}") from None
         if FAIL_SWITCH in switches:
             raise StageError(f"{FAIL_SWITCH} is on the kernel command line")
+        if KILL_SWITCH in switches:
+            args["kill"] = "1"
         start = time.monotonic()
         record = capture(args, console)
         console.say(

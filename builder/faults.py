@@ -1,0 +1,134 @@
+"""`qemu-test --fault NAME`: crash a guest with something going wrong on purpose, and check
+that what was designed to happen did (a fallback captured, failure_action ran, earlier dumps
+stayed intact, an unfinished dump stayed marked incomplete).
+
+Nothing here is in a real image by default: faults are made by the harness (disks, a killed
+QEMU) or asked for on the capture kernel's command line, which only the harness sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from builder.config import Config
+from builder.dumps import list_dumps
+
+KILL_SWITCH = "kdump_mkinitrd.kill_stage=1"
+EARLIER = "earlier-2026-01-01-00:00:00"
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    outcome: str  # what must happen, for the report and the README's table
+    append: str = ""  # capture kernel arguments
+    crashes: int = 1
+    read_back: bool = True
+    kill_when: tuple[str, ...] = ()  # power cut: QEMU is killed when the serial log shows one
+
+
+FAULTS = {f.name: f for f in (
+    Fault("no-target", "bounded wait for the device, a console line, failure_action; no dump",
+          read_back=False),
+    Fault("wrong-fs", "the mount fails with a console line, failure_action; no dump",
+          read_back=False),
+    Fault("disk-full", "the partial file stays named incomplete, the log says so, "
+          "failure_action; the earlier dump on the disk is intact"),
+    Fault("python-killed", "the Python stage is SIGKILLed mid-dump; the static fallback "
+          "saves the dump", append=KILL_SWITCH),
+    Fault("power-cut", "QEMU is killed while the dump is written: the earlier dump is intact, "
+          "the cut one is incomplete and list-dumps says so", crashes=2,
+          kill_when=("kdump: writing vmcore:", "kdump: collector:", "kdump: static capture:")),
+    Fault("second-crash", "a second crash finds a dump in place: a new directory, the first "
+          "dump untouched", crashes=2),
+)}  # fmt: skip
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prepare(fault: Fault, config: Config, disks: list[Path], workdir: Path) -> dict[str, str]:
+    """Change the first target's disk as the fault needs; returns facts the checks compare."""
+    target, disk = config.targets[0], disks[0]
+    device = target.device or ""
+    if fault.name == "no-target":
+        with disk.open("wb") as f:  # the same size, but nothing on it to find
+            f.truncate(64 * 2**20)
+    elif fault.name == "wrong-fs":
+        flag = ["-m", f"uuid={device[5:]}"] if device.startswith("UUID=") else ["-L", device[6:]]
+        other = (
+            ["mkfs.xfs", "-q", "-f", *flag]
+            if target.fstype != "xfs"
+            else [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                *(["-U", device[5:]] if device.startswith("UUID=") else ["-L", device[6:]]),
+            ]
+        )
+        subprocess.run([*other, str(disk)], check=True, capture_output=True)
+    elif fault.name == "disk-full":
+        # Small, with an earlier dump already on it (mkfs.ext4 -d copies a tree in).
+        seed = workdir / "seed"
+        earlier = seed / target.path.lstrip("/") / EARLIER
+        earlier.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (earlier / "vmcore").write_bytes(os.urandom(2 * 2**20))
+        (earlier / "vmcore.json").write_text(json.dumps({"sha256": _digest(earlier / "vmcore")}))
+        with disk.open("wb") as f:
+            f.truncate(40 * 2**20)
+        flag = ["-U", device[5:]] if device.startswith("UUID=") else ["-L", device[6:]]
+        subprocess.run(["mkfs.ext4", "-q", "-F", *flag, "-d", str(seed), str(disk)], check=True,
+                       capture_output=True)  # fmt: skip
+        return {"earlier_sha256": _digest(earlier / "vmcore")}
+    return {}
+
+
+def _dump_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("t0/*") if p.is_dir())
+
+
+class Checks(Protocol):
+    def check(self, name: str, passed: bool, detail: str = "") -> None: ...
+
+
+def check(fault: Fault, logs: list[str], out: Path, facts: dict[str, str],
+          report: Checks) -> None:  # fmt: skip
+    """Add the fault's own checks to the report, in place of a normal dump's."""
+    check_ = report.check
+    log = logs[-1]
+    failed = "kdump: running failure_action" in log
+    if fault.name in ("no-target", "wrong-fs"):
+        phrase = "not found after" if fault.name == "no-target" else "cannot mount"
+        check_("failure_logged", phrase in log, f"no {phrase!r} line")
+        check_("failure_action_ran", failed)
+        check_("no_dump_saved", "kdump: dump saved to target" not in log)
+        return
+    dumps = _dump_dirs(out)
+    if fault.name == "disk-full":
+        earlier = [d for d in dumps if d.name == EARLIER]
+        check_("earlier_dump_intact", bool(earlier) and
+               _digest(earlier[0] / "vmcore") == facts["earlier_sha256"])  # fmt: skip
+        new = [d for d in dumps if d.name != EARLIER]
+        check_("new_dump_dir_made", len(new) == 1)
+        names = {p.name for p in new[0].iterdir()} if new else set()
+        check_("partial_marked_incomplete", "vmcore" not in names and
+               any(n.endswith("incomplete") for n in names), str(sorted(names)))  # fmt: skip
+        check_("failure_logged", "capture failed" in log or "stage failed" in log)
+        check_("failure_action_ran", failed)
+        return
+    states = [d.state for d in list_dumps(out / "t0")] if (out / "t0").is_dir() else []
+    if fault.name == "second-crash":
+        check_("two_dump_dirs", states == ["complete", "complete"], str(states))
+        check_("both_crashes_saved", all("kdump: dump saved to target" in entry for entry in logs))
+    elif fault.name == "power-cut":
+        check_("earlier_complete_cut_incomplete", states == ["complete", "incomplete"], str(states))
+    elif fault.name == "python-killed":
+        check_("stage_killed_logged", "exit status 137" in log)
+        check_("fallback_ran", "static fallback runs" in log)

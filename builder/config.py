@@ -99,6 +99,10 @@ CAPTURE_SCHEMA: dict[str, Field] = {
     ),
     "python": Field(str),  # interpreter to pack; default: the one running the builder
     "hostname": Field(str),  # names dump directories; default: the build host's name
+    # Refuse a disk target with less free space (MB) than this before writing anything.
+    "min_free": Field(int, default=0, minimum=0),
+    # After a dump is saved, keep at most this many complete dumps there (0: keep all).
+    "keep": Field(int, default=0, minimum=0),
 }
 
 CMDLINE_SCHEMA: dict[str, Field] = {

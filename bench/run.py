@@ -43,6 +43,8 @@ sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 import harness  # noqa: E402
 from harness import Kernel  # noqa: E402
 
+from builder.qemutest import DEFAULT_CONFIG  # noqa: E402
+
 BENCH = ROOT / "bench"
 CACHE = ROOT / ".cache" / "bench"
 BIN = Path(sys.executable).parent
@@ -52,17 +54,8 @@ KERNELS = ("6.1.0-56-amd64", "6.12.117+deb12-amd64")
 RUNS = 5
 DRACUT_DRIVERS = "virtio_blk virtio_pci ext4"
 TARGET_UUID = "2f6e0c1a-1111-4222-8333-944455556666"
-CONFIG = f"""\
-targets:
-  - type: disk
-    device: UUID={TARGET_UUID}
-    fstype: ext4
-    path: /var/crash
-kernel_modules: [virtio_blk, virtio_pci]
-failure_action: poweroff
-final_action: poweroff
-device_timeout: 30
-"""
+# The same default config `qemu-test` uses, with a fixed UUID so that runs compare.
+CONFIG = DEFAULT_CONFIG.format(uuid=TARGET_UUID)
 GOALS = {
     "build_ratio": 0.1,
     "size_ratio_static": 0.2,

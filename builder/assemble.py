@@ -49,20 +49,21 @@ def _host(root: Path, path: str) -> Path:
     return root / path.lstrip("/")
 
 
-def _add_feature_static(plan: ImagePlan, feature: Feature, inputs: BuildInputs) -> None:
+def add_feature_static(plan: ImagePlan, feature: Feature, root: Path) -> None:
+    """What module.yaml declares outright: directories, nodes, host symlinks, files."""
     for directory in feature.directories:
         plan.directory(directory, feature.name, "declared in module.yaml")
     for node in feature.nodes:
         plan.node(node.path, node.kind, (node.major, node.minor), node.mode, feature.name)
     for path in feature.host_symlinks:
-        host = _host(inputs.root, path)
+        host = _host(root, path)
         # Mirror the host's usr-merge so that library paths resolve the same way inside.
         if host.is_symlink():
             plan.symlink(path, os.readlink(host), feature.name, "mirrors the build host")
         else:
             plan.directory(path, feature.name, "mirrors the build host")
     for path in feature.files:
-        _copy_host_file(plan, inputs.root, path, path, feature.name, "declared in module.yaml")
+        _copy_host_file(plan, root, path, path, feature.name, "declared in module.yaml")
 
 
 def _copy_host_file(
@@ -243,7 +244,7 @@ def assemble(
 ) -> ImagePlan:
     plan = ImagePlan()
     for feature in features:
-        _add_feature_static(plan, feature, inputs)
+        add_feature_static(plan, feature, inputs.root)
     for extra in config.files:
         _copy_host_file(plan, inputs.root, extra.src, extra.dst, "config", "config key files")
     add_binaries(plan, resolution.busybox, resolution.binaries, inputs.root)

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from builder.assemble import add_binaries, add_modules
+from builder.assemble import add_binaries, add_feature_static, add_modules
 from builder.build import write_image
 from builder.compress import Compression
 from builder.elfdeps import ElfResolver
+from builder.features import discover
 from builder.kmod import ModuleIndex
 from builder.plan import ImagePlan
 from builder.render import render
@@ -34,13 +35,8 @@ def utility_image(
     files: dict[str, Path] | None = None,
 ) -> None:
     plan = ImagePlan()
-    for path in ("/bin", "/sbin", "/lib", "/lib64"):
-        if Path(path).is_symlink():
-            plan.symlink(path, str(Path(path).readlink()), "base", "mirrors the build host")
-    for path in ("/dev", "/proc", "/sys", "/run", "/tmp", "/mnt"):
-        plan.directory(path, "base", "mount point")
-    plan.node("/dev/console", "char", (5, 1), 0o600, "base")
-    plan.node("/dev/null", "char", (1, 3), 0o666, "base")
+    # The same skeleton as every capture image: the base feature's layout and device nodes.
+    add_feature_static(plan, discover()["base"], Path("/"))
     resolver = ElfResolver()
     closures = {FEATURE: resolver.resolve([(p, FEATURE) for p in programs])} if programs else {}
     add_binaries(plan, find_busybox(resolver, "/bin/busybox", Path("/")), closures, Path("/"))

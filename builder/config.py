@@ -50,6 +50,8 @@ TARGET_SCHEMA: dict[str, Field] = {
     "port": Field(int, minimum=1),
     "identity": Field(str, absolute_path=True),
     "known_hosts": Field(str, absolute_path=True),
+    # nfs targets: server:/export; the dump goes to `path` below the export.
+    "export": Field(str),
 }
 
 # Where `ssh-setup` keeps the key and the pinned host keys, and where the image holds them.
@@ -61,6 +63,9 @@ NETWORK_TARGET_TYPES = ("ssh", "nfs")
 _SSH_HOST = re.compile(
     r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?(?:[A-Za-z0-9][A-Za-z0-9.-]*|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)"
 )
+# server:/export for nfs: a host name or an IPv4 address (the capture network is IPv4 only).
+_NFS_SERVER = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
+_MOUNT_OPTIONS = re.compile(r"[A-Za-z0-9_.=:/-]+(?:,[A-Za-z0-9_.=:/-]+)*")
 _MAC = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
 _IFNAME = re.compile(r"[A-Za-z0-9_.:-]{1,15}")
 _IPV4 = r"(?:(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])"
@@ -73,6 +78,7 @@ NETWORK_SCHEMA: dict[str, Field] = {
     "gateway": Field(str),
     "dns": Field(list, default=[], items=str),
     "timeout": Field(int, default=30, minimum=1),  # seconds for the link, then for an address
+    "vlan": Field(int, minimum=1),  # 802.1Q VLAN id on top of the interface
 }
 
 FILE_SCHEMA: dict[str, Field] = {
@@ -139,6 +145,15 @@ class Target:
     port: int | None = None
     identity: str | None = None
     known_hosts: str | None = None
+    export: str | None = None
+
+    @property
+    def nfs_server(self) -> str:
+        return (self.export or "").rpartition(":/")[0]
+
+    @property
+    def nfs_path(self) -> str:
+        return "/" + (self.export or "").rpartition(":/")[2]
 
 
 @dataclass(frozen=True)
@@ -309,6 +324,10 @@ def _cross_checks(checker: _Checker, data: dict[str, Any]) -> None:
             for name in ("host", "port", "identity", "known_hosts"):
                 if target[name] is not None:
                     raise checker.fail(f"{key}.{name}", "only ssh targets take this key")
+        if target["type"] == "nfs":
+            _check_nfs_target(checker, key, target)
+        elif target["export"] is not None:
+            raise checker.fail(f"{key}.export", "only nfs targets take this key")
         device = target["device"]
         if device and not device.startswith(("/dev/", "UUID=", "LABEL=", "PARTUUID=")):
             raise checker.fail(
@@ -330,14 +349,32 @@ def _check_ssh_target(checker: _Checker, key: str, target: dict[str, Any]) -> No
         raise checker.fail(f"{key}.mount_options", "an ssh target mounts nothing")
 
 
+def _check_nfs_target(checker: _Checker, key: str, target: dict[str, Any]) -> None:
+    export = target["export"]
+    if not export:
+        raise checker.fail(key, "an nfs target needs 'export' (server:/path)")
+    server, sep, path = export.rpartition(":/")
+    if not sep or not _NFS_SERVER.fullmatch(server):
+        raise checker.fail(f"{key}.export", f"expected server:/path; got {export!r}")
+    _check_path(checker, f"{key}.export", "/" + path)
+    for name in ("device", "fstype"):
+        if target[name] is not None:
+            raise checker.fail(f"{key}.{name}", "an nfs target takes no " + repr(name))
+    options = target["mount_options"]
+    if not _MOUNT_OPTIONS.fullmatch(options):
+        raise checker.fail(f"{key}.mount_options", f"expected option[,option...]; got {options!r}")
+
+
 def _check_network(checker: _Checker, net: dict[str, Any], has_network_target: bool) -> None:
     given = {k for k, v in net.items() if v not in (None, [], NETWORK_SCHEMA[k].default)}
     if given and not has_network_target:
-        raise checker.fail("network", "no target needs the network (ssh)")
+        raise checker.fail("network", "no target needs the network (ssh, nfs)")
     if net["interface"] is not None and net["mac"] is not None:
         raise checker.fail("network.mac", "give 'interface' or 'mac', not both")
     if net["interface"] is not None and not _IFNAME.fullmatch(net["interface"]):
         raise checker.fail("network.interface", f"not an interface name: {net['interface']!r}")
+    if net["vlan"] is not None and net["vlan"] > 4094:
+        raise checker.fail("network.vlan", f"must be at most 4094, got {net['vlan']}")
     if net["mac"] is not None and not _MAC.fullmatch(net["mac"]):
         raise checker.fail("network.mac", f"expected aa:bb:cc:dd:ee:ff; got {net['mac']!r}")
     static = net["address"] is not None

@@ -95,11 +95,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--timeout", type=float, default=600.0, help="seconds before QEMU is killed")
     q.add_argument(
         "--target",
-        choices=("disk", "ssh"),
+        choices=("disk", "ssh", "nfs"),
         default="disk",
         help="disk: local disks for disk and raw targets (default); ssh: also start a test "
         "OpenSSH server on 127.0.0.1 for ssh targets (a -c config names it with @SSH_HOST@, "
-        "@SSH_PORT@, @SSH_PATH@, @SSH_IDENTITY@, @SSH_KNOWN_HOSTS@)",
+        "@SSH_PORT@, @SSH_PATH@, @SSH_IDENTITY@, @SSH_KNOWN_HOSTS@); nfs: also start a test "
+        "NFS server (v3 and v4) for nfs targets (a -c config names its export @NFS_EXPORT@)",
     )
     h = sub.add_parser(
         "ssh-setup",

@@ -148,6 +148,15 @@ class Target:
     export: str | None = None
 
     @property
+    def name(self) -> str:
+        """How logs and vmcore.json name the target."""
+        if self.type == "ssh":
+            return f"ssh:{self.host}:{self.path}"
+        if self.type == "nfs":
+            return f"nfs:{self.export} {self.path}"
+        return f"{self.type}:{self.device}"
+
+    @property
     def nfs_server(self) -> str:
         return (self.export or "").rpartition(":/")[0]
 

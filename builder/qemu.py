@@ -25,6 +25,8 @@ class Boot:
     extra: tuple[str, ...] = ()
     # Pull the plug: kill QEMU as soon as the serial log shows any of these lines.
     kill_when: tuple[str, ...] = ()
+    # Runs QEMU through this command prefix (nsenter: the test NFS server's namespace).
+    wrapper: tuple[str, ...] = ()
 
 
 @dataclass
@@ -48,6 +50,7 @@ def qemu_binary() -> str:
 
 def command(boot: Boot) -> list[str]:
     cmd = [
+        *boot.wrapper,
         qemu_binary(),
         "-accel",
         boot.accel,

@@ -28,6 +28,7 @@ from builder.build import BuildRequest, build
 from builder.config import Config, Target
 from builder.errors import KdumpError
 from builder.guest_images import utility_image
+from builder.nfsserver import TestNfsServer
 from builder.qemu import Boot, default_accel, run
 from builder.sshsetup import TestServer
 
@@ -51,7 +52,7 @@ device_timeout: 30
 # --target ssh: the guest dumps into a throwaway OpenSSH server on the host's 127.0.0.1, which
 # QEMU's user-mode network shows the guest as 10.0.2.2. A config given with -c may use these
 # placeholders; qemu-test fills them in for its own server and refuses any other ssh server.
-SSH_GUEST_HOST = "10.0.2.2"
+GUEST_HOST = "10.0.2.2"
 SSH_CONFIG = """\
 targets:
   - type: ssh
@@ -60,6 +61,17 @@ targets:
     path: "@SSH_PATH@"
     identity: "@SSH_IDENTITY@"
     known_hosts: "@SSH_KNOWN_HOSTS@"
+kernel_modules: [virtio_pci, virtio_net]
+failure_action: poweroff
+final_action: poweroff
+device_timeout: 30
+"""
+# --target nfs: the same for NFS-Ganesha in a network namespace of its own (builder.nfsserver).
+NFS_CONFIG = """\
+targets:
+  - type: nfs
+    export: "@NFS_EXPORT@"
+    path: /var/crash
 kernel_modules: [virtio_pci, virtio_net]
 failure_action: poweroff
 final_action: poweroff
@@ -88,7 +100,8 @@ class Options:
     first_stage: str = "register"
     fault: str | None = None  # a name from builder.faults.FAULTS
     timeout: float = 600.0
-    # disk: local disks for disk and raw targets; ssh: also a test OpenSSH server for ssh ones.
+    # disk: local disks for disk and raw targets; ssh: also a test OpenSSH server for ssh
+    # ones; nfs: a test NFS server for nfs ones.
     target: str = "disk"
 
 
@@ -229,6 +242,7 @@ def _capture_boot(
     network: bool = False,
     serial_log: str = "serial.log",
     kill_when: tuple[str, ...] = (),
+    wrapper: tuple[str, ...] = (),
 ) -> tuple[str, float]:
     first = workdir / "first-stage.img"
     if options.first_stage == "kexec-tools":
@@ -247,6 +261,7 @@ def _capture_boot(
             timeout=options.timeout,
             extra=extra + (NETWORK if network else ()),
             kill_when=kill_when,
+            wrapper=wrapper,
         )
     )
     return result.log, result.seconds
@@ -349,43 +364,91 @@ def verify_dump(dump: Path, report: Report) -> None:
                  proc.stderr.strip()[-300:] or "no panic line")  # fmt: skip
 
 
-def _ssh_config(options: Options, workdir: Path, server: TestServer) -> Path:
-    """The config with the test server's placeholders filled in; every ssh target in it must
-    name that server, so the guest never reaches anything else."""
-    text = options.config.read_text() if options.config else SSH_CONFIG
-    (workdir / "ssh").mkdir(mode=0o700, exist_ok=True)
-    known_hosts = workdir / "ssh" / "known_hosts"
-    known_hosts.write_text(server.known_hosts_line(SSH_GUEST_HOST) + "\n")
-    known_hosts.chmod(0o600)
-    values = {
-        "@SSH_HOST@": f"{server.user}@{SSH_GUEST_HOST}",
-        "@SSH_PORT@": str(server.port),
-        "@SSH_PATH@": str(workdir / "ssh-dumps"),
-        "@SSH_IDENTITY@": str(server.client_key),
-        "@SSH_KNOWN_HOSTS@": str(known_hosts),
-    }
+@dataclass
+class Servers:
+    """The test servers qemu-test started for network targets (at most one of each)."""
+
+    ssh: TestServer | None = None
+    nfs: TestNfsServer | None = None
+
+    def stop(self) -> None:
+        for server in (self.ssh, self.nfs):
+            if server is not None:
+                server.stop()
+
+
+def _server_config(options: Options, workdir: Path, servers: Servers) -> Path:
+    """The config with the test servers' placeholders filled in."""
+    text = (
+        options.config.read_text()
+        if options.config
+        else (SSH_CONFIG if servers.ssh else NFS_CONFIG)
+    )
+    values: dict[str, str] = {}
+    if servers.ssh is not None:
+        (workdir / "ssh").mkdir(mode=0o700, exist_ok=True)
+        known_hosts = workdir / "ssh" / "known_hosts"
+        known_hosts.write_text(servers.ssh.known_hosts_line(GUEST_HOST) + "\n")
+        known_hosts.chmod(0o600)
+        values |= {
+            "@SSH_HOST@": f"{servers.ssh.user}@{GUEST_HOST}",
+            "@SSH_PORT@": str(servers.ssh.port),
+            "@SSH_PATH@": str(workdir / "ssh-dumps"),
+            "@SSH_IDENTITY@": str(servers.ssh.client_key),
+            "@SSH_KNOWN_HOSTS@": str(known_hosts),
+        }
+    if servers.nfs is not None:
+        values["@NFS_EXPORT@"] = f"{GUEST_HOST}:{servers.nfs.export}"
     text = re.sub("|".join(map(re.escape, values)), lambda m: values[m.group(0)], text)
-    path = workdir / "kdump-ssh.yaml"
+    path = workdir / "kdump-test.yaml"
     path.write_text(text)
     return path
 
 
-def _check_targets(options: Options, config: Config, config_path: Path, port: int) -> None:
+def _check_targets(options: Options, config: Config, config_path: Path, servers: Servers) -> None:
+    """Every network target must name the server qemu-test started, so the guest never
+    reaches anything else."""
     for i, target in enumerate(config.targets):
         if target.type in ("disk", "raw"):
             continue
-        if target.type != "ssh" or options.target != "ssh":
+        if target.type != options.target:
             raise KdumpError(
                 f"{config_path}: targets[{i}]: qemu-test makes local disks for disk and raw "
-                "targets, and a test server for ssh targets only with --target ssh"
+                "targets, and a test server for ssh or nfs targets only with --target ssh "
+                "or --target nfs"
             )
-        if (target.host or "").rpartition("@")[2] != SSH_GUEST_HOST or target.port != port:
+        if (
+            target.type == "ssh"
+            and servers.ssh is not None
+            and (
+                (target.host or "").rpartition("@")[2] != GUEST_HOST
+                or target.port != servers.ssh.port
+            )
+        ):
             raise KdumpError(
                 f"{config_path}: targets[{i}]: qemu-test --target ssh reaches only its own "
                 "server: use host @SSH_HOST@ and port @SSH_PORT@"
             )
+        if (
+            target.type == "nfs"
+            and servers.nfs is not None
+            and (target.export != f"{GUEST_HOST}:{servers.nfs.export}")
+        ):
+            raise KdumpError(
+                f"{config_path}: targets[{i}]: qemu-test --target nfs reaches only its own "
+                "server: use export @NFS_EXPORT@"
+            )
     if not config.targets:
         raise KdumpError(f"{config_path}: no targets")
+
+
+def _dump_parent(target: Target, out: Path) -> Path:
+    """Where a target's dump directories are on the host after the run."""
+    if target.type == "ssh":
+        return Path(target.path)
+    if target.type == "nfs":  # the test server exports its own folder, root not squashed
+        return Path(target.nfs_path + target.path)
+    return out
 
 
 def _saved_dump(log: str, config: Config, out: Path) -> Path | None:
@@ -394,7 +457,7 @@ def _saved_dump(log: str, config: Config, out: Path) -> Path | None:
     order = [int(saved[-1])] if saved else list(range(len(config.targets)))
     for i in order:
         target = config.targets[i]
-        where = Path(target.path) if target.type == "ssh" else out / f"t{i}"
+        where = _dump_parent(target, out / f"t{i}")
         found = sorted(p for p in where.glob("*") if p.is_dir()) if where.is_dir() else []
         if found:
             return found[-1]
@@ -413,24 +476,25 @@ def run_qemu_test(options: Options) -> Report:
         options.keep or Path(tempfile.mkdtemp(prefix="kdump-qemu-test-", dir="/var/tmp"))
     ).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    server = None
-    if options.target == "ssh":
-        server = TestServer(workdir / "sshd").start()
+    servers = Servers()
     try:
-        return _run(options, workdir, server)
+        if options.target == "ssh":
+            servers.ssh = TestServer(workdir / "sshd").start()
+        elif options.target == "nfs":
+            servers.nfs = TestNfsServer(workdir / "nfs").start()
+        return _run(options, workdir, servers)
     finally:
-        if server is not None:
-            server.stop()
+        servers.stop()
 
 
-def _run(options: Options, workdir: Path, server: TestServer | None) -> Report:
+def _run(options: Options, workdir: Path, servers: Servers) -> Report:
     report = Report(workdir=str(workdir), serial_log=str(workdir / "serial.log"))
-    if server is not None:
-        config_path = _ssh_config(options, workdir, server)
+    if servers.ssh or servers.nfs:
+        config_path = _server_config(options, workdir, servers)
     else:
         config_path = (options.config or _default_config(workdir)).resolve()
     config = config_mod.load(config_path)
-    _check_targets(options, config, config_path, server.port if server else 0)
+    _check_targets(options, config, config_path, servers)
     image = workdir / "capture.img"
     start = time.monotonic()
     built = build(config, BuildRequest(options.kver, options.kmoddir, image, options.kernel))
@@ -438,11 +502,13 @@ def _run(options: Options, workdir: Path, server: TestServer | None) -> Report:
     report.image_size = built.size
     disks = [workdir / f"target{i}.img" for i in range(len(config.targets))]
     for target, disk in zip(config.targets, disks, strict=True):
-        # An ssh target gets a tiny placeholder so that disk names stay in config order.
-        _make_disk(disk, target, 1 if target.type == "ssh" else _disk_size_mb(options))
+        # A network target gets a tiny placeholder so that disk names stay in config order.
+        network_target = target.type in config_mod.NETWORK_TARGET_TYPES
+        _make_disk(disk, target, 1 if network_target else _disk_size_mb(options))
     fault = faults.FAULTS[options.fault] if options.fault else None
     facts = faults.prepare(fault, config, disks, workdir) if fault else {}
-    network = any(t.type == "ssh" for t in config.targets)
+    network = any(t.type in config_mod.NETWORK_TARGET_TYPES for t in config.targets)
+    wrapper = servers.nfs.netns() if servers.nfs else ()
     logs = []
     for n in range(fault.crashes if fault else 1):
         last = n == (fault.crashes if fault else 1) - 1
@@ -450,6 +516,7 @@ def _run(options: Options, workdir: Path, server: TestServer | None) -> Report:
             options, workdir, image, disks, config_path, network,
             serial_log="serial.log" if n == 0 else f"serial-{n + 1}.log",
             kill_when=fault.kill_when if fault and last else (),
+            wrapper=wrapper,
         )  # fmt: skip
         logs.append(log)
         report.timings["crash_and_capture" if n == 0 else f"crash_and_capture_{n + 1}"] = seconds

@@ -11,15 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from builder.capture.stage import KILL_SWITCH, OOM_SWITCH
 from builder.config import Config
 from builder.dumps import list_dumps
 
-KILL_SWITCH = "kdump_mkinitrd.kill_stage=1"
 EARLIER = "earlier-2026-01-01-00:00:00"
 
 
@@ -31,6 +32,19 @@ class Fault:
     crashes: int = 1
     read_back: bool = True
     kill_when: tuple[str, ...] = ()  # power cut: QEMU is killed when the serial log shows one
+    targets: tuple[str, ...] = ("disk",)  # the qemu-test --target values it works with
+    # What the capture log must show, by --target (the same for all when one value).
+    logged: tuple[tuple[str, str], ...] = ()
+
+    def phrase(self, target: str) -> str:
+        said = dict(self.logged)
+        return said.get(target, said.get("*", ""))
+
+
+NETWORK_FAULT_OUTCOME = (
+    ", logged; the next target takes the dump, else failure_action runs; nothing is written "
+    "on the server"
+)
 
 
 FAULTS = {f.name: f for f in (
@@ -47,6 +61,20 @@ FAULTS = {f.name: f for f in (
           kill_when=("kdump: writing vmcore:", "kdump: collector:", "kdump: static capture:")),
     Fault("second-crash", "a second crash finds a dump in place: a new directory, the first "
           "dump untouched", crashes=2),
+    Fault("oom", "the Python stage takes memory mid-dump until the kernel's OOM killer ends it "
+          "(the init is exempt); the static fallback saves the dump", append=OOM_SWITCH),
+    Fault("net-down", "the NIC has a link but nothing answers: DHCP gives up after "
+          "network.timeout" + NETWORK_FAULT_OUTCOME, targets=("nfs", "ssh"),
+          logged=(("*", "network: no DHCP lease"),)),
+    Fault("server-down", "the server is not running: the mount or the ssh connection is "
+          "refused" + NETWORK_FAULT_OUTCOME, targets=("nfs", "ssh"),
+          logged=(("nfs", "nfs: mount failed"), ("ssh", "Connection refused"))),
+    Fault("bad-hostkey", "the server's host key is not the pinned one: ssh refuses it"
+          + NETWORK_FAULT_OUTCOME, targets=("ssh",),
+          logged=(("ssh", "Host key verification failed"),)),
+    Fault("key-refused", "the server does not take the image's key: ssh is denied"
+          + NETWORK_FAULT_OUTCOME, targets=("ssh",),
+          logged=(("ssh", "Permission denied"),)),
 )}  # fmt: skip
 
 
@@ -104,6 +132,9 @@ def check(fault: Fault, logs: list[str], out: Path, facts: dict[str, str],
     check_ = report.check
     log = logs[-1]
     failed = "kdump: running failure_action" in log
+    if fault.targets != ("disk",):
+        _check_network_fault(fault, log, out, facts, report)
+        return
     if fault.name in ("no-target", "wrong-fs"):
         phrase = "not found after" if fault.name == "no-target" else "cannot mount"
         check_("failure_logged", phrase in log, f"no {phrase!r} line")
@@ -129,6 +160,27 @@ def check(fault: Fault, logs: list[str], out: Path, facts: dict[str, str],
         check_("both_crashes_saved", all("kdump: dump saved to target" in entry for entry in logs))
     elif fault.name == "power-cut":
         check_("earlier_complete_cut_incomplete", states == ["complete", "incomplete"], str(states))
-    elif fault.name == "python-killed":
+    elif fault.name in ("python-killed", "oom"):
         check_("stage_killed_logged", "exit status 137" in log)
+        if fault.name == "oom":
+            killed = re.search(r"Out of memory: Killed process \d+ \(python", log)
+            check_("oom_killer_took_the_stage", killed is not None)
         check_("fallback_ran", "static fallback runs" in log)
+        check_("fallback_saved_the_dump", states == ["complete"], str(states))
+
+
+def _check_network_fault(
+    fault: Fault, log: str, out: Path, facts: dict[str, str], report: Checks
+) -> None:
+    phrase = fault.phrase(facts["target"])
+    report.check("failure_logged", phrase in log, f"no {phrase!r} line")
+    report.check("network_target_gave_up", "target 0 could not take the dump" in log)
+    saved = re.findall(r"kdump: dump saved to target (\d+)", log)
+    if saved:
+        later = out / f"t{saved[-1]}"
+        states = [d.state for d in list_dumps(later)] if later.is_dir() else []
+        report.check("next_target_saved_the_dump", states == ["complete"], str(states))
+    else:
+        report.check("failure_action_ran", "kdump: running failure_action" in log)
+    written = sorted(p.name for p in Path(facts["server_dumps"]).rglob("vmcore*"))
+    report.check("nothing_written_on_the_server", not written, str(written))

@@ -144,6 +144,13 @@ class TestNfsServer:
         tail = self.log.read_text(errors="replace")[-800:] if self.log.exists() else ""
         raise KdumpError(f"the test NFS server ({what}) did not start; {self.log}:\n{tail}")
 
+    def stop_serving(self) -> None:
+        """Stop rpcbind and ganesha but keep the namespace: clients are then refused."""
+        holder, *servers = self.processes
+        self.processes = servers
+        self.stop()
+        self.processes = [holder]
+
     def stop(self) -> None:
         # The servers first, the namespace holder last: the namespace dies with it.
         for proc in reversed(self.processes):

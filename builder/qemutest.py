@@ -30,7 +30,7 @@ from builder.errors import KdumpError
 from builder.guest_images import utility_image
 from builder.nfsserver import TestNfsServer
 from builder.qemu import Boot, default_accel, run
-from builder.sshsetup import TestServer
+from builder.sshsetup import TestServer, ensure_key
 
 PANIC_LINE = "sysrq: Trigger a crash"
 # What a capture kernel wants on its command line (issue: register builds this from the host's).
@@ -78,6 +78,8 @@ final_action: poweroff
 device_timeout: 30
 """
 NETWORK = ("-netdev", "user,id=n0,ipv6=off", "-device", "virtio-net-pci,netdev=n0")
+# --fault net-down: a NIC whose link is up, on a hub with nothing else on it.
+DEAD_NETWORK = ("-netdev", "hubport,id=n0,hubid=0", "-device", "virtio-net-pci,netdev=n0")
 MKFS = {
     "ext4": ["mkfs.ext4", "-q", "-F"],
     "xfs": ["mkfs.xfs", "-q", "-f"],
@@ -239,7 +241,7 @@ def _capture_boot(
     image: Path,
     disks: list[Path],
     config_path: Path,
-    network: bool = False,
+    network: tuple[str, ...] = (),
     serial_log: str = "serial.log",
     kill_when: tuple[str, ...] = (),
     wrapper: tuple[str, ...] = (),
@@ -259,7 +261,7 @@ def _capture_boot(
             disks=tuple(disks),
             accel=default_accel(),
             timeout=options.timeout,
-            extra=extra + (NETWORK if network else ()),
+            extra=extra + network,
             kill_when=kill_when,
             wrapper=wrapper,
         )
@@ -376,6 +378,24 @@ class Servers:
             if server is not None:
                 server.stop()
 
+    @property
+    def dumps(self) -> Path:
+        """Where the dumps a server took are on the host."""
+        if self.nfs is not None:
+            return self.nfs.export
+        assert self.ssh is not None
+        return self.ssh.directory.parent / "ssh-dumps"
+
+    def break_for(self, fault: faults.Fault) -> None:
+        """The server side of a network fault, made after the image is built."""
+        if fault.name == "server-down":
+            if self.ssh is not None:
+                self.ssh.stop()
+            if self.nfs is not None:
+                self.nfs.stop_serving()
+        elif fault.name == "key-refused" and self.ssh is not None:
+            self.ssh.revoke_client_key()
+
 
 def _server_config(options: Options, workdir: Path, servers: Servers) -> Path:
     """The config with the test servers' placeholders filled in."""
@@ -388,7 +408,13 @@ def _server_config(options: Options, workdir: Path, servers: Servers) -> Path:
     if servers.ssh is not None:
         (workdir / "ssh").mkdir(mode=0o700, exist_ok=True)
         known_hosts = workdir / "ssh" / "known_hosts"
-        known_hosts.write_text(servers.ssh.known_hosts_line(GUEST_HOST) + "\n")
+        pinned = servers.ssh.known_hosts_line(GUEST_HOST)
+        if options.fault == "bad-hostkey":  # pin a key the server does not have
+            other = workdir / "ssh" / "other_host_key"
+            ensure_key(other, "kdump-mkinitrd-test-wrong-key")
+            name, kind, _ = pinned.split()
+            pinned = f"{name} {kind} {other.with_suffix('.pub').read_text().split()[1]}"
+        known_hosts.write_text(pinned + "\n")
         known_hosts.chmod(0o600)
         values |= {
             "@SSH_HOST@": f"{servers.ssh.user}@{GUEST_HOST}",
@@ -470,6 +496,9 @@ def run_qemu_test(options: Options) -> Report:
     if options.fault:
         if options.fault not in faults.FAULTS:
             raise KdumpError(f"unknown fault {options.fault!r}; known: {', '.join(faults.FAULTS)}")
+        if options.target not in faults.FAULTS[options.fault].targets:
+            wanted = " or ".join(f"--target {t}" for t in faults.FAULTS[options.fault].targets)
+            raise KdumpError(f"--fault {options.fault} needs {wanted}")
         append = f"{options.append} {faults.FAULTS[options.fault].append}".strip()
         options = replace(options, append=append)
     workdir = (
@@ -507,7 +536,12 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
         _make_disk(disk, target, 1 if network_target else _disk_size_mb(options))
     fault = faults.FAULTS[options.fault] if options.fault else None
     facts = faults.prepare(fault, config, disks, workdir) if fault else {}
-    network = any(t.type in config_mod.NETWORK_TARGET_TYPES for t in config.targets)
+    network: tuple[str, ...] = ()
+    if any(t.type in config_mod.NETWORK_TARGET_TYPES for t in config.targets):
+        network = DEAD_NETWORK if options.fault == "net-down" else NETWORK
+    if fault is not None and fault.targets != ("disk",):
+        servers.break_for(fault)
+        facts |= {"target": options.target, "server_dumps": str(servers.dumps)}
     wrapper = servers.nfs.netns() if servers.nfs else ()
     logs = []
     for n in range(fault.crashes if fault else 1):
@@ -525,7 +559,7 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
     start = time.monotonic()
     out = workdir / "dumps"
     if fault is not None:
-        if fault.read_back:
+        if fault.read_back and any(t.type == "disk" for t in config.targets):
             _read_back(options, config, workdir, disks)
         report.timings["read_back"] = time.monotonic() - start
         faults.check(fault, logs, out, facts, report)

@@ -230,6 +230,10 @@ class TestServer:
         self.stop()
         raise KdumpError(f"the test sshd did not start: {self.log.read_text()[-500:]}")
 
+    def revoke_client_key(self) -> None:
+        """From now on the server takes no key at all."""
+        (self.directory / "authorized_keys").write_text("")
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()

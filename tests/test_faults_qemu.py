@@ -23,17 +23,54 @@ device_timeout: 5
 """
 # The cut has to land while data is being written: the native writer takes seconds here.
 SLOW_WRITER = "capture: {collector: native}\n"
+NETWORK_TARGET = {
+    "nfs": '{type: nfs, export: "@NFS_EXPORT@"}',
+    "ssh": '{type: ssh, host: "@SSH_HOST@", port: @SSH_PORT@, path: "@SSH_PATH@", '
+    'identity: "@SSH_IDENTITY@", known_hosts: "@SSH_KNOWN_HOSTS@"}',
+}
+FALLBACK_DISK = (
+    "  - {type: disk, device: UUID=5a6b7c8d-9eaf-4b1c-9d2e-3f4a5b6c7d8e, fstype: ext4}\n"
+)
+# Network faults: some with a local disk after the network target, some with nothing after it.
+NETWORK_CASES = [
+    ("net-down", "nfs", True), ("net-down", "ssh", False),
+    ("server-down", "nfs", False), ("server-down", "ssh", True),
+    ("bad-hostkey", "ssh", True), ("key-refused", "ssh", False),
+]  # fmt: skip
+CASES = [(f, "disk", False) for f in sorted(FAULTS) if FAULTS[f].targets == ("disk",)]
 
 
-@pytest.mark.parametrize("fault", sorted(FAULTS))
-def test_fault_ends_in_its_designed_outcome(fault: str, kernel61: Kernel, tmp_path: Path) -> None:
+def network_config(target: str, fallback: bool) -> str:
+    return (
+        f"targets:\n  - {NETWORK_TARGET[target]}\n"
+        + (FALLBACK_DISK if fallback else "")
+        + "kernel_modules: [virtio_blk, virtio_pci, virtio_net]\nnetwork: {timeout: 5}\n"
+        + "failure_action: poweroff\nfinal_action: poweroff\ndevice_timeout: 5\n"
+    )
+
+
+def test_every_network_fault_is_run_for_each_of_its_targets() -> None:
+    assert {(f, t) for f, t, _ in NETWORK_CASES} == {
+        (f, t) for f in FAULTS for t in FAULTS[f].targets if t != "disk"
+    }
+
+
+@pytest.mark.parametrize(("fault", "target", "fallback"), CASES + NETWORK_CASES)
+def test_fault_ends_in_its_designed_outcome(
+    fault: str, target: str, fallback: bool, kernel61: Kernel, tmp_path: Path
+) -> None:
     config = tmp_path / "kdump.yaml"
-    config.write_text(CONFIG + (SLOW_WRITER if fault == "power-cut" else ""))
+    if target == "disk":
+        config.write_text(CONFIG + (SLOW_WRITER if fault == "power-cut" else ""))
+    else:
+        config.write_text(network_config(target, fallback))
     report = run_qemu_test(
         Options(kernel61.kver, kernel61.kmoddir, kernel61.vmlinuz, config=config,
-                keep=tmp_path / "work", fault=fault, first_stage="kexec-tools")
+                keep=tmp_path / "work", fault=fault, first_stage="kexec-tools", target=target)
     )  # fmt: skip
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "work").glob("serial*.log"))
     assert report.ok, report.summary() + "\n" + logs[-4000:]
     # The fault's own checks ran, not only the generic ones.
     assert set(report.checks) - {"capture_kernel_loaded", "capture_kernel_booted"}
+    if target != "disk":
+        assert ("next_target_saved_the_dump" in report.checks) == fallback

@@ -1,11 +1,11 @@
 """SSH targets: a real crash in QEMU dumped over user-mode networking into a real OpenSSH
-server on 127.0.0.1 (the guest's 10.0.2.2), a server with the wrong host key refused with the
-next target taking the dump, and the config rules for ssh targets and the network."""
+server on 127.0.0.1 (the guest's 10.0.2.2), and the config rules for ssh targets and the
+network. A wrong host key, a refused key and a server that is down are faults of
+tests/test_faults_qemu.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,43 +51,6 @@ def test_ssh_target_end_to_end(kernel61: Kernel, tmp_path: Path) -> None:
     assert "network: udhcpc: lease bound: 10.0.2.15/24 on eth0" in log
     assert "ssh capture saved" in log
     print(report.summary())
-
-
-@pytest.mark.qemu
-def test_wrong_host_key_is_refused_and_the_disk_takes_the_dump(
-    kernel61: Kernel, tmp_path: Path
-) -> None:
-    # known_hosts pins some other server's key for every host: ssh must refuse ours.
-    other = tmp_path / "other_host_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-    kind, blob = other.with_suffix(".pub").read_text().split()[:2]
-    wrong = tmp_path / "wrong_known_hosts"
-    wrong.write_text(f"* {kind} {blob}\n")
-    report = run(
-        kernel61,
-        tmp_path,
-        f"""\
-targets:
-  - type: ssh
-    host: "@SSH_HOST@"
-    port: @SSH_PORT@
-    path: "@SSH_PATH@"
-    identity: "@SSH_IDENTITY@"
-    known_hosts: {wrong}
-  - {{type: disk, device: UUID=6f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0, fstype: ext4}}
-kernel_modules: [virtio_blk, virtio_pci, virtio_net]
-""",
-    )
-    assert report.dump_dir is not None
-    dump = Path(report.dump_dir)
-    assert dump.parent.parent == tmp_path / "work" / "dumps"  # read back from the disk
-    log = (dump / "kdump-init.log").read_text()
-    assert "ssh: Host key verification failed." in log
-    assert "target 0 could not take the dump" in log
-    assert "kdump: dump saved to target 1" in Path(report.serial_log).read_text()
-    # Nothing was written on the server with the wrong key.
-    assert not list((tmp_path / "work" / "ssh-dumps").glob("*"))
-    assert "Accepted publickey" not in (tmp_path / "work" / "sshd" / "sshd.log").read_text()
 
 
 SSH = "targets:\n  - {type: ssh, host: kdump@backup.example, path: /srv/crash}\n"

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from builder import config as config_mod
+from builder import faults
 from builder.build import BuildRequest, build
 from builder.errors import KdumpError
 from builder.inspect_image import report, text
@@ -89,8 +90,8 @@ def parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--fault",
-        help="make something go wrong on purpose and check the designed "
-        "outcome: no-target, wrong-fs, disk-full, python-killed, power-cut, second-crash",
+        help="make something go wrong on purpose and check the designed outcome: "
+        + ", ".join(faults.FAULTS),
     )
     q.add_argument("--timeout", type=float, default=600.0, help="seconds before QEMU is killed")
     q.add_argument(

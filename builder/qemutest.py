@@ -202,7 +202,7 @@ def _first_stage_with_kexec_tools(options: Options, first: Path, image: Path) ->
 
 
 def _first_stage_with_register(
-    options: Options, first: Path, image: Path, config_path: Path
+    options: Options, first: Path, image: Path, config_path: Path, network: bool
 ) -> tuple[str, ...]:
     """The guest runs this very installation of kdump-mkinitrd from the host's root (9p)."""
     command = [
@@ -224,13 +224,15 @@ def _first_stage_with_register(
         first, options.kver, options.kmoddir, "first-stage-register.sh.j2",
         {
             "commands": [command, status],
+            "network": network,
             # Not /tmp: configs and work directories often live there on the host.
             "writable": ["/run"],
             "environment": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",
                             "XDG_CACHE_HOME=/run/cache", "PYTHONDONTWRITEBYTECODE=1",
                             "KDUMP_MKINITRD_STATE_DIR=/run/kdump-mkinitrd"],
         },
-        modules=["9p", "9pnet_virtio", "virtio_pci", "virtio_blk"],
+        modules=["9p", "9pnet_virtio", "virtio_pci", "virtio_blk"]
+        + (["virtio_net"] if network else []),
     )  # fmt: skip
     return ("-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on")
 
@@ -250,7 +252,7 @@ def _capture_boot(
     if options.first_stage == "kexec-tools":
         extra = _first_stage_with_kexec_tools(options, first, image)
     else:
-        extra = _first_stage_with_register(options, first, image, config_path)
+        extra = _first_stage_with_register(options, first, image, config_path, bool(network))
     result = run(
         Boot(
             kernel=options.kernel,

@@ -154,7 +154,13 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
     capture = capture_settings(config, ElfResolver(request.root, config.search_path), request.root)
     feature_dirs = _feature_dirs(request)
     features = select(discover(request.modules_dirs), config, capture.stage, capture.collector)
-    detected = hostonly.target_modules(config) if request.hostonly else None
+    detected: list[tuple[str, str]] = []
+    if request.hostonly:
+        # From here on the build, and so the rendered init, uses the config with the NIC that
+        # detection found filled in where the file left it open.
+        found = hostonly.detect(config)
+        config, detected = found.config, found.modules
+    detected += hostonly.vlan_modules(config)
     resolution = resolve(
         config,
         features,

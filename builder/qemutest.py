@@ -225,6 +225,7 @@ def _first_stage_with_register(
         {
             "commands": [command, status],
             "network": network,
+            "crash": True,
             # Not /tmp: configs and work directories often live there on the host.
             "writable": ["/run"],
             "environment": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",

@@ -33,12 +33,13 @@ def qemu_test(
     append: str = "",
     first_stage: str = "register",
     drivers: str = DRIVERS,
+    target: str = "disk",
 ) -> Report:
     path = tmp_path / "kdump.yaml"
     path.write_text(config + drivers + COMMON)
     options = Options(kernel.kver, kernel.kmoddir, kernel.vmlinuz, config=path, memory=memory,
                       crashkernel=crashkernel, keep=tmp_path / "work", append=append,
-                      first_stage=first_stage)  # fmt: skip
+                      first_stage=first_stage, target=target)  # fmt: skip
     report = run_qemu_test(options)
     assert report.ok, report.summary() + "\n" + Path(report.serial_log).read_text()[-4000:]
     return report
@@ -181,20 +182,28 @@ targets:
 
 
 def test_hostonly_build_inside_the_guest(kernel61: Kernel, tmp_path: Path) -> None:
-    """No drivers in the config: the guest builds its own image with --hostonly, finding
-    virtio_blk and its chain by walking sysfs up from the target disk, registers it, crashes,
-    and the dump is saved."""
+    """No drivers and no network settings in the config: the guest builds its own image with
+    --hostonly, finding virtio_net from the interface that routes to the NFS server, and
+    virtio_blk by walking sysfs up from the disk target; registers it, crashes, and the NFS
+    server gets the dump."""
     report = qemu_test(
         kernel61,
         tmp_path,
         """\
 targets:
+  - {type: nfs, export: "@NFS_EXPORT@"}
   - {type: disk, device: LABEL=hostonly, fstype: ext4}
 capture: {stage: static}
 """,
         first_stage="hostonly",
         drivers="",
+        target="nfs",
     )
     log = Path(report.serial_log).read_text()
     assert "rebuilt the image: no image at /run/kdump-mkinitrd/capture.img" in log
     assert "kdump: loaded kernel module virtio_blk" in log
+    assert "kdump: loaded kernel module virtio_net" in log
+    # Picked by the MAC that detection filled in, not as the first interface found.
+    assert "kdump: network: using eth0 (52:54:00:12:34:56), asked for 52:54:00:12:34:56" in log
+    assert "kdump: dump saved to target 0" in log
+    assert report.dump_dir is not None and "/nfs/export/" in report.dump_dir

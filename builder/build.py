@@ -160,7 +160,6 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         # detection found filled in where the file left it open.
         found = hostonly.detect(config)
         config, detected = found.config, found.modules
-    detected += hostonly.vlan_modules(config)
     resolution = resolve(
         config,
         features,

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from builder.config import Config, Target
+from builder.config import CAPTURE_SCHEMA, NETWORK_SCHEMA, Config, Target
 from builder.cpio import Kind
 from builder.errors import KdumpError
 
@@ -43,6 +43,21 @@ class Template:
 
 
 @dataclass(frozen=True)
+class ModuleEntry:
+    """A `kernel_modules` item: a name, or `{name: NAME, when: section.key}` for a module the
+    image needs only when that config key is set (8021q for network.vlan)."""
+
+    name: str
+    when: str | None = None
+
+    def wanted(self, config: Config) -> bool:
+        if self.when is None:
+            return True
+        section, _, key = self.when.partition(".")
+        return getattr(config, section).get(key) not in (None, "", [], False)
+
+
+@dataclass(frozen=True)
 class Feature:
     name: str
     description: str
@@ -52,7 +67,8 @@ class Feature:
     target_types: tuple[str, ...]
     when_stage: tuple[str, ...]
     when_collector: tuple[str, ...]
-    kernel_modules: tuple[str, ...]  # may hold `{target.FIELD}` placeholders
+    # Each may hold `{target.FIELD}` placeholders, and may hang on a config key being set.
+    kernel_modules: tuple[ModuleEntry, ...]
     binaries: tuple[str, ...]
     files: tuple[str, ...]
     directories: tuple[str, ...]
@@ -77,17 +93,21 @@ class Feature:
             checks.append(collector in self.when_collector)
         return bool(checks) and all(checks)
 
-    def kernel_module_requests(self, config: Config) -> list[str]:
-        """Expand `{target.fstype}`-style entries once per target this feature serves."""
-        out: list[str] = []
+    def kernel_module_requests(self, config: Config) -> list[tuple[str, str]]:
+        """(module, why): `{target.fstype}`-style entries expand once per target this feature
+        serves; an entry with `when` only while its config key is set."""
+        out: list[tuple[str, str]] = []
         for entry in self.kernel_modules:
-            if "{" not in entry:
-                out.append(entry)
+            if not entry.wanted(config):
+                continue
+            why = f"feature {self.name}" + (f" ({entry.when} is set)" if entry.when else "")
+            if "{" not in entry.name:
+                out.append((entry.name, why))
                 continue
             for target in self.targets(config):
-                value = entry.format_map({"target": target})
+                value = entry.name.format_map({"target": target})
                 if value and value != "None":
-                    out.append(value)
+                    out.append((value, why))
         return out
 
 
@@ -107,6 +127,27 @@ def _str_list(manifest: Path, data: dict[str, Any], key: str) -> tuple[str, ...]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _fail(manifest, f"key '{key}' must be a list of strings")
     return tuple(value)
+
+
+# Config sections whose keys a kernel_modules entry may hang on.
+_WHEN_SECTIONS = {"network": NETWORK_SCHEMA, "capture": CAPTURE_SCHEMA}
+
+
+def _module_entries(manifest: Path, data: dict[str, Any]) -> tuple[ModuleEntry, ...]:
+    entries = []
+    for item in data.get("kernel_modules") or []:
+        if isinstance(item, str):
+            entries.append(ModuleEntry(item))
+            continue
+        if not isinstance(item, dict) or set(item) != {"name", "when"}:
+            raise _fail(manifest, "kernel_modules items are names or {name: ..., when: ...}")
+        section, _, key = str(item["when"]).partition(".")
+        if key not in _WHEN_SECTIONS.get(section, {}):
+            known = ", ".join(f"{s}.KEY" for s in _WHEN_SECTIONS)
+            raise _fail(manifest, f"kernel_modules: when: {item['when']!r} is not a config "
+                        f"key ({known})")  # fmt: skip
+        entries.append(ModuleEntry(str(item["name"]), str(item["when"])))
+    return tuple(entries)
 
 
 def _node(manifest: Path, item: dict[str, Any]) -> Node:
@@ -166,7 +207,7 @@ def _load(folder: Path) -> Feature:
         target_types=_str_list(manifest, when, "target_types"),
         when_stage=_str_list(manifest, when, "stage"),
         when_collector=_str_list(manifest, when, "collector"),
-        kernel_modules=_str_list(manifest, data, "kernel_modules"),
+        kernel_modules=_module_entries(manifest, data),
         binaries=_str_list(manifest, data, "binaries"),
         files=_str_list(manifest, data, "files"),
         directories=_str_list(manifest, data, "directories"),

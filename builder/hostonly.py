@@ -253,16 +253,6 @@ def with_detected_nic(config: Config, paths: list[NetworkPath]) -> Config:
     return dataclasses.replace(config, network={**net, **updates})
 
 
-def vlan_modules(config: Config) -> list[tuple[str, str]]:
-    """8021q when the capture init makes a VLAN interface (network.vlan, given or detected).
-    Requested by the build rather than by the network feature's module.yaml, which has no way
-    yet to tie a kernel module to a config key."""
-    vlan = config.network.get("vlan")
-    if vlan is None:
-        return []
-    return [("8021q", f"network.vlan {vlan}: the capture init tags its traffic (802.1Q)")]
-
-
 @dataclass(frozen=True)
 class Detection:
     """What host-only detection found: the modules, and the config the image is built from."""

@@ -110,9 +110,7 @@ def capture_settings(config: Config, resolver: ElfResolver, root: Path) -> Captu
 
 
 def module_requests(config: Config, features: list[Feature]) -> list[tuple[str, str]]:
-    requests = [
-        (name, f"feature {f.name}") for f in features for name in f.kernel_module_requests(config)
-    ]
+    requests = [request for f in features for request in f.kernel_module_requests(config)]
     requests += [(name, "config key kernel_modules") for name in config.kernel_modules]
     return requests
 

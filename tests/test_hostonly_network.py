@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from builder import hostonly
 from builder.build import BuildRequest, build
 from builder.config import parse
 from builder.errors import KdumpError
+from builder.features import discover
 from builder.hostonly import NetworkPath
 from builder.inspect_image import LoadedImage, load_image
 from tests.conftest import REPO, Kernel
@@ -245,9 +247,7 @@ def test_configured_vlan_brings_8021q(kernel61: Kernel, tmp_path: Path) -> None:
     )
     image = _build(kernel61, tmp_path, text, hostonly_build=False)
     whys = {m["name"]: m["why"] for m in image.manifest["kernel_modules"]}
-    assert whys["8021q"] == (
-        "requested as '8021q' by network.vlan 7: the capture init tags its traffic (802.1Q)"
-    )
+    assert whys["8021q"] == ("requested as '8021q' by feature network (network.vlan is set)")
     assert "KDUMP_NET_VLAN=7\n" in _hook(image)
 
 
@@ -266,3 +266,33 @@ def test_hostonly_build_renders_the_detected_nic(kernel61: Kernel, tmp_path: Pat
     modules = {m["name"]: m["why"] for m in image.manifest["kernel_modules"]}
     for name in drivers_above(Path("/sys/class/net", interface, "device").resolve()):
         assert f"for network target {gateway} via {interface}" in modules[name]
+
+
+@pytest.mark.parametrize(
+    ("entry", "error"),
+    [
+        ("{name: 8021q, when: network.vlan}", None),
+        ("{name: 8021q, when: network.vlna}", "when: 'network.vlna' is not a config key"),
+        ("{name: 8021q}", "kernel_modules items are names or {name: ..., when: ...}"),
+    ],
+)
+def test_a_module_yaml_entry_can_hang_on_a_config_key(
+    tmp_path: Path, entry: str, error: str | None
+) -> None:
+    folder = tmp_path / "vlan-feature"
+    folder.mkdir()
+    (folder / "module.yaml").write_text(
+        "name: vlan-feature\ndescription: test\nwhen: {always: true}\n"
+        f"kernel_modules: [{entry}]\n"
+    )
+    if error is not None:
+        with pytest.raises(KdumpError, match=re.escape(error)):
+            discover((tmp_path,))
+        return
+    feature = discover((tmp_path,))["vlan-feature"]
+    ssh = "targets:\n  - {type: ssh, host: k@192.0.2.7}\n"
+    assert feature.kernel_module_requests(parse(ssh, "k.yaml")) == []
+    with_vlan = parse(ssh + "network: {vlan: 9}\n", "k.yaml")
+    assert feature.kernel_module_requests(with_vlan) == [
+        ("8021q", "feature vlan-feature (network.vlan is set)")
+    ]

@@ -28,7 +28,7 @@ RPC_NFS, RPC_MOUNT = "100003", "100005"
 # Graceless: a fresh server would otherwise refuse new files for its 90 s grace period.
 GANESHA_CONF = """\
 NFS_CORE_PARAM {{
-  Protocols = 3, 4;
+  Protocols = {protocols};
   Enable_NLM = false;
   Enable_RQUOTA = false;
   Enable_UDP = false;
@@ -45,7 +45,7 @@ EXPORT {{
   Pseudo = "{export}";
   Access_Type = RW;
   Squash = No_Root_Squash;
-  Protocols = 3, 4;
+  Protocols = {protocols};
   Transports = TCP;
   SecType = sys;
   FSAL {{ Name = VFS; }}
@@ -59,6 +59,7 @@ class TestNfsServer:
     """NFS-Ganesha exporting `directory`/export read-write, root not squashed."""
 
     directory: Path
+    protocols: str = "3, 4"  # NFS versions offered
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     __test__ = False  # not a pytest class
@@ -101,7 +102,9 @@ class TestNfsServer:
         (self.directory / "recovery").mkdir(exist_ok=True)
         conf = self.directory / "ganesha.conf"
         conf.write_text(
-            GANESHA_CONF.format(export=self.export, recovery=self.directory / "recovery")
+            GANESHA_CONF.format(
+                export=self.export, recovery=self.directory / "recovery", protocols=self.protocols
+            )
         )
         holder = subprocess.Popen(
             ["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
@@ -120,7 +123,9 @@ class TestNfsServer:
             return self._failed("rpcbind")
         self._inside(str(GANESHA), "-F", "-f", str(conf), "-L", str(self.log),
                      "-p", "/run/ganesha.pid")  # fmt: skip
-        if not self._wait_for_programs({RPC_NFS, RPC_MOUNT}, 30):
+        if not self._wait_for_programs(
+            {RPC_NFS} | ({RPC_MOUNT} if "3" in self.protocols else set()), 30
+        ):
             return self._failed("ganesha")
         return self
 

@@ -105,6 +105,7 @@ class Options:
     # disk: local disks for disk and raw targets; ssh: also a test OpenSSH server for ssh
     # ones; nfs: a test NFS server for nfs ones.
     target: str = "disk"
+    nfs_protocols: str = "3, 4"  # what the test NFS server offers
 
 
 @dataclass
@@ -513,7 +514,7 @@ def run_qemu_test(options: Options) -> Report:
         if options.target == "ssh":
             servers.ssh = TestServer(workdir / "sshd").start()
         elif options.target == "nfs":
-            servers.nfs = TestNfsServer(workdir / "nfs").start()
+            servers.nfs = TestNfsServer(workdir / "nfs", options.nfs_protocols).start()
         return _run(options, workdir, servers)
     finally:
         servers.stop()

@@ -5,6 +5,7 @@ config rules for nfs targets."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -20,6 +21,7 @@ COMMON = "failure_action: poweroff\nfinal_action: poweroff\ndevice_timeout: 30\n
 
 
 def run(kernel: Kernel, tmp_path: Path, config: str | None = None, **options: str) -> Report:
+    # A config of None: qemu-test's own, which names no NFS version.
     path = None
     if config is not None:
         path = tmp_path / "kdump.yaml"
@@ -82,6 +84,16 @@ kernel_modules: [virtio_pci, virtio_net]
     assert "mountvers=3" in log and ",vers=3," in log
     # The config's options come after the defaults, so they win.
     assert "timeo=50" in log and "timeo=100" not in log.split("nfs: mounted")[1]
+
+
+@pytest.mark.qemu
+def test_nfs_falls_back_to_v3_when_the_server_has_no_v4(kernel61: Kernel, tmp_path: Path) -> None:
+    report = run(kernel61, tmp_path, nfs_protocols="3", first_stage="kexec-tools")
+    assert report.dump_dir is not None
+    log = (Path(report.dump_dir) / "kdump-init.log").read_text()
+    tried = re.findall(r"nfs: mount -t nfs -o \S*,vers=([0-9.]+) ", log)
+    assert tried == ["4.2", "4.1", "4.0", "3"]
+    assert log.count("nfs: mount failed") == 3 and "mountvers=3" in log
 
 
 def test_the_test_server_offers_v3_and_v4_only_inside_its_namespace(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Small helper images `qemu-test` boots around the capture image: the first stage that arms
-kdump and crashes, and the read-back stage that copies the saved dump out of the target disk.
+kdump and crashes (or runs host programs under a guest kernel), and the read-back stage that
+copies the saved dump out of the target disk.
 
 They reuse the builder's own resolution and writer, so the harness exercises the same code.
 """
@@ -49,3 +50,30 @@ def utility_image(
     plan.file("/init", FEATURE, f"rendered from {template}", data=init.encode(), mode=0o755)
     entries, _ = plan.entries()
     write_image(entries, Compression("zstd", 3, 0), output)
+
+
+# Boot arguments that show the build host's root to a guest read-only over 9p.
+HOST_ROOT = ("-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on")
+
+
+def host_root_image(
+    output: Path,
+    kver: str,
+    kmoddir: Path,
+    commands: Sequence[Sequence[str]],
+    *,
+    crash: bool,
+    writable: Sequence[str],
+    environment: Sequence[str],
+    network: bool = False,
+    modules: Sequence[str] = (),
+) -> tuple[str, ...]:
+    """An image whose guest runs `commands` from the build host's root (chroot over 9p), then
+    crashes (a first stage) or powers off; returns the QEMU arguments the boot needs."""
+    utility_image(
+        output, kver, kmoddir, "first-stage-register.sh.j2",
+        {"commands": commands, "crash": crash, "network": network, "writable": writable,
+         "environment": environment},
+        modules=["9p", "9pnet_virtio", "virtio_pci", *modules],
+    )  # fmt: skip
+    return HOST_ROOT

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.errors import KdumpError
+from builder.sshsetup import stop_process
 
 GANESHA = Path("/usr/bin/ganesha.nfsd")
 RPCBIND = Path("/usr/sbin/rpcbind")
@@ -152,20 +153,14 @@ class TestNfsServer:
     def stop_serving(self) -> None:
         """Stop rpcbind and ganesha but keep the namespace: clients are then refused."""
         holder, *servers = self.processes
-        self.processes = servers
-        self.stop()
+        for proc in reversed(servers):
+            stop_process(proc)
         self.processes = [holder]
 
     def stop(self) -> None:
         # The servers first, the namespace holder last: the namespace dies with it.
         for proc in reversed(self.processes):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         self.processes = []
 
     def __enter__(self) -> TestNfsServer:

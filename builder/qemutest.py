@@ -27,7 +27,7 @@ from builder import faults, raw
 from builder.build import BuildRequest, build
 from builder.config import Config, Target
 from builder.errors import KdumpError
-from builder.guest_images import utility_image
+from builder.guest_images import host_root_image, utility_image
 from builder.nfsserver import TestNfsServer
 from builder.qemu import Boot, default_accel, run
 from builder.sshsetup import TestServer, ensure_key
@@ -221,22 +221,15 @@ def _first_stage_with_register(
         command += ["--append", options.append]
     # `status` must then say: loaded, and the image up to date (exit 0), or the guest stops.
     status = [sys.executable, "-m", "builder.cli", "status"]
-    utility_image(
-        first, options.kver, options.kmoddir, "first-stage-register.sh.j2",
-        {
-            "commands": [command, status],
-            "network": network,
-            "crash": True,
-            # Not /tmp: configs and work directories often live there on the host.
-            "writable": ["/run"],
-            "environment": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",
-                            "XDG_CACHE_HOME=/run/cache", "PYTHONDONTWRITEBYTECODE=1",
-                            "KDUMP_MKINITRD_STATE_DIR=/run/kdump-mkinitrd"],
-        },
-        modules=["9p", "9pnet_virtio", "virtio_pci", "virtio_blk"]
-        + (["virtio_net"] if network else []),
+    return host_root_image(
+        first, options.kver, options.kmoddir, [command, status], crash=True, network=network,
+        # Not /tmp: configs and work directories often live there on the host.
+        writable=["/run"],
+        environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",
+                     "XDG_CACHE_HOME=/run/cache", "PYTHONDONTWRITEBYTECODE=1",
+                     "KDUMP_MKINITRD_STATE_DIR=/run/kdump-mkinitrd"],
+        modules=["virtio_blk", *(["virtio_net"] if network else [])],
     )  # fmt: skip
-    return ("-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on")
 
 
 def _capture_boot(

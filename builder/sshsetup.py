@@ -150,6 +150,17 @@ def setup(
     return SetupResult(key, created, known_hosts, lines, fingerprints(lines), install)
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """A test server's process: asked to end, killed if it has not within 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -235,13 +246,8 @@ class TestServer:
         (self.directory / "authorized_keys").write_text("")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
     def __enter__(self) -> TestServer:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.guest_images import utility_image
+from builder.guest_images import host_root_image
 from builder.qemu import Boot, default_accel, run
 from tests.conftest import REPO, Kernel
 
@@ -33,17 +33,12 @@ def test_vlan_tests_pass_under_a_debian_kernel(kernel61: Kernel, tmp_path: Path)
         "-m", "not qemu", *VLAN_TESTS,
     ]  # fmt: skip
     image = tmp_path / "guest.img"
-    utility_image(
-        image, kernel61.kver, kernel61.kmoddir, "first-stage-register.sh.j2",
-        {
-            "commands": [pytest_run],
-            "network": False,
-            "crash": False,
-            "writable": ["/run", "/tmp"],
-            "environment": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",
-                            "PYTHONDONTWRITEBYTECODE=1"],
-        },
-        modules=["9p", "9pnet_virtio", "virtio_pci", "8021q", "veth"],
+    boot_args = host_root_image(
+        image, kernel61.kver, kernel61.kmoddir, [pytest_run], crash=False,
+        writable=["/run", "/tmp"],
+        environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",
+                     "PYTHONDONTWRITEBYTECODE=1"],
+        modules=["8021q", "veth"],
     )  # fmt: skip
     result = run(
         Boot(
@@ -54,7 +49,7 @@ def test_vlan_tests_pass_under_a_debian_kernel(kernel61: Kernel, tmp_path: Path)
             memory="1G",
             accel=default_accel(),
             timeout=600,
-            extra=("-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on"),
+            extra=boot_args,
         )
     )
     log = result.log.replace("\r", "")

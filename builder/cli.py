@@ -100,8 +100,15 @@ def parser() -> argparse.ArgumentParser:
         default="disk",
         help="disk: local disks for disk and raw targets (default); ssh: also start a test "
         "OpenSSH server on 127.0.0.1 for ssh targets (a -c config names it with @SSH_HOST@, "
-        "@SSH_PORT@, @SSH_PATH@, @SSH_IDENTITY@, @SSH_KNOWN_HOSTS@); nfs: also start a test "
-        "NFS server (v3 and v4) for nfs targets (a -c config names its export @NFS_EXPORT@)",
+        "@SSH_PORT@, @SSH_PATH@, @SSH_IDENTITY@, @SSH_KNOWN_HOSTS@, @SSH_CLIENT@); nfs: also "
+        "start a test NFS server (v3 and v4) for nfs targets (a -c config names its export "
+        "@NFS_EXPORT@)",
+    )
+    q.add_argument(
+        "--ssh-client",
+        choices=config_mod.SSH_CLIENTS,
+        default="openssh",
+        help="with --target ssh: the client the image dumps with (fills @SSH_CLIENT@)",
     )
     h = sub.add_parser(
         "ssh-setup",
@@ -213,6 +220,7 @@ def _qemu_test(args: argparse.Namespace) -> int:
         first_stage=args.first_stage,
         fault=args.fault,
         target=args.target,
+        ssh_client=args.ssh_client,
     )
     report = qemutest.run_qemu_test(options)
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())

@@ -38,6 +38,8 @@ class Field:
     shorthand: str | None = None  # a bare string item stands for {shorthand: string}
 
 
+SSH_CLIENTS = ("openssh", "dropbear")
+
 TARGET_SCHEMA: dict[str, Field] = {
     "type": Field(str, required=True, choices=TARGET_TYPES),
     "device": Field(str),
@@ -50,6 +52,8 @@ TARGET_SCHEMA: dict[str, Field] = {
     "port": Field(int, minimum=1),
     "identity": Field(str, absolute_path=True),
     "known_hosts": Field(str, absolute_path=True),
+    # The client in the image: OpenSSH's ssh, or dropbear's dbclient (a far smaller image).
+    "client": Field(str, choices=SSH_CLIENTS),
     # nfs targets: server:/export; the dump goes to `path` below the export.
     "export": Field(str),
 }
@@ -145,6 +149,7 @@ class Target:
     port: int | None = None
     identity: str | None = None
     known_hosts: str | None = None
+    client: str | None = None
     export: str | None = None
 
     @property
@@ -330,7 +335,7 @@ def _cross_checks(checker: _Checker, data: dict[str, Any]) -> None:
         if target["type"] == "ssh":
             _check_ssh_target(checker, key, target)
         else:
-            for name in ("host", "port", "identity", "known_hosts"):
+            for name in ("host", "port", "identity", "known_hosts", "client"):
                 if target[name] is not None:
                     raise checker.fail(f"{key}.{name}", "only ssh targets take this key")
         if target["type"] == "nfs":
@@ -411,24 +416,10 @@ def _targets(values: list[dict[str, Any]]) -> tuple[Target, ...]:
                 port=t["port"] or 22,
                 identity=t["identity"] or SSH_IDENTITY,
                 known_hosts=t["known_hosts"] or SSH_KNOWN_HOSTS,
+                client=t["client"] or "openssh",
             )
         out.append(Target(**t))
     return tuple(out)
-
-
-def ssh_image_paths(index: int) -> tuple[str, str]:
-    """Where target `index`'s private key and pinned host keys live inside the image."""
-    return f"{SSH_DIR}/{index}/id_ed25519", f"{SSH_DIR}/{index}/known_hosts"
-
-
-def _target_files(targets: tuple[Target, ...]) -> list[ExtraFile]:
-    """Files that target keys name and the image must hold: an ssh target's key and known_hosts."""
-    out = []
-    for i, t in enumerate(targets):
-        if t.type == "ssh" and t.identity and t.known_hosts:
-            key, known = ssh_image_paths(i)
-            out += [ExtraFile(src=t.identity, dst=key), ExtraFile(src=t.known_hosts, dst=known)]
-    return out
 
 
 def parse(text: str, source: str) -> Config:
@@ -458,7 +449,7 @@ def parse(text: str, source: str) -> Config:
         targets=targets,
         kernel_modules=tuple(values["kernel_modules"]),
         binaries=tuple(values["binaries"]),
-        files=tuple(files + _target_files(targets)),
+        files=tuple(files),
         failure_action=values["failure_action"],
         final_action=values["final_action"],
         device_timeout=values["device_timeout"],

@@ -33,12 +33,13 @@ class Fault:
     read_back: bool = True
     kill_when: tuple[str, ...] = ()  # power cut: QEMU is killed when the serial log shows one
     targets: tuple[str, ...] = ("disk",)  # the qemu-test --target values it works with
-    # What the capture log must show, by --target (the same for all when one value).
+    # What the capture log must show, by --target, or --target/client where the ssh clients
+    # word it differently ("*": the same for all).
     logged: tuple[tuple[str, str], ...] = ()
 
     def phrase(self, target: str) -> str:
         said = dict(self.logged)
-        return said.get(target, said.get("*", ""))
+        return said.get(target, said.get(target.partition("/")[0], said.get("*", "")))
 
 
 NETWORK_FAULT_OUTCOME = (
@@ -71,10 +72,13 @@ FAULTS = {f.name: f for f in (
           logged=(("nfs", "nfs: mount failed"), ("ssh", "Connection refused"))),
     Fault("bad-hostkey", "the server's host key is not the pinned one: ssh refuses it"
           + NETWORK_FAULT_OUTCOME, targets=("ssh",),
-          logged=(("ssh", "Host key verification failed"),)),
-    Fault("key-refused", "the server does not take the image's key: ssh is denied"
+          logged=(("ssh", "Host key verification failed"),
+                  ("ssh/dropbear", "host key mismatch"))),
+    Fault("key-refused", "the server does not take the image's key and offers passwords, "
+          "which the image never answers from the dump stream: ssh is denied"
           + NETWORK_FAULT_OUTCOME, targets=("ssh",),
-          logged=(("ssh", "Permission denied"),)),
+          logged=(("ssh", "Permission denied (publickey,password,keyboard-interactive)"),
+                  ("ssh/dropbear", "Disconnect received"))),
 )}  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from builder.config import CAPTURE_SCHEMA, NETWORK_SCHEMA, Config, Target
+from builder.config import CAPTURE_SCHEMA, NETWORK_SCHEMA, TARGET_SCHEMA, Config, Target
 from builder.cpio import Kind
 from builder.errors import KdumpError
 
@@ -43,18 +43,27 @@ class Template:
 
 
 @dataclass(frozen=True)
-class ModuleEntry:
-    """A `kernel_modules` item: a name, or `{name: NAME, when: section.key}` for a module the
-    image needs only when that config key is set (8021q for network.vlan)."""
+class Entry:
+    """A `kernel_modules` or `binaries` item: a name, or `{name: NAME, when: CONDITION}` for one
+    the image needs only when a config key is set (`network.vlan`: 8021q) or when a target this
+    feature serves has a field set so (`target.client=dropbear`: dbclient)."""
 
     name: str
     when: str | None = None
 
-    def wanted(self, config: Config) -> bool:
+    def wanted(self, config: Config, targets: tuple[Target, ...]) -> bool:
         if self.when is None:
             return True
         section, _, key = self.when.partition(".")
+        if section == "target":
+            field, _, value = key.partition("=")
+            return any(str(getattr(t, field)) == value for t in targets)
         return getattr(config, section).get(key) not in (None, "", [], False)
+
+    def why(self, feature: str) -> str:
+        if self.when is None:
+            return f"feature {feature}"
+        return f"feature {feature} ({self.when}{'' if '=' in self.when else ' is set'})"
 
 
 @dataclass(frozen=True)
@@ -67,9 +76,9 @@ class Feature:
     target_types: tuple[str, ...]
     when_stage: tuple[str, ...]
     when_collector: tuple[str, ...]
-    # Each may hold `{target.FIELD}` placeholders, and may hang on a config key being set.
-    kernel_modules: tuple[ModuleEntry, ...]
-    binaries: tuple[str, ...]
+    # Each may hang on a condition; kernel modules may hold `{target.FIELD}` placeholders.
+    kernel_modules: tuple[Entry, ...]
+    binaries: tuple[Entry, ...]
     files: tuple[str, ...]
     directories: tuple[str, ...]
     nodes: tuple[Node, ...]
@@ -95,20 +104,25 @@ class Feature:
 
     def kernel_module_requests(self, config: Config) -> list[tuple[str, str]]:
         """(module, why): `{target.fstype}`-style entries expand once per target this feature
-        serves; an entry with `when` only while its config key is set."""
+        serves; an entry with `when` only while its condition holds."""
+        targets = self.targets(config)
         out: list[tuple[str, str]] = []
         for entry in self.kernel_modules:
-            if not entry.wanted(config):
+            if not entry.wanted(config, targets):
                 continue
-            why = f"feature {self.name}" + (f" ({entry.when} is set)" if entry.when else "")
             if "{" not in entry.name:
-                out.append((entry.name, why))
+                out.append((entry.name, entry.why(self.name)))
                 continue
-            for target in self.targets(config):
+            for target in targets:
                 value = entry.name.format_map({"target": target})
                 if value and value != "None":
-                    out.append((value, why))
+                    out.append((value, entry.why(self.name)))
         return out
+
+    def binary_requests(self, config: Config) -> list[tuple[str, str]]:
+        """(program, why) for the entries whose condition holds."""
+        targets = self.targets(config)
+        return [(e.name, e.why(self.name)) for e in self.binaries if e.wanted(config, targets)]
 
 
 def _mode(value: object, default: int) -> int:
@@ -129,24 +143,32 @@ def _str_list(manifest: Path, data: dict[str, Any], key: str) -> tuple[str, ...]
     return tuple(value)
 
 
-# Config sections whose keys a kernel_modules entry may hang on.
+# Config sections whose keys an entry may hang on.
 _WHEN_SECTIONS = {"network": NETWORK_SCHEMA, "capture": CAPTURE_SCHEMA}
 
 
-def _module_entries(manifest: Path, data: dict[str, Any]) -> tuple[ModuleEntry, ...]:
+def _condition(manifest: Path, key: str, when: str) -> str:
+    section, _, name = when.partition(".")
+    if section == "target":
+        field, equals, value = name.partition("=")
+        if equals and value and field in TARGET_SCHEMA:
+            return when
+    elif name in _WHEN_SECTIONS.get(section, {}):
+        return when
+    known = ", ".join(f"{s}.KEY" for s in _WHEN_SECTIONS)
+    raise _fail(manifest, f"{key}: when: {when!r} is neither a config key ({known}) nor "
+                "target.FIELD=VALUE")  # fmt: skip
+
+
+def _entries(manifest: Path, data: dict[str, Any], key: str) -> tuple[Entry, ...]:
     entries = []
-    for item in data.get("kernel_modules") or []:
+    for item in data.get(key) or []:
         if isinstance(item, str):
-            entries.append(ModuleEntry(item))
+            entries.append(Entry(item))
             continue
         if not isinstance(item, dict) or set(item) != {"name", "when"}:
-            raise _fail(manifest, "kernel_modules items are names or {name: ..., when: ...}")
-        section, _, key = str(item["when"]).partition(".")
-        if key not in _WHEN_SECTIONS.get(section, {}):
-            known = ", ".join(f"{s}.KEY" for s in _WHEN_SECTIONS)
-            raise _fail(manifest, f"kernel_modules: when: {item['when']!r} is not a config "
-                        f"key ({known})")  # fmt: skip
-        entries.append(ModuleEntry(str(item["name"]), str(item["when"])))
+            raise _fail(manifest, f"{key} items are names or {{name: ..., when: ...}}")
+        entries.append(Entry(str(item["name"]), _condition(manifest, key, str(item["when"]))))
     return tuple(entries)
 
 
@@ -207,8 +229,8 @@ def _load(folder: Path) -> Feature:
         target_types=_str_list(manifest, when, "target_types"),
         when_stage=_str_list(manifest, when, "stage"),
         when_collector=_str_list(manifest, when, "collector"),
-        kernel_modules=_module_entries(manifest, data),
-        binaries=_str_list(manifest, data, "binaries"),
+        kernel_modules=_entries(manifest, data, "kernel_modules"),
+        binaries=_entries(manifest, data, "binaries"),
         files=_str_list(manifest, data, "files"),
         directories=_str_list(manifest, data, "directories"),
         nodes=nodes,

@@ -61,6 +61,7 @@ targets:
     path: "@SSH_PATH@"
     identity: "@SSH_IDENTITY@"
     known_hosts: "@SSH_KNOWN_HOSTS@"
+    client: "@SSH_CLIENT@"
 kernel_modules: [virtio_pci, virtio_net]
 failure_action: poweroff
 final_action: poweroff
@@ -106,6 +107,7 @@ class Options:
     # ones; nfs: a test NFS server for nfs ones.
     target: str = "disk"
     nfs_protocols: str = "3, 4"  # what the test NFS server offers
+    ssh_client: str = "openssh"  # the client that @SSH_CLIENT@ names
 
 
 @dataclass
@@ -419,6 +421,7 @@ def _server_config(options: Options, workdir: Path, servers: Servers) -> Path:
             "@SSH_PATH@": str(workdir / "ssh-dumps"),
             "@SSH_IDENTITY@": str(servers.ssh.client_key),
             "@SSH_KNOWN_HOSTS@": str(known_hosts),
+            "@SSH_CLIENT@": options.ssh_client,
         }
     if servers.nfs is not None:
         values["@NFS_EXPORT@"] = f"{GUEST_HOST}:{servers.nfs.export}"
@@ -538,7 +541,12 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
         network = DEAD_NETWORK if options.fault == "net-down" else NETWORK
     if fault is not None and fault.targets != ("disk",):
         servers.break_for(fault)
-        facts |= {"target": options.target, "server_dumps": str(servers.dumps)}
+        # The log line a fault leaves can depend on the ssh client: "ssh/dropbear".
+        client = config.targets[0].client
+        facts |= {
+            "target": options.target + (f"/{client}" if client else ""),
+            "server_dumps": str(servers.dumps),
+        }
     wrapper = servers.nfs.netns() if servers.nfs else ()
     logs = []
     for n in range(fault.crashes if fault else 1):

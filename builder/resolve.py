@@ -15,6 +15,7 @@ from builder.errors import KdumpError
 from builder.features import Feature
 from builder.firmware import FirmwareSet, resolve_firmware
 from builder.kmod import ModuleClosure, ModuleIndex
+from builder.sshkeys import KeyFile, image_files
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Resolution:
     firmware: FirmwareSet
     binaries: dict[str, BinaryClosure]  # by the feature (or "config") that asked
     busybox: Busybox
+    ssh_keys: tuple[KeyFile, ...] = ()
 
 
 def _makedumpfile_compression(binary: Path, wanted: str) -> str:
@@ -151,9 +153,10 @@ def resolve(
     modules = index.resolve(module_requests(config, features) + (detected or []))
     firmware = resolve_firmware(modules, kver, root / config.firmware_root.lstrip("/"))
     resolver = ElfResolver(root=root, search_path=config.search_path)
-    wanted = {f.name: [(name, f"feature {f.name}") for name in f.binaries] for f in features}
+    wanted = {f.name: f.binary_requests(config) for f in features}
     wanted["config"] = [(name, "config key binaries") for name in config.binaries]
     binaries = {who: resolver.resolve(programs) for who, programs in wanted.items() if programs}
+    busybox = find_busybox(resolver, config.busybox, root)
     return Resolution(
-        kver, capture, modules, firmware, binaries, find_busybox(resolver, config.busybox, root)
+        kver, capture, modules, firmware, binaries, busybox, image_files(config, root)
     )

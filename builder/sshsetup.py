@@ -170,10 +170,12 @@ def free_port() -> int:
 @dataclass
 class TestServer:
     """A throwaway OpenSSH server on 127.0.0.1 only: its own host key, one authorized client
-    key, its own config, pid file and log, all in `directory`."""
+    key, its own config, pid file and log, all in `directory`. With `passwords` it also offers
+    password logins, as many real servers do (no account here has a password that works)."""
 
     directory: Path
     port: int = 0
+    passwords: bool = False
     user: str = field(default_factory=getpass.getuser)
     process: subprocess.Popen[bytes] | None = None
 
@@ -208,8 +210,9 @@ class TestServer:
         if os.geteuid() == 0:
             # sshd refuses to start without its privilege separation directory.
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        self.port = free_port()
+        self.port = self.port or free_port()  # a restart keeps the port the image knows
         config = self.directory / "sshd_config"
+        offered = "yes" if self.passwords else "no"
         config.write_text(
             f"ListenAddress 127.0.0.1\n"
             f"Port {self.port}\n"
@@ -218,7 +221,7 @@ class TestServer:
             f"AuthorizedKeysFile {authorized}\n"
             f"AllowUsers {self.user}\n"
             "StrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            f"PasswordAuthentication {offered}\nKbdInteractiveAuthentication {offered}\n"
             "AllowTcpForwarding no\nAllowAgentForwarding no\nX11Forwarding no\n"
             "PermitTunnel no\nPermitUserEnvironment no\nLogLevel VERBOSE\n"
         )
@@ -242,8 +245,11 @@ class TestServer:
         raise KdumpError(f"the test sshd did not start: {self.log.read_text()[-500:]}")
 
     def revoke_client_key(self) -> None:
-        """From now on the server takes no key at all."""
-        (self.directory / "authorized_keys").write_text("")
+        """From now on the server takes no key at all, and offers passwords instead."""
+        self.stop()
+        self.passwords = True
+        self.start()
+        (self.directory / "authorized_keys").write_text("")  # read at each login
 
     def stop(self) -> None:
         if self.process is not None:

@@ -26,16 +26,19 @@ SLOW_WRITER = "capture: {collector: native}\n"
 NETWORK_TARGET = {
     "nfs": '{type: nfs, export: "@NFS_EXPORT@"}',
     "ssh": '{type: ssh, host: "@SSH_HOST@", port: @SSH_PORT@, path: "@SSH_PATH@", '
-    'identity: "@SSH_IDENTITY@", known_hosts: "@SSH_KNOWN_HOSTS@"}',
+    'identity: "@SSH_IDENTITY@", known_hosts: "@SSH_KNOWN_HOSTS@", client: "@SSH_CLIENT@"}',
 }
 FALLBACK_DISK = (
     "  - {type: disk, device: UUID=5a6b7c8d-9eaf-4b1c-9d2e-3f4a5b6c7d8e, fstype: ext4}\n"
 )
-# Network faults: some with a local disk after the network target, some with nothing after it.
+# Network faults: some with a local disk after the network target, some with nothing after it;
+# the ssh ones that the client itself meets (refusals) once for each client.
 NETWORK_CASES = [
     ("net-down", "nfs", True), ("net-down", "ssh", False),
     ("server-down", "nfs", False), ("server-down", "ssh", True),
     ("bad-hostkey", "ssh", True), ("key-refused", "ssh", False),
+    ("server-down", "ssh/dropbear", False), ("bad-hostkey", "ssh/dropbear", False),
+    ("key-refused", "ssh/dropbear", True),
 ]  # fmt: skip
 CASES = [(f, "disk", False) for f in sorted(FAULTS) if FAULTS[f].targets == ("disk",)]
 
@@ -50,7 +53,7 @@ def network_config(target: str, fallback: bool) -> str:
 
 
 def test_every_network_fault_is_run_for_each_of_its_targets() -> None:
-    assert {(f, t) for f, t, _ in NETWORK_CASES} == {
+    assert {(f, t.partition("/")[0]) for f, t, _ in NETWORK_CASES} == {
         (f, t) for f in FAULTS for t in FAULTS[f].targets if t != "disk"
     }
 
@@ -60,13 +63,15 @@ def test_fault_ends_in_its_designed_outcome(
     fault: str, target: str, fallback: bool, kernel61: Kernel, tmp_path: Path
 ) -> None:
     config = tmp_path / "kdump.yaml"
+    target, _, client = target.partition("/")
     if target == "disk":
         config.write_text(CONFIG + (SLOW_WRITER if fault == "power-cut" else ""))
     else:
         config.write_text(network_config(target, fallback))
     report = run_qemu_test(
         Options(kernel61.kver, kernel61.kmoddir, kernel61.vmlinuz, config=config,
-                keep=tmp_path / "work", fault=fault, first_stage="kexec-tools", target=target)
+                keep=tmp_path / "work", fault=fault, first_stage="kexec-tools", target=target,
+                ssh_client=client or "openssh")
     )  # fmt: skip
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "work").glob("serial*.log"))
     assert report.ok, report.summary() + "\n" + logs[-4000:]

@@ -24,6 +24,7 @@ from builder.errors import KdumpError
 from builder.features import discover
 from builder.hostonly import NetworkPath
 from builder.inspect_image import LoadedImage, load_image
+from builder.sshsetup import ensure_key
 from tests.conftest import REPO, Kernel
 from tests.test_network_netns import UNAVAILABLE, Netns, needs_vlan
 
@@ -220,9 +221,11 @@ def test_detected_nic_fills_only_what_the_config_left_open(
     assert (updated.text, updated.targets) == (config.text, config.targets)
 
 
-def _files(tmp_path: Path) -> str:
-    for name in ("id", "known_hosts"):
-        (tmp_path / name).write_text("")
+def _files(tmp_path: Path, host: str) -> str:
+    """A real key, and a known_hosts line pinning `host` (the build refuses an unpinned one)."""
+    ensure_key(tmp_path / "id")
+    blob = (tmp_path / "id.pub").read_text().split()[1]
+    (tmp_path / "known_hosts").write_text(f"{host} ssh-ed25519 {blob}\n")
     return f"identity: {tmp_path}/id, known_hosts: {tmp_path}/known_hosts"
 
 
@@ -242,7 +245,7 @@ def _hook(image: LoadedImage) -> str:
 
 def test_configured_vlan_brings_8021q(kernel61: Kernel, tmp_path: Path) -> None:
     text = (
-        f"targets:\n  - {{type: ssh, host: root@192.0.2.9, {_files(tmp_path)}}}\n"
+        f"targets:\n  - {{type: ssh, host: root@192.0.2.9, {_files(tmp_path, '192.0.2.9')}}}\n"
         "network: {interface: eth0, vlan: 7}\ncapture: {stage: static}\n"
     )
     image = _build(kernel61, tmp_path, text, hostonly_build=False)
@@ -257,7 +260,7 @@ def test_hostonly_build_renders_the_detected_nic(kernel61: Kernel, tmp_path: Pat
         pytest.skip("this host has no default route through an interface with a device")
     gateway, interface = route
     mac = Path("/sys/class/net", interface, "address").read_text().strip()
-    text = f"targets:\n  - {{type: ssh, host: root@{gateway}, {_files(tmp_path)}}}\n" \
+    text = f"targets:\n  - {{type: ssh, host: root@{gateway}, {_files(tmp_path, gateway)}}}\n" \
            "capture: {stage: static}\n"  # fmt: skip
     image = _build(kernel61, tmp_path, text, hostonly_build=True)
     assert f"KDUMP_NET_MAC={mac}\n" in _hook(image)
@@ -272,7 +275,8 @@ def test_hostonly_build_renders_the_detected_nic(kernel61: Kernel, tmp_path: Pat
     ("entry", "error"),
     [
         ("{name: 8021q, when: network.vlan}", None),
-        ("{name: 8021q, when: network.vlna}", "when: 'network.vlna' is not a config key"),
+        ("{name: 8021q, when: network.vlna}", "when: 'network.vlna' is neither a config key"),
+        ("{name: 8021q, when: target.colour=red}", "nor target.FIELD=VALUE"),
         ("{name: 8021q}", "kernel_modules items are names or {name: ..., when: ...}"),
     ],
 )

@@ -20,14 +20,16 @@ from tests.conftest import Kernel
 COMMON = "failure_action: poweroff\nfinal_action: poweroff\ndevice_timeout: 30\n"
 
 
-def run(kernel: Kernel, tmp_path: Path, config: str | None = None, **options: str) -> Report:
+def run(kernel: Kernel, tmp_path: Path, config: str | None = None, nfs_protocols: str = "3, 4",
+        first_stage: str = "register") -> Report:  # fmt: skip
     # A config of None: qemu-test's own, which names no NFS version.
     path = None
     if config is not None:
         path = tmp_path / "kdump.yaml"
         path.write_text(config + COMMON)
     settings = Options(kernel.kver, kernel.kmoddir, kernel.vmlinuz, config=path,
-                       keep=tmp_path / "work", target="nfs", **options)  # fmt: skip
+                       keep=tmp_path / "work", target="nfs", nfs_protocols=nfs_protocols,
+                       first_stage=first_stage)  # fmt: skip
     report = run_qemu_test(settings)
     assert report.ok, report.summary() + "\n" + Path(report.serial_log).read_text()[-4000:]
     return report

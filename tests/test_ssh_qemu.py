@@ -10,30 +10,35 @@ from pathlib import Path
 
 import pytest
 
-from builder.config import SSH_IDENTITY, SSH_KNOWN_HOSTS, parse, ssh_image_paths
+from builder.config import SSH_IDENTITY, SSH_KNOWN_HOSTS, parse
 from builder.errors import KdumpError
+from builder.inspect_image import load_image
 from builder.qemutest import Options, Report, run_qemu_test
+from builder.sshkeys import image_paths
 from builder.sshsetup import TestServer, setup
 from tests.conftest import Kernel
 
+CLIENT_PROGRAMS = {"openssh": "ssh", "dropbear": "dbclient"}
 COMMON = "failure_action: poweroff\nfinal_action: poweroff\ndevice_timeout: 30\n"
 
 
-def run(kernel: Kernel, tmp_path: Path, config: str | None = None) -> Report:
+def run(kernel: Kernel, tmp_path: Path, config: str | None = None,
+        client: str = "openssh") -> Report:  # fmt: skip
     path = None
     if config is not None:
         path = tmp_path / "kdump.yaml"
         path.write_text(config + COMMON)
     options = Options(kernel.kver, kernel.kmoddir, kernel.vmlinuz, config=path,
-                      keep=tmp_path / "work", target="ssh")  # fmt: skip
+                      keep=tmp_path / "work", target="ssh", ssh_client=client)  # fmt: skip
     report = run_qemu_test(options)
     assert report.ok, report.summary() + "\n" + Path(report.serial_log).read_text()[-4000:]
     return report
 
 
 @pytest.mark.qemu
-def test_ssh_target_end_to_end(kernel61: Kernel, tmp_path: Path) -> None:
-    report = run(kernel61, tmp_path)
+@pytest.mark.parametrize("client", ["openssh", "dropbear"])
+def test_ssh_target_end_to_end(kernel61: Kernel, tmp_path: Path, client: str) -> None:
+    report = run(kernel61, tmp_path, client=client)
     assert report.dump_dir is not None
     dump = Path(report.dump_dir)
     # The files are on the host side, written by the test sshd.
@@ -49,30 +54,29 @@ def test_ssh_target_end_to_end(kernel61: Kernel, tmp_path: Path) -> None:
     assert report.checks["makedumpfile_rebuilds_flattened"]
     log = (dump / "kdump-init.log").read_text()
     assert "network: udhcpc: lease bound: 10.0.2.15/24 on eth0" in log
-    assert "ssh capture saved" in log
+    assert f"client {client}" in log and "ssh capture saved" in log
+    # The image holds no other client, so this one took the dump.
+    image = load_image(tmp_path / "work" / "capture.img")
+    programs = {m.path.rpartition("/")[2] for m in image.members if "bin/" in m.path}
+    assert programs & set(CLIENT_PROGRAMS.values()) == {CLIENT_PROGRAMS[client]}
     print(report.summary())
 
 
 SSH = "targets:\n  - {type: ssh, host: kdump@backup.example, path: /srv/crash}\n"
 
 
-def test_ssh_target_defaults_and_built_in_files() -> None:
+def test_ssh_target_defaults() -> None:
     config = parse(SSH, "k.yaml")
     target = config.targets[0]
     assert (target.host, target.port, target.path) == ("kdump@backup.example", 22, "/srv/crash")
     assert (target.identity, target.known_hosts) == (SSH_IDENTITY, SSH_KNOWN_HOSTS)
-    assert target.device is None and target.fstype is None
-    key, known = ssh_image_paths(0)
-    assert [(f.src, f.dst) for f in config.files] == [
-        (SSH_IDENTITY, key),
-        (SSH_KNOWN_HOSTS, known),
-    ]
+    assert target.device is None and target.fstype is None and target.client == "openssh"
     assert config.network["dhcp"] is True
 
 
 def test_ssh_target_paths_match_the_template() -> None:
     text = (Path(__file__).parent.parent / "modules.d/ssh/ssh-target.sh.j2").read_text()
-    key, known = ssh_image_paths(3)
+    key, known = image_paths(3)
     assert key == "/etc/kdump-mkinitrd/ssh/3/id_ed25519"
     assert known == "/etc/kdump-mkinitrd/ssh/3/known_hosts"
     assert '"/etc/kdump-mkinitrd/ssh"' in text and '"/id_ed25519"' in text
@@ -100,6 +104,14 @@ def test_ssh_target_paths_match_the_template() -> None:
         (
             "targets:\n  - {type: disk, device: /dev/vda, fstype: ext4, host: h}\n",
             "key 'targets[0].host': only ssh targets take this key",
+        ),
+        (
+            "targets:\n  - {type: nfs, export: 'h:/x', client: dropbear}\n",
+            "key 'targets[0].client': only ssh targets take this key",
+        ),
+        (
+            "targets:\n  - {type: ssh, host: h, client: putty}\n",
+            "key 'targets[0].client': expected one of openssh, dropbear",
         ),
         (SSH + "network: {mac: 'zz'}\n", "key 'network.mac': expected aa:bb:cc:dd:ee:ff"),
         (SSH + "network: {interface: eth0, mac: '52:54:00:12:34:56'}\n", "not both"),

@@ -193,6 +193,10 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         config.compression["method"], config.compression["level"], config.compression["threads"]
     )
     method, note = compress.choose(requested, kconfig)
+    notes = [note] if note else []
+    if capture.stage == "python" and not any(f.python_stage for f in features):
+        notes.append("no target here runs the Python stage (only disk and nfs targets do), "
+                     "so the image has no interpreter")  # fmt: skip
     raw, image = write_image(entries, method, request.output, lap)
     return BuildReport(
         output=str(request.output),
@@ -206,7 +210,7 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         missing_firmware=len(resolution.firmware.missing),
         binaries=1 + sum(len(c.files) for c in resolution.binaries.values()),
         features=[f.name for f in features],
-        notes=[note] if note else [],
+        notes=notes,
         seconds=seconds,
         rebuilt_because=reasons,
     )

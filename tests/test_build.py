@@ -245,3 +245,25 @@ def test_estimate_stays_above_the_measured_minimum(
     assert result.total_mb % 8 == 0
     assert measured_minimum_mb < result.total_mb <= measured_minimum_mb + 24
     assert result.python_mb == (8 if stage == "python" else 0)
+
+
+@pytest.mark.parametrize(
+    ("targets", "interpreter"),
+    [
+        ("  - {type: raw, device: /dev/vdb}\n", False),
+        ("  - {type: raw, device: /dev/vdb}\n  - {type: disk, device: /dev/vdc, fstype: ext4}\n",
+         True),
+    ],
+)  # fmt: skip
+def test_python_stage_only_when_a_target_runs_it(
+    targets: str, interpreter: bool, kernel61: Kernel, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Raw (and ssh) targets stream from the static init: the default stage: python leaves
+    the interpreter out unless a disk or nfs target is there to run it, and says so."""
+    image = tmp_path / "k.img"
+    config = write_config(tmp_path, f"targets:\n{targets}kernel_modules: [virtio_blk]\n")
+    assert main(build_args(kernel61, config, image)) == 0
+    names = {e.path for e in read_newc(decompress(image.read_bytes(), str(image)))}
+    assert any("libpython" in n for n in names) == interpreter
+    assert ("no target here runs the Python stage" in capsys.readouterr().err) != interpreter

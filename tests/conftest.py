@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from builder.qemutest import Options, Report, run_qemu_test
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_CACHE = Path(os.environ.get("KDUMP_TEST_KERNEL_CACHE", REPO / ".cache" / "kernels"))
@@ -44,3 +47,23 @@ def kernel61() -> Kernel:
 @pytest.fixture(scope="session")
 def kernel612() -> Kernel:
     return _kernel(KVER_612)
+
+
+# What a test's own config for qemu-test ends with.
+QEMU_TEST_ACTIONS = "failure_action: poweroff\nfinal_action: poweroff\ndevice_timeout: 30\n"
+
+
+def run_qemu_test_for(
+    kernel: Kernel, tmp_path: Path, target: str, config: str | None = None, **options: Any
+) -> Report:
+    """qemu-test with its own test server for `target` (and its own config unless one is
+    given); fails with the end of the serial log."""
+    path = None
+    if config is not None:
+        path = tmp_path / "kdump.yaml"
+        path.write_text(config + QEMU_TEST_ACTIONS)
+    settings = Options(kernel.kver, kernel.kmoddir, kernel.vmlinuz, config=path,
+                       keep=tmp_path / "work", target=target)  # fmt: skip
+    report = run_qemu_test(replace(settings, **options))
+    assert report.ok, report.summary() + "\n" + Path(report.serial_log).read_text()[-4000:]
+    return report

@@ -14,25 +14,8 @@ import pytest
 from builder.config import parse
 from builder.errors import KdumpError
 from builder.nfsserver import TestNfsServer
-from builder.qemutest import Options, Report, run_qemu_test
-from tests.conftest import Kernel
-
-COMMON = "failure_action: poweroff\nfinal_action: poweroff\ndevice_timeout: 30\n"
-
-
-def run(kernel: Kernel, tmp_path: Path, config: str | None = None, nfs_protocols: str = "3, 4",
-        first_stage: str = "register") -> Report:  # fmt: skip
-    # A config of None: qemu-test's own, which names no NFS version.
-    path = None
-    if config is not None:
-        path = tmp_path / "kdump.yaml"
-        path.write_text(config + COMMON)
-    settings = Options(kernel.kver, kernel.kmoddir, kernel.vmlinuz, config=path,
-                       keep=tmp_path / "work", target="nfs", nfs_protocols=nfs_protocols,
-                       first_stage=first_stage)  # fmt: skip
-    report = run_qemu_test(settings)
-    assert report.ok, report.summary() + "\n" + Path(report.serial_log).read_text()[-4000:]
-    return report
+from builder.qemutest import Options, run_qemu_test
+from tests.conftest import QEMU_TEST_ACTIONS, Kernel, run_qemu_test_for
 
 
 def export_dir(tmp_path: Path) -> Path:
@@ -43,7 +26,7 @@ def export_dir(tmp_path: Path) -> Path:
 def test_nfs_negotiates_v4_and_the_python_stage_saves_the_dump(
     kernel61: Kernel, tmp_path: Path
 ) -> None:
-    report = run(kernel61, tmp_path)
+    report = run_qemu_test_for(kernel61, tmp_path, "nfs")  # its own config: no version named
     assert report.dump_dir is not None
     dump = Path(report.dump_dir)
     # Written through the server: the files are in its exported folder on the host.
@@ -63,9 +46,10 @@ def test_nfs_negotiates_v4_and_the_python_stage_saves_the_dump(
 
 @pytest.mark.qemu
 def test_nfs_v3_with_the_static_capture(kernel61: Kernel, tmp_path: Path) -> None:
-    report = run(
+    report = run_qemu_test_for(
         kernel61,
         tmp_path,
+        "nfs",
         """\
 targets:
   - type: nfs
@@ -90,7 +74,8 @@ kernel_modules: [virtio_pci, virtio_net]
 
 @pytest.mark.qemu
 def test_nfs_falls_back_to_v3_when_the_server_has_no_v4(kernel61: Kernel, tmp_path: Path) -> None:
-    report = run(kernel61, tmp_path, nfs_protocols="3", first_stage="kexec-tools")
+    report = run_qemu_test_for(kernel61, tmp_path, "nfs", nfs_protocols="3",
+                               first_stage="kexec-tools")  # fmt: skip
     assert report.dump_dir is not None
     log = (Path(report.dump_dir) / "kdump-init.log").read_text()
     tried = re.findall(r"nfs: mount -t nfs -o \S*,vers=([0-9.]+) ", log)
@@ -118,7 +103,9 @@ def test_qemu_test_refuses_an_nfs_target_that_is_not_its_server(
     kernel61: Kernel, tmp_path: Path
 ) -> None:
     config = tmp_path / "kdump.yaml"
-    config.write_text("targets:\n  - {type: nfs, export: '192.0.2.1:/srv/crash'}\n" + COMMON)
+    config.write_text(
+        "targets:\n  - {type: nfs, export: '192.0.2.1:/srv/crash'}\n" + QEMU_TEST_ACTIONS
+    )
     options = Options(kernel61.kver, kernel61.kmoddir, kernel61.vmlinuz, config=config,
                       keep=tmp_path / "work", target="nfs")  # fmt: skip
     with pytest.raises(KdumpError, match="reaches only its own server: use export @NFS_EXPORT@"):

@@ -13,32 +13,17 @@ import pytest
 from builder.config import SSH_IDENTITY, SSH_KNOWN_HOSTS, parse
 from builder.errors import KdumpError
 from builder.inspect_image import load_image
-from builder.qemutest import Options, Report, run_qemu_test
 from builder.sshkeys import image_paths
 from builder.sshsetup import TestServer, setup
-from tests.conftest import Kernel
+from tests.conftest import Kernel, run_qemu_test_for
 
 CLIENT_PROGRAMS = {"openssh": "ssh", "dropbear": "dbclient"}
-COMMON = "failure_action: poweroff\nfinal_action: poweroff\ndevice_timeout: 30\n"
-
-
-def run(kernel: Kernel, tmp_path: Path, config: str | None = None,
-        client: str = "openssh") -> Report:  # fmt: skip
-    path = None
-    if config is not None:
-        path = tmp_path / "kdump.yaml"
-        path.write_text(config + COMMON)
-    options = Options(kernel.kver, kernel.kmoddir, kernel.vmlinuz, config=path,
-                      keep=tmp_path / "work", target="ssh", ssh_client=client)  # fmt: skip
-    report = run_qemu_test(options)
-    assert report.ok, report.summary() + "\n" + Path(report.serial_log).read_text()[-4000:]
-    return report
 
 
 @pytest.mark.qemu
 @pytest.mark.parametrize("client", ["openssh", "dropbear"])
 def test_ssh_target_end_to_end(kernel61: Kernel, tmp_path: Path, client: str) -> None:
-    report = run(kernel61, tmp_path, client=client)
+    report = run_qemu_test_for(kernel61, tmp_path, "ssh", ssh_client=client)
     assert report.dump_dir is not None
     dump = Path(report.dump_dir)
     # The files are on the host side, written by the test sshd.

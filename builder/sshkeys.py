@@ -128,7 +128,7 @@ def _target_files(config: Config, index: int, target: Target, root: Path) -> lis
     text = _read(config, index, "known_hosts", known_hosts).decode(errors="replace")
     _, host = split_destination(target.host or "")
     lines = pinned_lines(text, host, target.port, target.client)
-    if not lines:
+    if all(line.startswith("@revoked") for line in lines):  # none, or none that trusts
         raise KdumpError(
             f"{_where(config, index, 'known_hosts')}: {known_hosts} pins no host key "
             f"{'dbclient can use ' if target.client == 'dropbear' else ''}for "

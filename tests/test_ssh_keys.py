@@ -101,6 +101,7 @@ def test_dropbear_key_is_converted_and_keeps_the_same_public_key(tmp_path: Path)
             "known_hosts': {tmp}/known_hosts pins no host key dbclient can use for "
             "[10.0.2.2]:2222; record it with: kdump-mkinitrd ssh-setup kdump@10.0.2.2 -p 2222",
         ),
+        ("only-revoked", "known_hosts pins no host key for [10.0.2.2]:2222"),
         ("no-key", "key 'targets[0].identity': cannot read {tmp}/id_ed25519: No such file"),
         ("bad-key", "key 'targets[0].identity': dropbearconvert cannot convert {tmp}/id_ed25519"),
     ],
@@ -109,6 +110,9 @@ def test_unusable_key_material_stops_the_build(tmp_path: Path, change: str, mess
     text = _config(tmp_path, "dropbear")
     if change == "unpinned":
         (tmp_path / "known_hosts").write_text("elsewhere ssh-ed25519 AAAA\n")
+    elif change == "only-revoked":
+        (tmp_path / "known_hosts").write_text("@revoked [10.0.2.2]:2222 ssh-ed25519 AAAA\n")
+        text = text.replace("client: dropbear", "client: openssh")
     elif change == "no-key":
         (tmp_path / "id_ed25519").unlink()
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from builder.inspect_image import read_manifest
 from builder.output import write_atomic
 from builder.resolve import capture_settings, resolve
 from builder.verify import check_image
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,42 @@ def stale_reasons(config: Config, request: BuildRequest) -> list[str]:
         recorded = read_manifest(request.output)
     except KdumpError as exc:
         return [f"the existing image cannot be read: {exc}"]
-    return inputs.stale_reasons(recorded, _expected(config, request))
+    reasons = inputs.stale_reasons(recorded, _expected(config, request))
+    if request.hostonly and not reasons:
+        reasons = _hardware_moved(config, recorded)
+    return reasons
+
+
+def _detected(found: hostonly.Detection) -> dict[str, Any]:
+    """What host-only detection decided, as the manifest records it."""
+    return {
+        "modules": sorted({name for name, _ in found.modules}),
+        "network": {key: found.config.network.get(key) for key in ("mac", "vlan")},
+    }
+
+
+def _hardware_moved(config: Config, recorded: dict[str, Any]) -> list[str]:
+    """A host-only image holds the drivers and NIC found when it was built: a disk or NIC
+    moved to other hardware since needs a rebuild as much as a changed file does."""
+    try:
+        now = _detected(hostonly.detect(config))
+    except KdumpError as exc:
+        # At early boot a network target may not route yet: what was found then still holds.
+        log.warning("host-only detection failed, keeping the image built earlier: %s", exc)
+        return []
+    was = recorded.get("hostonly_detected")
+    if not isinstance(was, dict):
+        return ["the image records no host-only detection"]
+    reasons = []
+    gone = sorted(set(was.get("modules", [])) - set(now["modules"]))
+    new = sorted(set(now["modules"]) - set(was.get("modules", [])))
+    if gone or new:
+        reasons.append("host-only detection finds other drivers now: "
+                       + ", ".join([f"+{m}" for m in new] + [f"-{m}" for m in gone]))  # fmt: skip
+    if was.get("network") != now["network"]:
+        reasons.append(f"host-only detection picks another NIC now: {now['network']}, "
+                       f"was {was.get('network')}")  # fmt: skip
+    return reasons
 
 
 def build(config: Config, request: BuildRequest, if_needed: bool = False) -> BuildReport:
@@ -155,6 +193,7 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
     feature_dirs = _feature_dirs(request)
     features = select(discover(request.modules_dirs), config, capture.stage, capture.collector)
     detected: list[tuple[str, str]] = []
+    found = None
     if request.hostonly:
         # From here on the build, and so the rendered init, uses the config with the NIC that
         # detection found filled in where the file left it open.
@@ -186,6 +225,8 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
     for path in inputs.extra_inputs(feature_dirs, request.kmoddir, request.kernel_image, kconfig):
         seen.setdefault(str(path), inputs.record(path))
     record = manifest(plan, config, features, resolution, build_inputs, seen)
+    if found is not None:
+        record["hostonly_detected"] = _detected(found)
     entries.append(Entry(MANIFEST_PATH.lstrip("/"), "file", 0o644, manifest_bytes(record)))
     check_image(entries)
     lap("plan")

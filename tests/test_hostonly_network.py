@@ -12,14 +12,18 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from builder import hostonly
-from builder.build import BuildRequest, build
+from builder.assemble import MANIFEST_PATH
+from builder.build import BuildRequest, build, write_image
+from builder.compress import Compression, decompress
 from builder.config import parse
+from builder.cpio import Entry, read_newc
 from builder.errors import KdumpError
 from builder.features import discover
 from builder.hostonly import NetworkPath
@@ -269,6 +273,42 @@ def test_hostonly_build_renders_the_detected_nic(kernel61: Kernel, tmp_path: Pat
     modules = {m["name"]: m["why"] for m in image.manifest["kernel_modules"]}
     for name in drivers_above(Path("/sys/class/net", interface, "device").resolve()):
         assert f"for network target {gateway} via {interface}" in modules[name]
+
+
+def test_if_needed_rebuilds_when_hostonly_detection_moves(kernel61: Kernel, tmp_path: Path) -> None:
+    """The image records what detection found; --if-needed (register at boot) detects again
+    and rebuilds when the NIC or the drivers are no longer those, and only then."""
+    route = default_route()
+    if route is None or not Path("/sys/class/net", route[1], "device").exists():
+        pytest.skip("this host has no default route through an interface with a device")
+    gateway, interface = route
+    mac = Path("/sys/class/net", interface, "address").read_text().strip()
+    target = f"{{type: ssh, host: root@{gateway}, {_files(tmp_path, gateway)}}}"
+    config = parse(f"targets:\n  - {target}\ncapture: {{stage: static}}\n", "k.yaml")
+    output = tmp_path / "kdump.img"
+    request = BuildRequest(kernel61.kver, kernel61.kmoddir, output, kernel_image=kernel61.vmlinuz,
+                           hostonly=True)  # fmt: skip
+    build(config, request)
+    recorded = load_image(output).manifest["hostonly_detected"]
+    drivers = drivers_above(Path("/sys/class/net", interface, "device").resolve())
+    assert recorded["network"] == {"mac": mac, "vlan": None}
+    assert set(drivers) <= set(recorded["modules"])
+    assert build(config, request, if_needed=True).up_to_date
+    # The same image as though built while another NIC carried the route.
+    entries = [Entry(m.path, m.kind, m.mode, m.data, m.rdev)
+               for m in read_newc(decompress(output.read_bytes(), str(output)))]  # fmt: skip
+    at = next(i for i, e in enumerate(entries) if e.path == MANIFEST_PATH.lstrip("/"))
+    earlier = json.loads(entries[at].data)
+    earlier["hostonly_detected"]["network"]["mac"] = "52:54:00:00:00:01"
+    entries[at] = replace(entries[at], data=json.dumps(earlier).encode())
+    write_image(entries, Compression("zstd", 3, 0), output)
+    again = build(config, request, if_needed=True)
+    assert not again.up_to_date
+    assert again.rebuilt_because == [
+        f"host-only detection picks another NIC now: {{'mac': '{mac}', 'vlan': None}}, "
+        "was {'mac': '52:54:00:00:00:01', 'vlan': None}"
+    ]
+    assert load_image(output).manifest["hostonly_detected"] == recorded
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,9 @@ def test_ssh_target_end_to_end(kernel61: Kernel, tmp_path: Path, client: str) ->
     image = load_image(tmp_path / "work" / "capture.img")
     programs = {m.path.rpartition("/")[2] for m in image.members if "bin/" in m.path}
     assert programs & set(CLIENT_PROGRAMS.values()) == {CLIENT_PROGRAMS[client]}
+    # OpenSSH's calls share the first one's connection: one login for the whole dump.
+    logins = (tmp_path / "work" / "sshd" / "sshd.log").read_text().count("Accepted publickey")
+    assert logins == 1 if client == "openssh" else logins > 1
     print(report.summary())
 
 

@@ -45,8 +45,9 @@ def _pattern_matches(pattern: str, name: str) -> bool:
         except (ValueError, binascii.Error):
             return False
         return hmac.compare_digest(hmac.new(salt, name.encode(), "sha1").digest(), digest)
-    # OpenSSH wildcards are * and ? only: "[host]:port" is literal, not a character class.
-    wildcards = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
+    # OpenSSH wildcards are * and ? only: "[host]:port" is literal, not a character class;
+    # and patterns match without regard to case, as ssh lowercases the name it looks up.
+    wildcards = re.escape(pattern.lower()).replace(r"\*", ".*").replace(r"\?", ".")
     return re.fullmatch(wildcards, name) is not None
 
 
@@ -64,7 +65,7 @@ def _names_host(field: str, name: str) -> bool:
 
 def pinned_lines(text: str, host: str, port: int, client: str) -> list[str]:
     """The known_hosts lines that pin host:port, as `client` must read them."""
-    name = known_hosts_name(host, port)
+    name = known_hosts_name(host.lower(), port)
     out = []
     for line in text.splitlines():
         words = line.split()

@@ -58,6 +58,11 @@ def test_pinned_lines_follow_openssh_host_patterns(tmp_path: Path) -> None:
         f"*,![10.0.2.2]:2222 {rest}",
     ]
     assert pinned_lines(text, "10.0.2.3", 2222, "dropbear") == [f"10.0.2.3 {rest}"]
+    # Host names match without regard to case, hashed ones too (ssh hashes the lowercased
+    # name); dbclient gets the name as the config spells it, which is what it compares.
+    names = f"Backup.Example {rest}\n" + _hashed("[backup.example]:2222", rest, tmp_path)
+    assert pinned_lines(names, "BACKUP.example", 22, "dropbear") == [f"BACKUP.example {rest}"]
+    assert pinned_lines(names, "backup.EXAMPLE", 2222, "openssh") == [names.splitlines()[1]]
 
 
 def _config(tmp_path: Path, client: str, host: str = "10.0.2.2", port: int = 2222) -> str:

@@ -2,7 +2,8 @@
 module.yaml, sourced by busybox sh in a chroot that holds only static busybox and those files,
 inside a network namespace joined by a veth pair to a second one where busybox udhcpd serves
 a small range. The interfaces, the VLAN tagging, the DHCP exchange and the pings are the
-kernel's and busybox's own; only `log` is the test's, writing to a file it reads back."""
+kernel's and busybox's own; only `log` is the test's, writing to a file it reads back. Name
+resolution runs in a whole built image unpacked, against a small DNS server on the far side."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,9 +25,12 @@ from typing import Any
 import pytest
 import yaml
 
+from builder.build import BuildRequest, build
 from builder.config import parse
 from builder.features import discover
 from builder.render import render
+from builder.sshsetup import ensure_key
+from tests.conftest import Kernel
 
 BUSYBOX = Path("/bin/busybox")
 CLIENT_IF, SERVER_IF = "veth-c", "veth-s"
@@ -308,3 +313,87 @@ def test_address_without_vlan(link: Link, dhcp: bool) -> None:
     assert "VLAN" not in out.log
     assert ipaddress.ip_address(address) in ipaddress.ip_network("10.42.0.0/24")
     assert link.server_pings(address)
+
+
+# A DNS server for the far side: every A query for NAME gets ADDRESS, anything else an empty
+# answer; each question is logged. Enough for the resolvers in the image (glibc's, busybox's).
+DNS_SERVER = """\
+import socket, struct, sys
+name, address, log = sys.argv[1:4]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((address, 53))
+print("ready", flush=True)
+while True:
+    query, peer = sock.recvfrom(512)
+    labels, i = [], 12
+    while query[i]:
+        labels.append(query[i + 1:i + 1 + query[i]].decode())
+        i += 1 + query[i]
+    qtype = struct.unpack(">H", query[i + 1:i + 3])[0]
+    asked = ".".join(labels)
+    with open(log, "a") as out:
+        out.write(f"{asked} {qtype}\\n")
+    known = asked == name and qtype == 1
+    answer = b"\\xc0\\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton(address)
+    header = struct.pack(">HHHHHH", struct.unpack(">H", query[:2])[0], 0x8180, 1, int(known), 0, 0)
+    sock.sendto(header + query[12:i + 5] + (answer if known else b""), peer)
+"""
+
+NAME_HARNESS = """\
+mount -t proc proc /proc && mount -t sysfs sysfs /sys && mount -t devtmpfs dev /dev || exit 99
+mkdir -p /run/kdump
+log() { echo "$*" >> /run/kdump/test.log; }
+for hook in /lib/kdump/hooks/*-network.sh /lib/kdump/hooks/*-target.sh; do . "$hook"; done
+kdump_network_up || exit 1
+echo "nfs address: $(kdump_nfs_addr {name})"
+ssh -v -F /dev/null -o BatchMode=yes -o ConnectTimeout=5 -p 9 root@{name} true 2>&1 | grep Connect
+dbclient -y -p 9 root@{name} true 2>&1 </dev/null || true
+"""
+
+
+def test_targets_named_by_host_resolve_through_the_leases_dns(
+    link: Link, kernel61: Kernel, tmp_path: Path
+) -> None:
+    """A real image for an nfs and an ssh target named by host, unpacked and run in the client
+    namespace: DHCP names the DNS server, the udhcpc script writes resolv.conf, and the NFS
+    hook (busybox nslookup) and both ssh clients (glibc's resolver) find the server by name."""
+    link.serve(vlan=None, dhcp=True)
+    name = "dumps.kdump.test"
+    dns_log = tmp_path / "dns.log"
+    dns = subprocess.Popen(["ip", "netns", "exec", link.server.name, sys.executable, "-c",
+                            DNS_SERVER, name, SERVER_ADDRESS, str(dns_log)],
+                           stdout=subprocess.PIPE)  # fmt: skip
+    link.servers.append(dns)
+    assert dns.stdout is not None and dns.stdout.readline() == b"ready\n"
+    keys = tmp_path / "keys"
+    ensure_key(keys / "id_ed25519")
+    (keys / "known_hosts").write_text(f"{name} {(keys / 'id_ed25519.pub').read_text()}")
+    targets = [{"type": "nfs", "export": f"{name}:/srv"}]
+    targets += [{"type": "ssh", "host": f"root@{name}", "identity": str(keys / "id_ed25519"),
+                 "known_hosts": str(keys / "known_hosts"), "client": client}
+                for client in ("openssh", "dropbear")]  # fmt: skip
+    text = yaml.safe_dump({"targets": targets, "network": {"interface": link.client_if},
+                           "capture": {"stage": "static"}})  # fmt: skip
+    image = tmp_path / "kdump.img"
+    request = BuildRequest(kernel61.kver, kernel61.kmoddir, image, kernel_image=kernel61.vmlinuz)
+    build(parse(text, str(tmp_path / "kdump.yaml")), request)
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(f"zstd -dc {image} | cpio -idm --quiet --no-absolute-filenames", shell=True,
+                   cwd=root, check=True)  # fmt: skip
+    assert not (root / "etc/resolv.conf").exists()
+    (root / "run-hook.sh").write_text(NAME_HARNESS.replace("{name}", name))
+    run = link.client.run(shutil.which("chroot") or "chroot", str(root), "/bin/sh",
+                          "/run-hook.sh", check=False, timeout=120)  # fmt: skip
+    said = run.stdout + run.stderr + (root / "run/kdump/test.log").read_text()
+    assert run.returncode == 0, said
+    assert f"nameserver {SERVER_ADDRESS}" in (root / "etc/resolv.conf").read_text()
+    assert f"nfs address: {SERVER_ADDRESS}\n" in run.stdout
+    # Nothing listens on port 9 over there: refused, which only an address can be.
+    assert f"Connecting to {name} [{SERVER_ADDRESS}] port 9." in run.stdout
+    assert "ssh: connect to host" in run.stdout and "Connection refused" in run.stdout
+    assert f"dbclient: Connection to root@{name}:9 exited: Connect failed: Connection refused" in (
+        run.stdout
+    )
+    asked = dns_log.read_text().splitlines()
+    assert f"{name} 1" in asked and all(line.startswith(name) for line in asked)

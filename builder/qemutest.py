@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import config as config_mod
-from builder import faults, raw
+from builder import faults, guest_traffic, raw
 from builder.build import BuildRequest, build
 from builder.config import Config, Target
 from builder.errors import KdumpError
@@ -250,6 +250,10 @@ def _capture_boot(
         extra = _first_stage_with_kexec_tools(options, first, image)
     else:
         extra = _first_stage_with_register(options, first, image, config_path, bool(network))
+    if network:
+        # Every frame on the NIC, cut to its headers: proof of where the guest sent packets.
+        pcap = workdir / Path(serial_log).with_suffix(".pcap")
+        network += ("-object", f"filter-dump,id=dump0,netdev=n0,file={pcap},maxlen=128")
     result = run(
         Boot(
             kernel=options.kernel,
@@ -559,6 +563,12 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
         )  # fmt: skip
         logs.append(log)
         report.timings["crash_and_capture" if n == 0 else f"crash_and_capture_{n + 1}"] = seconds
+    if network == NETWORK:
+        outside: dict[str, int] = {}
+        for pcap in sorted(workdir.glob("serial*.pcap")):
+            outside |= guest_traffic.destinations_outside(pcap, {GUEST_HOST})
+        report.check("guest_sent_only_to_the_test_servers", not outside,
+                     ", ".join(f"{n} frames to {a}" for a, n in outside.items()))  # fmt: skip
     report.check("capture_kernel_loaded", "kdump-test: capture kernel loaded" in log)
     report.check("capture_kernel_booted", "kdump: capture environment for kernel" in log)
     start = time.monotonic()

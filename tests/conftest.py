@@ -66,4 +66,6 @@ def run_qemu_test_for(
                        keep=tmp_path / "work", target=target)  # fmt: skip
     report = run_qemu_test(replace(settings, **options))
     assert report.ok, report.summary() + "\n" + Path(report.serial_log).read_text()[-4000:]
+    # Read from QEMU's record of every frame the guest's NIC sent.
+    assert report.checks["guest_sent_only_to_the_test_servers"]
     return report

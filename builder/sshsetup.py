@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -171,11 +172,15 @@ def free_port() -> int:
 class TestServer:
     """A throwaway OpenSSH server on 127.0.0.1 only: its own host key, one authorized client
     key, its own config, pid file and log, all in `directory`. With `passwords` it also offers
-    password logins, as many real servers do (no account here has a password that works)."""
+    password logins, as many real servers do (no account here has a password that works). With
+    `home` (root only) sshd and its sessions see that folder as the user's home directory, in a
+    mount namespace of their own, and take keys from its .ssh/authorized_keys too: a login that
+    writes there, as ssh-setup's does, touches nothing real."""
 
     directory: Path
     port: int = 0
     passwords: bool = False
+    home: Path | None = None
     user: str = field(default_factory=getpass.getuser)
     process: subprocess.Popen[bytes] | None = None
 
@@ -218,16 +223,23 @@ class TestServer:
             f"Port {self.port}\n"
             f"HostKey {self.host_key}\n"
             f"PidFile {self.directory / 'sshd.pid'}\n"
-            f"AuthorizedKeysFile {authorized}\n"
+            f"AuthorizedKeysFile {authorized}{' .ssh/authorized_keys' if self.home else ''}\n"
             f"AllowUsers {self.user}\n"
             "StrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n"
             f"PasswordAuthentication {offered}\nKbdInteractiveAuthentication {offered}\n"
             "AllowTcpForwarding no\nAllowAgentForwarding no\nX11Forwarding no\n"
             "PermitTunnel no\nPermitUserEnvironment no\nLogLevel VERBOSE\n"
         )
+        command = [str(SSHD), "-D", "-e", "-f", str(config)]
+        if self.home is not None:
+            self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            real_home = pwd.getpwnam(self.user).pw_dir
+            command = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                       'mount --bind "$0" "$1" && shift && exec "$@"',
+                       str(self.home), real_home, *command]  # fmt: skip
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(SSHD), "-D", "-e", "-f", str(config)],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -6,10 +6,13 @@ tests/test_faults_qemu.py."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from builder.cli import main
 from builder.config import SSH_IDENTITY, SSH_KNOWN_HOSTS, parse
 from builder.errors import KdumpError
 from builder.inspect_image import load_image
@@ -145,3 +148,36 @@ def test_ssh_setup_pins_the_servers_host_key(tmp_path: Path) -> None:
                       known_hosts=result.known_hosts, install=False)  # fmt: skip
         assert not again.key_created
         assert result.known_hosts.read_text().count("\n") == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server's private home needs root")
+def test_ssh_setup_installs_the_key_once_and_the_key_logs_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kdump-mkinitrd ssh-setup` against a real sshd whose user's home is a folder of the
+    test's: it logs in once (here with the server's already authorized key standing in for
+    a password), appends the new public key to ~/.ssh/authorized_keys, and a second run adds
+    nothing. Then the new key alone logs in, with only the pinned host keys trusted."""
+    home = tmp_path / "home"
+    with TestServer(tmp_path / "server", home=home) as server:
+        key, known = tmp_path / "client" / "id_ed25519", tmp_path / "client" / "known_hosts"
+        args = ["ssh-setup", f"{server.user}@127.0.0.1", "-p", str(server.port), "--key",
+                str(key), "--known-hosts", str(known), "-o", f"IdentityFile={server.client_key}",
+                "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"]  # fmt: skip
+        assert main(args) == 0
+        said = capsys.readouterr().out
+        assert "(created)" in said and "installed " in said and "ED25519" in said
+        public = key.with_name("id_ed25519.pub").read_text().strip()
+        authorized = home / ".ssh" / "authorized_keys"
+        assert authorized.read_text() == public + "\n"
+        assert authorized.stat().st_mode & 0o077 == 0 and known.read_text().count("\n") == 1
+        assert main(args) == 0
+        assert authorized.read_text() == public + "\n" and "(existing)" in capsys.readouterr().out
+        login = subprocess.run(
+            ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+             "-o", f"UserKnownHostsFile={known}", "-o", "IdentitiesOnly=yes", "-i", str(key),
+             "-p", str(server.port), f"{server.user}@127.0.0.1", "cat .ssh/authorized_keys"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert login.returncode == 0 and login.stdout == public + "\n", login.stderr
+    assert server.log.read_text().count("Accepted publickey") == 3  # two set-ups, one login

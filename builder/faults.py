@@ -32,6 +32,7 @@ class Fault:
     crashes: int = 1
     read_back: bool = True
     kill_when: tuple[str, ...] = ()  # power cut: QEMU is killed when the serial log shows one
+    cut_network: bool = False  # the NIC's link goes down once the server holds part of the dump
     targets: tuple[str, ...] = ("disk",)  # the qemu-test --target values it works with
     # What the capture log must show, by --target, or --target/client where the ssh clients
     # word it differently ("*": the same for all).
@@ -79,6 +80,12 @@ FAULTS = {f.name: f for f in (
           + NETWORK_FAULT_OUTCOME, targets=("ssh",),
           logged=(("ssh", "Permission denied (publickey,password,keyboard-interactive)"),
                   ("ssh/dropbear", "Disconnect received"))),
+    Fault("net-lost", "the network goes away while the dump streams (QEMU takes the NIC's "
+          "link down): the stalled transfer is given up in bounded time (ssh keepalives, the "
+          "NFS soft mount), logged; the next target takes the dump, else failure_action runs; "
+          "nothing complete is left on the server", targets=("nfs", "ssh"), cut_network=True,
+          logged=(("ssh", "Timeout, server"), ("ssh/dropbear", "Keepalive timeout"),
+                  ("nfs", "no longer answers: giving it up"))),
 )}  # fmt: skip
 
 
@@ -187,4 +194,7 @@ def _check_network_fault(
     else:
         report.check("failure_action_ran", "kdump: running failure_action" in log)
     written = sorted(p.name for p in Path(facts["server_dumps"]).rglob("vmcore*"))
-    report.check("nothing_written_on_the_server", not written, str(written))
+    if fault.name == "net-lost":  # cut mid-stream: the kernel log and a partial file may stay
+        report.check("no_complete_dump_on_the_server", "vmcore" not in written, str(written))
+    else:
+        report.check("nothing_written_on_the_server", not written, str(written))

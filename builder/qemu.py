@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from builder.errors import KdumpError
@@ -25,6 +28,10 @@ class Boot:
     extra: tuple[str, ...] = ()
     # Pull the plug: kill QEMU as soon as the serial log shows any of these lines.
     kill_when: tuple[str, ...] = ()
+    # Pull the network cable: take the NIC's link down (QEMU's monitor, set_link) as soon as
+    # this says so (polled); the monitor listens on `monitor`.
+    link_down_when: Callable[[], bool] | None = None
+    monitor: Path | None = None
     # Runs QEMU through this command prefix (nsenter: the test NFS server's namespace).
     wrapper: tuple[str, ...] = ()
 
@@ -61,7 +68,7 @@ def command(boot: Boot) -> list[str]:
         "-display",
         "none",
         "-monitor",
-        "none",
+        f"unix:{boot.monitor},server=on,wait=off" if boot.monitor else "none",
         "-no-reboot",
         "-nic",
         "none",
@@ -88,7 +95,9 @@ def run(boot: Boot) -> BootResult:
     )
     code: int | None
     try:
-        if boot.kill_when and _wait_for(boot, proc, start):
+        if boot.link_down_when and _wait_for(boot, proc, start, boot.link_down_when):
+            _monitor(boot, "set_link n0 off")
+        if boot.kill_when and _wait_for(boot, proc, start, partial(_logged, boot, boot.kill_when)):
             proc.kill()
         _, err = proc.communicate(timeout=max(boot.timeout - (time.monotonic() - start), 1))
         code = proc.returncode
@@ -103,14 +112,41 @@ def run(boot: Boot) -> BootResult:
     return BootResult(code, seconds, log, cmd)
 
 
-def _wait_for(boot: Boot, proc: subprocess.Popen[bytes], start: float) -> bool:
-    """Poll the serial log until a `kill_when` line shows; False when QEMU ended or time ran out."""
+def _logged(boot: Boot, markers: tuple[str, ...]) -> bool:
+    text = boot.serial_log.read_text(errors="replace") if boot.serial_log.exists() else ""
+    return any(marker in text for marker in markers)
+
+
+def _wait_for(
+    boot: Boot, proc: subprocess.Popen[bytes], start: float, ready: Callable[[], bool]
+) -> bool:
+    """Poll until `ready` says so; False when QEMU ended or time ran out."""
     while time.monotonic() - start < boot.timeout and proc.poll() is None:
-        text = boot.serial_log.read_text(errors="replace") if boot.serial_log.exists() else ""
-        if any(marker in text for marker in boot.kill_when):
+        if ready():
             return True
         time.sleep(0.05)
     return False
+
+
+def _monitor(boot: Boot, command: str) -> None:
+    """One command to QEMU's human monitor, once its prompt shows."""
+    assert boot.monitor is not None
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(boot.monitor))
+        said = b""
+        while b"(qemu)" not in said:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise KdumpError(f"QEMU's monitor closed before its prompt: {said!r}")
+            said += chunk
+        sock.sendall(command.encode() + b"\n")
+        said = b""
+        while b"(qemu)" not in said:  # the echo, any answer, then the next prompt
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            said += chunk
 
 
 def default_accel() -> str:

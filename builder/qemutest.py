@@ -18,7 +18,9 @@ import tarfile
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +245,7 @@ def _capture_boot(
     network: tuple[str, ...] = (),
     serial_log: str = "serial.log",
     kill_when: tuple[str, ...] = (),
+    link_down_when: Callable[[], bool] | None = None,
     wrapper: tuple[str, ...] = (),
 ) -> tuple[str, float]:
     first = workdir / "first-stage.img"
@@ -266,6 +269,8 @@ def _capture_boot(
             timeout=options.timeout,
             extra=extra + network,
             kill_when=kill_when,
+            link_down_when=link_down_when,
+            monitor=workdir / "monitor.sock" if link_down_when else None,
             wrapper=wrapper,
         )
     )
@@ -398,6 +403,17 @@ class Servers:
                 self.nfs.stop_serving()
         elif fault.name == "key-refused" and self.ssh is not None:
             self.ssh.revoke_client_key()
+
+
+def _streaming(dumps: Path) -> bool:
+    """The server holds the first MiB of a dump that is still being written."""
+    for path in dumps.rglob("vmcore.incomplete"):
+        try:
+            if path.stat().st_size > 2**20:
+                return True
+        except FileNotFoundError:  # renamed meanwhile: complete, too late to cut
+            continue
+    return False
 
 
 def _server_config(options: Options, workdir: Path, servers: Servers) -> Path:
@@ -559,6 +575,8 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
             options, workdir, image, disks, config_path, network,
             serial_log="serial.log" if n == 0 else f"serial-{n + 1}.log",
             kill_when=fault.kill_when if fault and last else (),
+            link_down_when=partial(_streaming, servers.dumps) if fault and fault.cut_network
+            else None,
             wrapper=wrapper,
         )  # fmt: skip
         logs.append(log)

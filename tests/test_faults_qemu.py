@@ -39,6 +39,7 @@ NETWORK_CASES = [
     ("bad-hostkey", "ssh", True), ("key-refused", "ssh", False),
     ("server-down", "ssh/dropbear", False), ("bad-hostkey", "ssh/dropbear", False),
     ("key-refused", "ssh/dropbear", True),
+    ("net-lost", "nfs", True), ("net-lost", "ssh", False), ("net-lost", "ssh/dropbear", True),
 ]  # fmt: skip
 CASES = [(f, "disk", False) for f in sorted(FAULTS) if FAULTS[f].targets == ("disk",)]
 

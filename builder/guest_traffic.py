@@ -28,6 +28,11 @@ _LINK_ONLY = [
 ]
 
 
+def recording(pcap: Path, netdev: str = "n0") -> tuple[str, ...]:
+    """QEMU arguments that write every frame of `netdev` to `pcap`, cut to its headers."""
+    return ("-object", f"filter-dump,id=dump0,netdev={netdev},file={pcap},maxlen=128")
+
+
 def _frames(pcap: Path) -> Iterator[bytes]:
     try:
         data = pcap.read_bytes()

@@ -254,9 +254,8 @@ def _capture_boot(
     else:
         extra = _first_stage_with_register(options, first, image, config_path, bool(network))
     if network:
-        # Every frame on the NIC, cut to its headers: proof of where the guest sent packets.
-        pcap = workdir / Path(serial_log).with_suffix(".pcap")
-        network += ("-object", f"filter-dump,id=dump0,netdev=n0,file={pcap},maxlen=128")
+        # Proof of where the guest sent packets.
+        network += guest_traffic.recording(workdir / Path(serial_log).with_suffix(".pcap"))
     result = run(
         Boot(
             kernel=options.kernel,

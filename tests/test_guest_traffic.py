@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from builder.guest_images import utility_image
-from builder.guest_traffic import destinations_outside
+from builder.guest_traffic import destinations_outside, recording
 from builder.qemu import Boot, default_accel, run
 from builder.qemutest import GUEST_HOST
 from tests.conftest import Kernel
@@ -34,8 +34,7 @@ def test_packets_to_other_addresses_are_caught(kernel61: Kernel, tmp_path: Path)
             accel=default_accel(),
             timeout=180,
             extra=("-netdev", "user,id=n0,ipv6=off,restrict=on",
-                   "-device", "virtio-net-pci,netdev=n0",
-                   "-object", f"filter-dump,id=dump0,netdev=n0,file={pcap},maxlen=128"),
+                   "-device", "virtio-net-pci,netdev=n0", *recording(pcap)),
         )
     )  # fmt: skip
     assert "stray-packets: done" in result.log, result.log[-3000:]

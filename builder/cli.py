@@ -271,19 +271,42 @@ def _register(args: argparse.Namespace) -> int:
     kver = args.kver or os.uname().release
     # Host-only by default when arming the kernel that runs here: its devices are the truth.
     hostonly = args.hostonly if args.hostonly is not None else kver == os.uname().release
-    request = _request(args, args.image, hostonly)
     config = config_mod.load(args.config)
+    # First free the raw targets (as kdumpctl does at boot): a dump left on one would make the
+    # next crash go elsewhere. Whatever happens to the load, this is worth doing.
+    failed = _recover_raw_targets(config)
+    request = _request(args, args.image, hostonly)
     try:
         loaded, rebuilt = registration.register(config, request, tuple(args.append))
     except registration.NoReservation as exc:
         print(f"kdump-mkinitrd: {exc}", file=sys.stderr)
-        return registration.EXIT_NO_RESERVATION
+        return registration.EXIT_ERROR if failed else registration.EXIT_NO_RESERVATION
     if rebuilt:
         print("rebuilt the image: " + "; ".join(rebuilt[:5]), file=sys.stderr)
     print(f"capture kernel {loaded.kernel} loaded with {loaded.image}")
     if args.json:
         print(json.dumps(asdict(loaded), indent=1))
+    if failed:
+        print(f"kdump-mkinitrd: error: the capture kernel is loaded, but {failed} raw "
+              "target(s) still hold a dump that could not be recovered (see above)",
+              file=sys.stderr)  # fmt: skip
+        return registration.EXIT_ERROR
     return 0
+
+
+def _recover_raw_targets(config: config_mod.Config) -> int:
+    """Recover each raw target's complete dump; say what happened; count the failures."""
+    from builder import raw
+
+    failed = 0
+    for done in raw.recover_targets(config.targets):
+        if done.ok:
+            print(f"kdump-mkinitrd: raw target {done.target}: {done.message}", file=sys.stderr)
+        else:
+            failed += 1
+            print(f"kdump-mkinitrd: error: raw target {done.target}: {done.message}",
+                  file=sys.stderr)  # fmt: skip
+    return failed
 
 
 def _unregister(args: argparse.Namespace) -> int:

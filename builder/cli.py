@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from builder import config as config_mod
-from builder import faults
+from builder import faults, kernelfiles
 from builder.build import BuildRequest, build
 from builder.errors import KdumpError
 from builder.inspect_image import report, text
@@ -31,7 +31,12 @@ def default_output(kver: str) -> Path:
 def _add_kernel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", "--kver", help="kernel version (default: the running kernel)")
     p.add_argument("--kmoddir", type=Path, help="module tree (default: /lib/modules/KVER)")
-    p.add_argument("--kernel", type=Path, help="kernel image; its config-KVER is read beside it")
+    p.add_argument(
+        "--kernel",
+        type=Path,
+        help="kernel image or UKI (default: found under /boot or /lib/modules/KVER); its "
+        "config-KVER is read beside it",
+    )
     p.add_argument(
         "-c", "--config", type=Path, help=f"config file (default {config_mod.DEFAULT_PATH})"
     )
@@ -203,7 +208,8 @@ def _qemu_test(args: argparse.Namespace) -> int:
     from builder import qemutest
 
     kver = args.kver or os.uname().release
-    kernel = args.kernel or Path(f"/boot/vmlinuz-{kver}")
+    kmoddir = args.kmoddir or Path("/lib/modules") / kver
+    kernel = args.kernel or kernelfiles.find_kernel(kver, kmoddir) or Path(f"/boot/vmlinuz-{kver}")
     if not kernel.is_file():
         raise KdumpError(f"kernel image {kernel} does not exist (give --kernel)")
     qemutest.check_tools()
@@ -250,15 +256,21 @@ def _ssh_setup(args: argparse.Namespace) -> int:
 
 def _request(args: argparse.Namespace, output: Path | None, hostonly: bool) -> BuildRequest:
     kver = args.kver or os.uname().release
-    kernel = args.kernel
-    if kernel is None and Path(f"/boot/vmlinuz-{kver}").exists():
-        kernel = Path(f"/boot/vmlinuz-{kver}")
-    elif kernel is not None and not kernel.is_file():
-        raise KdumpError(f"kernel image {kernel} does not exist")
+    kmoddir = args.kmoddir or Path("/lib/modules") / kver
+    output = output or default_output(kver)
+    if args.kernel is None:
+        # None when no layout has it: `build` can do without, `register` refuses early.
+        kernel = kernelfiles.find_kernel(
+            kver, kmoddir, extracted=kernelfiles.extracted_path(output, kver)
+        )
+    elif not args.kernel.is_file():
+        raise KdumpError(f"kernel image {args.kernel} does not exist")
+    else:
+        kernel = kernelfiles.kernel_for_kexec(args.kernel, kver, output)
     return BuildRequest(
         kver=kver,
-        kmoddir=args.kmoddir or Path("/lib/modules") / kver,
-        output=output or default_output(kver),
+        kmoddir=kmoddir,
+        output=output,
         kernel_image=kernel,
         modules_dirs=tuple(args.modules_dir),
         hostonly=hostonly,

@@ -377,12 +377,13 @@ class ElfResolver:
             by_real.setdefault(interp.real, interp)
             names.update(n for n in (interp.found, interp.info.soname) if n)
         queue = deque([main])
+        moved: list[tuple[_Loaded, str]] = []
         while queue:
             obj = queue.popleft()
             for name in obj.info.needed:
                 if name in names:
                     continue
-                found, lib_walk, lib_info = self._locate(name, obj, info)
+                found, lib_walk, lib_info, conf = self._locate(name, obj, info)
                 names.add(name)
                 if lib_walk.real in by_real:
                     continue  # the loader notices the same file by inode and reuses it
@@ -391,9 +392,43 @@ class ElfResolver:
                 if lib_info.soname:
                     names.add(lib_info.soname)
                 names.add(found)
-                acc.add_links(lib_walk.links)
-                acc.add_file(lib.real, self._host(lib.real), f"needed by {obj.display}")
+                if conf:
+                    moved.append((lib, f"needed by {obj.display}"))
+                else:
+                    acc.add_links(lib_walk.links)
+                    acc.add_file(lib.real, self._host(lib.real), f"needed by {obj.display}")
                 queue.append(lib)
+        if moved:
+            self._add_moved(moved, list(by_real.values()), info, acc)
+
+    def _add_moved(
+        self, moved: list[tuple[_Loaded, str]], loaded: list[_Loaded], main: _ElfInfo,
+        acc: _Accumulator,
+    ) -> None:  # fmt: skip
+        """Libraries the host's loader finds only through /etc/ld.so.conf, that is through
+        ld.so.cache, which the image does not have: placed where the image's loader looks
+        by itself, the directory the C library was found in (a built-in one by definition:
+        glibc's slibdir), under the name the loader searches for."""
+        target = self._walk(self._builtin_dir(loaded, main))
+        assert target is not None  # a directory a library was found in, or an existing one
+        acc.add_links(target.links)
+        for lib, why in moved:
+            path = _join(target.real, posixpath.basename(lib.found))
+            where = _parent(lib.found)
+            why = (f"{why}; found through /etc/ld.so.conf in {where}, placed where the "
+                   "image's loader looks without a cache")  # fmt: skip
+            acc.add_file(path, self._host(lib.real), why)
+
+    def _builtin_dir(self, loaded: list[_Loaded], main: _ElfInfo) -> str:
+        libc = [o for o in loaded if (o.info.soname or "").startswith("libc.so")]
+        default = self._default_dirs(main)
+        for obj in (*libc, *loaded):
+            if obj.loader is not None and _parent(obj.found) in default:
+                return _parent(obj.found)
+        existing = [d for d in default if self._is_dir(d)]
+        if not existing:
+            raise KdumpError(f"no library directory of the loader exists{self._where()}")
+        return existing[0]
 
     def _add_interpreter(self, program: str, interp: str, acc: _Accumulator) -> _Loaded:
         if not interp.startswith("/"):
@@ -411,15 +446,19 @@ class ElfResolver:
 
     # --- library search -----------------------------------------------------------------
 
-    def _locate(self, name: str, obj: _Loaded, main: _ElfInfo) -> tuple[str, _Walked, _ElfInfo]:
-        """Where the loader finds DT_NEEDED ``name`` of ``obj`` in a process of ``main``."""
+    def _locate(
+        self, name: str, obj: _Loaded, main: _ElfInfo
+    ) -> tuple[str, _Walked, _ElfInfo, bool]:
+        """Where the loader finds DT_NEEDED ``name`` of ``obj`` in a process of ``main``, and
+        whether only an ld.so.conf directory (not a built-in one or a run path) has it."""
         expanded = self._expand(name, obj.origin, main) if "$" in name else name
         if expanded is None:
             raise KdumpError(f"cannot expand library name {name!r} needed by {obj.display}")
         if "/" in expanded:
-            return self._locate_path(name, expanded, obj, main)
+            return (*self._locate_path(name, expanded, obj, main), False)
         tried: list[str] = []
-        for directory in self._search_dirs(obj, main):
+        conf_only = set(self._ld_so_conf_dirs()) - set(self._default_dirs(main))
+        for directory, from_conf in self._search_dirs(obj, main):
             tried.append(directory)
             candidate = _join(directory, expanded)
             walked = self._walk(candidate)
@@ -432,7 +471,7 @@ class ElfResolver:
                     f"{candidate} (for {name} needed by {obj.display}) is not an ELF file"
                 )
             if info.abi == main.abi:
-                return candidate, walked, info
+                return candidate, walked, info, from_conf and directory in conf_only
         raise KdumpError(
             f"library {name} needed by {obj.display} not found{self._where()}; "
             f"searched {':'.join(tried)}"
@@ -450,28 +489,33 @@ class ElfResolver:
             raise KdumpError(f"library {path} needed by {obj.display} not found or unusable")
         return path, walked, info
 
-    def _search_dirs(self, obj: _Loaded, main: _ElfInfo) -> Iterator[str]:
-        """Directories in the loader's order; lazy, since most names hit early."""
+    def _search_dirs(self, obj: _Loaded, main: _ElfInfo) -> Iterator[tuple[str, bool]]:
+        """Directories in the loader's order, each with whether it comes from ld.so.conf
+        (reached through ld.so.cache) rather than a run path; lazy, as most names hit early."""
         seen: set[str] = set()
-        for directory in self._search_dirs_raw(obj, main):
+        for directory, from_conf in self._search_dirs_raw(obj, main):
             if directory not in seen:
                 seen.add(directory)
-                yield directory
+                yield directory, from_conf
 
-    def _search_dirs_raw(self, obj: _Loaded, main: _ElfInfo) -> Iterator[str]:
+    def _search_dirs_raw(self, obj: _Loaded, main: _ElfInfo) -> Iterator[tuple[str, bool]]:
         if obj.info.runpath is None:
             ancestor: _Loaded | None = obj
             while ancestor is not None:
                 # glibc drops DT_RPATH of an object that also has DT_RUNPATH.
                 if ancestor.info.rpath is not None and ancestor.info.runpath is None:
-                    yield from self._expand_list(ancestor.info.rpath, ancestor.origin, main)
+                    for d in self._expand_list(ancestor.info.rpath, ancestor.origin, main):
+                        yield d, False
                 ancestor = ancestor.loader
         if obj.info.runpath is not None:
-            yield from self._expand_list(obj.info.runpath, obj.origin, main)
+            for d in self._expand_list(obj.info.runpath, obj.origin, main):
+                yield d, False
         if obj.info.nodeflib:
             return
-        yield from self._ld_so_conf_dirs()
-        yield from self._default_dirs(main)
+        for d in self._ld_so_conf_dirs():
+            yield d, True
+        for d in self._default_dirs(main):
+            yield d, False
 
     def _expand_list(self, text: str, origin: str, main: _ElfInfo) -> Iterator[str]:
         for entry in text.split(":"):

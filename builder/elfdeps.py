@@ -17,6 +17,11 @@ Loader rules replayed here (glibc elf/dl-load.c):
   ld.so.cache is built from) and the built-in default directories.
 
 A candidate whose ELF class, byte order or machine differ from the program's is skipped.
+
+glibc before 2.34 keeps its NSS back ends in modules it loads with dlopen (libnss_files for
+getpwuid, libnss_dns for host names), which no DT_NEEDED names: a process that maps such a
+libc (told by the newest GLIBC_x.y version its libc.so.6 defines) gets them, found as libc
+would find them.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ _MAX_SYMLINKS = 40
 # The kernel reads at most this much of a script to find its "#!" line.
 _SHEBANG_MAX = 256
 _DF_1_NODEFLIB = 0x800
+_GLIBC_VERSION = re.compile(r"GLIBC_(\d+(?:\.\d+)+)$")
+# From 2.34 on, libc has files and dns built in; before, they are modules that glibc dlopens.
+_NSS_BUILT_IN = (2, 34)
+NSS_MODULES = ("libnss_files.so.2", "libnss_dns.so.2")
 _EF_ARM_ABI_FLOAT_HARD = 0x400
 _DST = re.compile(r"\$(?:\{(ORIGIN|LIB|PLATFORM)\}|(ORIGIN|LIB|PLATFORM)(?![A-Za-z0-9_]))")
 
@@ -115,10 +124,25 @@ class _ElfInfo:
     runpath: str | None
     soname: str | None
     nodeflib: bool
+    versions: tuple[str, ...] = ()  # symbol versions the object defines (DT_VERDEF)
 
     @property
     def abi(self) -> tuple[int, bool, str]:
         return (self.elfclass, self.little_endian, self.machine)
+
+    @property
+    def glibc_version(self) -> tuple[int, ...] | None:
+        """For glibc's libc.so.6: its release, the newest GLIBC_x.y version it defines."""
+        if self.soname != "libc.so.6":
+            return None
+        found = [_GLIBC_VERSION.match(v) for v in self.versions]
+        numbers = [tuple(int(n) for n in m.group(1).split(".")) for m in found if m]
+        return max(numbers) if numbers else None
+
+    @property
+    def needs_nss_modules(self) -> bool:
+        version = self.glibc_version
+        return version is not None and version < _NSS_BUILT_IN
 
 
 @dataclass(frozen=True)
@@ -233,7 +257,8 @@ def _read_elf_info(host_path: str) -> _ElfInfo | None:
                 interpreter = os.fsdecode(raw)
             elif header["p_type"] == "PT_DYNAMIC":
                 entries = _read_dynamic(elf, stream, header)
-        strings = _dynamic_strings(stream, [h for h in phdrs if h["p_type"] == "PT_LOAD"], entries)
+        loads = [h for h in phdrs if h["p_type"] == "PT_LOAD"]
+        strings = _dynamic_strings(stream, loads, entries)
         flags_1 = 0
         for tag, val in entries:
             if tag == "DT_FLAGS_1":
@@ -249,6 +274,7 @@ def _read_elf_info(host_path: str) -> _ElfInfo | None:
             runpath=":".join(strings["DT_RUNPATH"]) if "DT_RUNPATH" in strings else None,
             soname=strings["DT_SONAME"][0] if "DT_SONAME" in strings else None,
             nodeflib=bool(flags_1 & _DF_1_NODEFLIB),
+            versions=_version_definitions(elf, stream, loads, entries),
         )
 
 
@@ -267,6 +293,28 @@ def _dynamic_strings(
         if tag in wanted:
             strings.setdefault(str(tag), []).append(_read_cstring(stream, base + val))
     return strings
+
+
+def _version_definitions(
+    elf: ELFFile, stream: IO[bytes], loads: list[Any], entries: list[tuple[Any, int]]
+) -> tuple[str, ...]:
+    """Names of the symbol versions an object defines (DT_VERDEF; only libraries have it)."""
+    tags = dict(entries)
+    if "DT_VERDEF" not in tags or "DT_STRTAB" not in tags:
+        return ()
+    strtab = _vaddr_to_offset(loads, tags["DT_STRTAB"])
+    verdef, verdaux = elf.structs.Elf_Verdef, elf.structs.Elf_Verdaux
+    offset = _vaddr_to_offset(loads, tags["DT_VERDEF"])
+    names: list[str] = []
+    for _ in range(tags.get("DT_VERDEFNUM", 0)):
+        entry = struct_parse(verdef, stream, stream_pos=offset)
+        if entry["vd_cnt"]:
+            aux = struct_parse(verdaux, stream, stream_pos=offset + entry["vd_aux"])
+            names.append(_read_cstring(stream, strtab + aux["vda_name"]))
+        if not entry["vd_next"]:
+            break
+        offset += entry["vd_next"]
+    return tuple(names)
 
 
 def _read_shebang(host_path: str) -> list[str] | None:
@@ -380,7 +428,8 @@ class ElfResolver:
         moved: list[tuple[_Loaded, str]] = []
         while queue:
             obj = queue.popleft()
-            for name in obj.info.needed:
+            dlopened = NSS_MODULES if obj.info.needs_nss_modules else ()
+            for name in (*obj.info.needed, *dlopened):
                 if name in names:
                     continue
                 found, lib_walk, lib_info, conf = self._locate(name, obj, info)
@@ -392,11 +441,16 @@ class ElfResolver:
                 if lib_info.soname:
                     names.add(lib_info.soname)
                 names.add(found)
+                why = f"needed by {obj.display}"
+                if name in dlopened:
+                    release = ".".join(map(str, obj.info.glibc_version or ()))
+                    why = (f"loaded with dlopen by glibc {release} ({obj.display}) for "
+                           "getpwuid and host names: before 2.34 NSS is in modules")  # fmt: skip
                 if conf:
-                    moved.append((lib, f"needed by {obj.display}"))
+                    moved.append((lib, why))
                 else:
                     acc.add_links(lib_walk.links)
-                    acc.add_file(lib.real, self._host(lib.real), f"needed by {obj.display}")
+                    acc.add_file(lib.real, self._host(lib.real), why)
                 queue.append(lib)
         if moved:
             self._add_moved(moved, list(by_real.values()), info, acc)

@@ -73,6 +73,7 @@ def test_every_program_of_a_real_image_starts_in_its_chroot(
         done = imagerun.run_in(root, "/usr/bin/ssh", "-G", "root@10.0.2.2")
         assert done.returncode == 0, done.stderr
         assert "user root" in done.stdout
+        assert "passwd: files\n" in (root / "etc/nsswitch.conf").read_text()
 
 
 def copy_closure(root: Path, programs: list[str]) -> None:

@@ -10,14 +10,19 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from builder.build import BuildRequest, build
+from builder.compress import decompress
 from builder.config import parse
+from builder.cpio import Entry, read_newc
 from builder.elfdeps import ElfResolver
+from builder.errors import KdumpError
 from builder.sshsetup import ensure_key
+from builder.verify import check_image
 from tests import imagerun
 from tests.conftest import Kernel
 
@@ -134,3 +139,24 @@ def test_a_library_found_only_through_ld_so_conf_starts_in_the_image(
     # And it really runs there, with the vendor library.
     done = imagerun.run_in(unpacked, "/usr/bin/vendor-tool")
     assert (done.returncode, done.stdout) == (0, "42\n"), done.stderr
+
+
+def test_the_build_refuses_a_library_only_an_ld_so_cache_would_find(
+    kernel61: Kernel, tmp_path: Path
+) -> None:
+    """The post-build check knows the image has no ld.so.cache: a library present, but only
+    in a directory no run path names and the loader does not search by itself, is refused."""
+    output = tmp_path / "kdump.img"
+    text = f"targets:\n{ssh_target(tmp_path, 'openssh')}capture: {{stage: static}}\n"
+    build(parse(text, str(tmp_path / "kdump.yaml")), BuildRequest(
+        kernel61.kver, kernel61.kmoddir, output, kernel_image=kernel61.vmlinuz))  # fmt: skip
+    entries = [Entry(m.path, m.kind, m.mode, m.data, m.rdev)
+               for m in read_newc(decompress(output.read_bytes(), str(output)))]  # fmt: skip
+    check_image(entries)
+    libcrypto = next(e for e in entries if e.path.endswith("/libcrypto.so.3"))
+    moved = [e for e in entries if e is not libcrypto]
+    moved.append(replace(libcrypto, path="usr/local/lib/libcrypto.so.3"))
+    with pytest.raises(KdumpError, match=(
+        r"/usr/bin/ssh needs libcrypto\.so\.3, which is only at /usr/local/lib/libcrypto\.so\.3:"
+        r" the loader does not look there without an ld\.so\.cache")):  # fmt: skip
+        check_image(moved)

@@ -18,6 +18,10 @@ Loader rules replayed here (glibc elf/dl-load.c):
 
 A candidate whose ELF class, byte order or machine differ from the program's is skipped.
 
+The image has no ld.so.cache, through which the host's loader reads ld.so.conf: a library
+found only in an ld.so.conf directory is placed in the image where its loader looks by
+itself (the built-in directory libc.so.6 is in), and its own $ORIGIN is taken from there.
+
 glibc before 2.34 keeps its NSS back ends in modules it loads with dlopen (libnss_files for
 getpwuid, libnss_dns for host names), which no DT_NEEDED names: a process that maps such a
 libc (told by the newest GLIBC_x.y version its libc.so.6 defines) gets them, found as libc
@@ -343,6 +347,7 @@ class ElfResolver:
         self._infos: dict[str, _ElfInfo | None] = {}
         self._conf_dirs: tuple[str, ...] | None = None
         self._lib_dsts: dict[tuple[int, bool, str], str] = {}
+        self._builtin: dict[tuple[int, bool, str], _Walked] = {}
 
     # --- public API -------------------------------------------------------------------
 
@@ -425,7 +430,6 @@ class ElfResolver:
             by_real.setdefault(interp.real, interp)
             names.update(n for n in (interp.found, interp.info.soname) if n)
         queue = deque([main])
-        moved: list[tuple[_Loaded, str]] = []
         while queue:
             obj = queue.popleft()
             dlopened = NSS_MODULES if obj.info.needs_nss_modules else ()
@@ -436,7 +440,14 @@ class ElfResolver:
                 names.add(name)
                 if lib_walk.real in by_real:
                     continue  # the loader notices the same file by inode and reuses it
-                lib = _Loaded(found, lib_walk.real, lib_info, _parent(found), obj, lib_walk.real)
+                origin = _parent(found)
+                if conf:
+                    # Its place in the image, so that its own $ORIGIN run paths are looked
+                    # up there, as the image's loader will.
+                    where, placed = origin, self._builtin_dir(info)
+                    acc.add_links(placed.links)
+                    origin = placed.real
+                lib = _Loaded(found, lib_walk.real, lib_info, origin, obj, lib_walk.real)
                 by_real[lib.real] = lib
                 if lib_info.soname:
                     names.add(lib_info.soname)
@@ -447,42 +458,40 @@ class ElfResolver:
                     why = (f"loaded with dlopen by glibc {release} ({obj.display}) for "
                            "getpwuid and host names: before 2.34 NSS is in modules")  # fmt: skip
                 if conf:
-                    moved.append((lib, why))
+                    why += (f"; found through /etc/ld.so.conf in {where}, placed where the "
+                            "image's loader looks without an ld.so.cache")  # fmt: skip
+                    path = _join(origin, posixpath.basename(found))
+                    acc.add_file(path, self._host(lib.real), why)
                 else:
                     acc.add_links(lib_walk.links)
                     acc.add_file(lib.real, self._host(lib.real), why)
                 queue.append(lib)
-        if moved:
-            self._add_moved(moved, list(by_real.values()), info, acc)
 
-    def _add_moved(
-        self, moved: list[tuple[_Loaded, str]], loaded: list[_Loaded], main: _ElfInfo,
-        acc: _Accumulator,
-    ) -> None:  # fmt: skip
-        """Libraries the host's loader finds only through /etc/ld.so.conf, that is through
-        ld.so.cache, which the image does not have: placed where the image's loader looks
-        by itself, the directory the C library was found in (a built-in one by definition:
-        glibc's slibdir), under the name the loader searches for."""
-        target = self._walk(self._builtin_dir(loaded, main))
-        assert target is not None  # a directory a library was found in, or an existing one
-        acc.add_links(target.links)
-        for lib, why in moved:
-            path = _join(target.real, posixpath.basename(lib.found))
-            where = _parent(lib.found)
-            why = (f"{why}; found through /etc/ld.so.conf in {where}, placed where the "
-                   "image's loader looks without a cache")  # fmt: skip
-            acc.add_file(path, self._host(lib.real), why)
+    def _builtin_dir(self, main: _ElfInfo) -> _Walked:
+        """Where a library found only through /etc/ld.so.conf goes in the image.
 
-    def _builtin_dir(self, loaded: list[_Loaded], main: _ElfInfo) -> str:
-        libc = [o for o in loaded if (o.info.soname or "").startswith("libc.so")]
-        default = self._default_dirs(main)
-        for obj in (*libc, *loaded):
-            if obj.loader is not None and _parent(obj.found) in default:
-                return _parent(obj.found)
-        existing = [d for d in default if self._is_dir(d)]
-        if not existing:
-            raise KdumpError(f"no library directory of the loader exists{self._where()}")
-        return existing[0]
+        ld.so.conf is read through ld.so.cache, which the image does not have; the image's
+        loader looks by itself only in its built-in directories. The one glibc's own
+        libc.so.6 is in is one of them by definition (its slibdir); without a libc there,
+        the first built-in directory that exists."""
+        if main.abi not in self._builtin:
+            default = self._default_dirs(main)
+            chosen = None
+            for directory in default:
+                walked = self._walk(_join(directory, "libc.so.6"))
+                if walked is not None and walked.is_reg:
+                    info = self._info(walked.real)
+                    if info is not None and info.abi == main.abi:
+                        chosen = directory
+                        break
+            if chosen is None:
+                chosen = next((d for d in default if self._is_dir(d)), None)
+            if chosen is None:
+                raise KdumpError(f"no library directory of the loader exists{self._where()}")
+            placed = self._walk(chosen)
+            assert placed is not None  # checked just above
+            self._builtin[main.abi] = placed
+        return self._builtin[main.abi]
 
     def _add_interpreter(self, program: str, interp: str, acc: _Accumulator) -> _Loaded:
         if not interp.startswith("/"):

@@ -112,7 +112,9 @@ def test_a_library_found_only_through_ld_so_conf_starts_in_the_image(
     copy_closure(root, ["/usr/bin/busybox", "/usr/bin/makedumpfile"])
     src = tmp_path / "src"
     src.mkdir()
-    (src / "vendor.c").write_text("int vendor(void) { return 42; }\n")
+    # Vendor bundles find their own siblings through RUNPATH $ORIGIN.
+    (src / "core.c").write_text("int core(void) { return 40; }\n")
+    (src / "vendor.c").write_text("int core(void);\nint vendor(void) { return core() + 2; }\n")
     (src / "tool.c").write_text(
         "#include <stdio.h>\nint vendor(void);\n"
         'int main(void) { printf("%d\\n", vendor()); return 0; }\n'
@@ -121,8 +123,12 @@ def test_a_library_found_only_through_ld_so_conf_starts_in_the_image(
     lib.parent.mkdir(parents=True)
     gcc = ["gcc", "-O2"]
     subprocess.run(
+        [*gcc, "-shared", "-fPIC", "-Wl,-soname,libvendorcore.so.1", "-o",
+         str(lib.parent / "libvendorcore.so.1"), str(src / "core.c")], check=True)  # fmt: skip
+    subprocess.run(
         [*gcc, "-shared", "-fPIC", "-Wl,-soname,libvendor.so.1", "-o", str(lib),
-         str(src / "vendor.c")], check=True)  # fmt: skip
+         str(src / "vendor.c"), f"-L{lib.parent}", "-l:libvendorcore.so.1",
+         "-Wl,--enable-new-dtags,-rpath,$ORIGIN"], check=True)  # fmt: skip
     (lib.parent / "libvendor.so").symlink_to("libvendor.so.1")
     subprocess.run(
         [*gcc, "-o", str(root / "usr/bin/vendor-tool"), str(src / "tool.c"),

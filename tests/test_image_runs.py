@@ -7,6 +7,7 @@ ld.so.cache) would be missing under the capture kernel.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from builder.assemble import MANIFEST_PATH
 from builder.build import BuildRequest, build
 from builder.compress import decompress
 from builder.config import parse
@@ -25,16 +27,18 @@ from builder.sshsetup import ensure_key
 from builder.verify import check_image
 from tests import imagerun
 from tests.conftest import Kernel
+from tests.test_elfdeps import Cc, fake_glibc_root
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
 
 DISK = "  - {type: disk, device: /dev/vdb, fstype: ext4}\n"
 
 
-def ssh_target(tmp_path: Path, client: str) -> str:
-    ensure_key(tmp_path / "id")
-    blob = (tmp_path / "id.pub").read_text().split()[1]
-    (tmp_path / "known_hosts").write_text(f"10.0.2.2 ssh-ed25519 {blob}\n")
+def ssh_target(tmp_path: Path, client: str, root: Path = Path("/")) -> str:
+    """An ssh target with a real key and a pinned host key, in `tmp_path` under `root`."""
+    ensure_key(root / tmp_path.relative_to("/") / "id")
+    blob = (root / tmp_path.relative_to("/") / "id.pub").read_text().split()[1]
+    (root / tmp_path.relative_to("/") / "known_hosts").write_text(f"10.0.2.2 ssh-ed25519 {blob}\n")
     return (f"  - {{type: ssh, host: root@10.0.2.2, client: {client}, identity: {tmp_path}/id, "
             f"known_hosts: {tmp_path}/known_hosts}}\n")  # fmt: skip
 
@@ -166,3 +170,30 @@ def test_the_build_refuses_a_library_only_an_ld_so_cache_would_find(
         r"/usr/bin/ssh needs libcrypto\.so\.3, which is only at /usr/local/lib/libcrypto\.so\.3:"
         r" the loader does not look there without an ld\.so\.cache")):  # fmt: skip
         check_image(moved)
+
+
+def test_an_ssh_image_built_on_a_glibc_older_than_2_34_carries_its_nss_modules(
+    kernel61: Kernel, tmp_path: Path
+) -> None:
+    """A build host whose libc.so.6 (a real gcc-built library defining glibc's versions up
+    to GLIBC_2.31) keeps NSS in modules: the ssh image holds them, found where that libc
+    would dlopen them, and an nsswitch.conf that uses only them."""
+    if shutil.which("gcc") is None:
+        pytest.fail("gcc is missing: `make test` installs it (Makefile DEBS)")
+    root = tmp_path / "root"
+    fake_glibc_root(Cc(tmp_path), root, "2.31")
+    for name in ("ssh", "makedumpfile"):  # programs of that host, linked to its libc
+        shutil.copy(root / "usr/bin/prog", root / "usr/bin" / name)
+    shutil.copy("/usr/bin/busybox", root / "usr/bin/busybox")
+    keys = Path("/etc/kdump-keys")
+    (root / keys.relative_to("/")).mkdir(parents=True)
+    text = f"targets:\n{ssh_target(keys, 'openssh', root)}capture: {{stage: static}}\n"
+    unpacked, _ = build_image(kernel61, tmp_path, text, root)
+    libdir = unpacked / "usr/lib/x86_64-linux-gnu"
+    for name in ("libnss_files.so.2", "libnss_dns.so.2", "libresolv.so.2"):
+        assert (libdir / name).is_file(), name
+    conf = (unpacked / "etc/nsswitch.conf").read_text()
+    assert "passwd: files\n" in conf and "hosts: files dns\n" in conf
+    manifest = json.loads((unpacked / MANIFEST_PATH.lstrip("/")).read_text())
+    why = manifest["paths"]["/usr/lib/x86_64-linux-gnu/libnss_files.so.2"]["why"]
+    assert why.startswith("loaded with dlopen by glibc 2.31 (/usr/lib/x86_64-linux-gnu/libc.so.6)")

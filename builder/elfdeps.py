@@ -440,14 +440,15 @@ class ElfResolver:
                 names.add(name)
                 if lib_walk.real in by_real:
                     continue  # the loader notices the same file by inode and reuses it
-                origin = _parent(found)
+                origin, path = _parent(found), lib_walk.real
                 if conf:
                     # Its place in the image, so that its own $ORIGIN run paths are looked
                     # up there, as the image's loader will.
                     where, placed = origin, self._builtin_dir(info)
                     acc.add_links(placed.links)
                     origin = placed.real
-                lib = _Loaded(found, lib_walk.real, lib_info, origin, obj, lib_walk.real)
+                    path = _join(origin, posixpath.basename(found))
+                lib = _Loaded(found, lib_walk.real, lib_info, origin, obj, path)
                 by_real[lib.real] = lib
                 if lib_info.soname:
                     names.add(lib_info.soname)
@@ -460,11 +461,9 @@ class ElfResolver:
                 if conf:
                     why += (f"; found through /etc/ld.so.conf in {where}, placed where the "
                             "image's loader looks without an ld.so.cache")  # fmt: skip
-                    path = _join(origin, posixpath.basename(found))
-                    acc.add_file(path, self._host(lib.real), why)
                 else:
                     acc.add_links(lib_walk.links)
-                    acc.add_file(lib.real, self._host(lib.real), why)
+                acc.add_file(path, self._host(lib.real), why)
                 queue.append(lib)
 
     def _builtin_dir(self, main: _ElfInfo) -> _Walked:

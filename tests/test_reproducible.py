@@ -41,6 +41,16 @@ def checkout(dest: Path) -> Path:
     return dest
 
 
+def clone(dest: Path) -> Path:
+    """A git clone of this checkout's commit: the code as committed, at its own path."""
+    if not (REPO / ".git").exists():
+        pytest.fail(f"{REPO} is not a git checkout; the copied trees test the same thing")
+    done = subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(dest)],
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return dest
+
+
 def build(
     tree: Path, kernel: Kernel, config: Path, output: Path, seed: str, *extra: str
 ) -> dict[str, object]:
@@ -118,3 +128,15 @@ def test_if_needed_trusts_no_record_it_cannot_tie_to_the_image(
     record_path(image).unlink()
     again = build(tree, kernel61, config, image, "5", "--if-needed")
     assert again["rebuilt_because"] == [f"no record of its inputs at {record_path(image)}"]
+
+
+def test_same_bytes_from_two_git_clones_of_one_commit(kernel61: Kernel, tmp_path: Path) -> None:
+    """Two clones of the same commit (as committed: the copies above test the working tree),
+    each building with its own code, config path and hash seed."""
+    one, two = clone(tmp_path / "a" / "clone"), clone(tmp_path / "bb" / "other-clone")
+    config_one, config_two = tmp_path / "a" / "kdump.yaml", tmp_path / "bb" / "k.yaml"
+    for config in (config_one, config_two):
+        config.write_text(CONFIG.replace("STAGE", "python"))
+    build(one, kernel61, config_one, tmp_path / "one.img", "11")
+    build(two, kernel61, config_two, tmp_path / "two.img", "12")
+    assert (tmp_path / "one.img").read_bytes() == (tmp_path / "two.img").read_bytes()

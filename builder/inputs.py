@@ -116,7 +116,8 @@ def stale_reasons(
         reasons.append(f"config {expected['config_source']} changed")
     if build is None:
         return [*reasons, f"no record of its inputs at {record_path(image)}"]
-    if changed({str(image): build.get("image", {})}):
+    was = build.get("image")
+    if not isinstance(was, dict) or changed({str(image): was}):
         # Copied over, or written by a build whose record never made it: trust neither.
         return [*reasons, f"{image} is not the image recorded in {record_path(image)}"]
     if build.get("kmoddir") != expected["kmoddir"]:
@@ -125,7 +126,7 @@ def stale_reasons(
         reasons.append("the feature module directories changed")
     recorded = build.get("inputs")
     if not isinstance(recorded, dict) or not recorded:
-        reasons.append("the image records no inputs")
+        reasons.append(f"{record_path(image)} lists no inputs")
     else:
         reasons += changed(recorded)
     return reasons

@@ -203,19 +203,19 @@ def manifest(
     features: list[Feature],
     resolution: Resolution,
     inputs: BuildInputs,
-    inputs_seen: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """What `inspect` shows and later rebuild checks read: contents, reasons, inputs."""
+    """What `inspect` shows and later rebuild checks read: contents and reasons. Nothing
+    here names a host path or a time, so the same inputs give the same image wherever the
+    code, the config and the image live; the paths and stats of the inputs that `build
+    --if-needed` checks are kept beside the image (builder.inputs.write_record)."""
     paths = {i.path: {"feature": i.feature, "why": i.why} for i in plan.items()}
     paths[MANIFEST_PATH] = {"feature": "base", "why": "what is in this image and why"}
     return {
         "builder_version": __version__,
         "kver": inputs.kver,
-        "kmoddir": str(inputs.kmoddir),
-        "kernel_image": str(inputs.kernel_image) if inputs.kernel_image else None,
         "kernel_sha256": record(inputs.kernel_image)["sha256"] if inputs.kernel_image else None,
-        "config": {"source": config.source, "text": config.text},
-        "features": [{"name": f.name, "folder": str(f.folder)} for f in features],
+        "config": {"text": config.text},
+        "features": [{"name": f.name} for f in features],
         "paths": paths,
         "kernel_modules": [
             {"name": m.name, "path": f"/lib/modules/{inputs.kver}/{m.relpath}", "why": m.why}
@@ -233,9 +233,7 @@ def manifest(
             for feature, closure in resolution.binaries.items()
             for e in closure.files
         ],
-        "feature_dirs": [str(d) for d in inputs.feature_dirs],
         "hostonly": inputs.hostonly,
-        "inputs": dict(sorted(inputs_seen.items())),
     }
 
 

@@ -119,7 +119,8 @@ def stale_reasons(config: Config, request: BuildRequest) -> list[str]:
         recorded = read_manifest(request.output)
     except KdumpError as exc:
         return [f"the existing image cannot be read: {exc}"]
-    reasons = inputs.stale_reasons(recorded, _expected(config, request))
+    beside = inputs.read_record(request.output)
+    reasons = inputs.stale_reasons(recorded, beside, request.output, _expected(config, request))
     if request.hostonly and not reasons:
         reasons = _hardware_moved(config, recorded)
     return reasons
@@ -226,7 +227,7 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
     )
     for path in inputs.extra_inputs(feature_dirs, request.kmoddir, request.kernel_image, kconfig):
         seen.setdefault(str(path), inputs.record(path))
-    record = manifest(plan, config, features, resolution, build_inputs, seen)
+    record = manifest(plan, config, features, resolution, build_inputs)
     if found is not None:
         record["hostonly_detected"] = _detected(found)
     entries.append(Entry(MANIFEST_PATH.lstrip("/"), "file", 0o644, manifest_bytes(record)))
@@ -241,6 +242,18 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         notes.append("no target here runs the Python stage (only disk and nfs targets do), "
                      "so the image has no interpreter")  # fmt: skip
     raw, image = write_image(entries, method, request.output, lap)
+    inputs.write_record(
+        request.output,
+        image,
+        {
+            "kmoddir": str(request.kmoddir),
+            "kernel_image": str(request.kernel_image) if request.kernel_image else None,
+            "config_source": config.source,
+            "features": [{"name": f.name, "folder": str(f.folder)} for f in features],
+            "feature_dirs": [str(d) for d in feature_dirs],
+            "inputs": dict(sorted(seen.items())),
+        },
+    )
     return BuildReport(
         output=str(request.output),
         kver=request.kver,

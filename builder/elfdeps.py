@@ -17,6 +17,15 @@ Loader rules replayed here (glibc elf/dl-load.c):
   ld.so.cache is built from) and the built-in default directories.
 
 A candidate whose ELF class, byte order or machine differ from the program's is skipped.
+
+The image has no ld.so.cache, through which the host's loader reads ld.so.conf: a library
+found only in an ld.so.conf directory is placed in the image where its loader looks by
+itself (the built-in directory libc.so.6 is in), and its own $ORIGIN is taken from there.
+
+glibc before 2.34 keeps its NSS back ends in modules it loads with dlopen (libnss_files for
+getpwuid, libnss_dns for host names), which no DT_NEEDED names: a process that maps such a
+libc (told by the newest GLIBC_x.y version its libc.so.6 defines) gets them, found as libc
+would find them.
 """
 
 from __future__ import annotations
@@ -46,6 +55,10 @@ _MAX_SYMLINKS = 40
 # The kernel reads at most this much of a script to find its "#!" line.
 _SHEBANG_MAX = 256
 _DF_1_NODEFLIB = 0x800
+_GLIBC_VERSION = re.compile(r"GLIBC_(\d+(?:\.\d+)+)$")
+# From 2.34 on, libc has files and dns built in; before, they are modules that glibc dlopens.
+_NSS_BUILT_IN = (2, 34)
+NSS_MODULES = ("libnss_files.so.2", "libnss_dns.so.2")
 _EF_ARM_ABI_FLOAT_HARD = 0x400
 _DST = re.compile(r"\$(?:\{(ORIGIN|LIB|PLATFORM)\}|(ORIGIN|LIB|PLATFORM)(?![A-Za-z0-9_]))")
 
@@ -115,10 +128,25 @@ class _ElfInfo:
     runpath: str | None
     soname: str | None
     nodeflib: bool
+    versions: tuple[str, ...] = ()  # symbol versions the object defines (DT_VERDEF)
 
     @property
     def abi(self) -> tuple[int, bool, str]:
         return (self.elfclass, self.little_endian, self.machine)
+
+    @property
+    def glibc_version(self) -> tuple[int, ...] | None:
+        """For glibc's libc.so.6: its release, the newest GLIBC_x.y version it defines."""
+        if self.soname != "libc.so.6":
+            return None
+        found = [_GLIBC_VERSION.match(v) for v in self.versions]
+        numbers = [tuple(int(n) for n in m.group(1).split(".")) for m in found if m]
+        return max(numbers) if numbers else None
+
+    @property
+    def needs_nss_modules(self) -> bool:
+        version = self.glibc_version
+        return version is not None and version < _NSS_BUILT_IN
 
 
 @dataclass(frozen=True)
@@ -233,7 +261,8 @@ def _read_elf_info(host_path: str) -> _ElfInfo | None:
                 interpreter = os.fsdecode(raw)
             elif header["p_type"] == "PT_DYNAMIC":
                 entries = _read_dynamic(elf, stream, header)
-        strings = _dynamic_strings(stream, [h for h in phdrs if h["p_type"] == "PT_LOAD"], entries)
+        loads = [h for h in phdrs if h["p_type"] == "PT_LOAD"]
+        strings = _dynamic_strings(stream, loads, entries)
         flags_1 = 0
         for tag, val in entries:
             if tag == "DT_FLAGS_1":
@@ -249,6 +278,7 @@ def _read_elf_info(host_path: str) -> _ElfInfo | None:
             runpath=":".join(strings["DT_RUNPATH"]) if "DT_RUNPATH" in strings else None,
             soname=strings["DT_SONAME"][0] if "DT_SONAME" in strings else None,
             nodeflib=bool(flags_1 & _DF_1_NODEFLIB),
+            versions=_version_definitions(elf, stream, loads, entries),
         )
 
 
@@ -267,6 +297,28 @@ def _dynamic_strings(
         if tag in wanted:
             strings.setdefault(str(tag), []).append(_read_cstring(stream, base + val))
     return strings
+
+
+def _version_definitions(
+    elf: ELFFile, stream: IO[bytes], loads: list[Any], entries: list[tuple[Any, int]]
+) -> tuple[str, ...]:
+    """Names of the symbol versions an object defines (DT_VERDEF; only libraries have it)."""
+    tags = dict(entries)
+    if "DT_VERDEF" not in tags or "DT_STRTAB" not in tags:
+        return ()
+    strtab = _vaddr_to_offset(loads, tags["DT_STRTAB"])
+    verdef, verdaux = elf.structs.Elf_Verdef, elf.structs.Elf_Verdaux
+    offset = _vaddr_to_offset(loads, tags["DT_VERDEF"])
+    names: list[str] = []
+    for _ in range(tags.get("DT_VERDEFNUM", 0)):
+        entry = struct_parse(verdef, stream, stream_pos=offset)
+        if entry["vd_cnt"]:
+            aux = struct_parse(verdaux, stream, stream_pos=offset + entry["vd_aux"])
+            names.append(_read_cstring(stream, strtab + aux["vda_name"]))
+        if not entry["vd_next"]:
+            break
+        offset += entry["vd_next"]
+    return tuple(names)
 
 
 def _read_shebang(host_path: str) -> list[str] | None:
@@ -295,6 +347,7 @@ class ElfResolver:
         self._infos: dict[str, _ElfInfo | None] = {}
         self._conf_dirs: tuple[str, ...] | None = None
         self._lib_dsts: dict[tuple[int, bool, str], str] = {}
+        self._builtin: dict[tuple[int, bool, str], _Walked] = {}
 
     # --- public API -------------------------------------------------------------------
 
@@ -379,21 +432,65 @@ class ElfResolver:
         queue = deque([main])
         while queue:
             obj = queue.popleft()
-            for name in obj.info.needed:
+            dlopened = NSS_MODULES if obj.info.needs_nss_modules else ()
+            for name in (*obj.info.needed, *dlopened):
                 if name in names:
                     continue
-                found, lib_walk, lib_info = self._locate(name, obj, info)
+                found, lib_walk, lib_info, conf = self._locate(name, obj, info)
                 names.add(name)
                 if lib_walk.real in by_real:
                     continue  # the loader notices the same file by inode and reuses it
-                lib = _Loaded(found, lib_walk.real, lib_info, _parent(found), obj, lib_walk.real)
+                origin, path = _parent(found), lib_walk.real
+                if conf:
+                    # Its place in the image, so that its own $ORIGIN run paths are looked
+                    # up there, as the image's loader will.
+                    where, placed = origin, self._builtin_dir(info)
+                    acc.add_links(placed.links)
+                    origin = placed.real
+                    path = _join(origin, posixpath.basename(found))
+                lib = _Loaded(found, lib_walk.real, lib_info, origin, obj, path)
                 by_real[lib.real] = lib
                 if lib_info.soname:
                     names.add(lib_info.soname)
                 names.add(found)
-                acc.add_links(lib_walk.links)
-                acc.add_file(lib.real, self._host(lib.real), f"needed by {obj.display}")
+                why = f"needed by {obj.display}"
+                if name in dlopened:
+                    release = ".".join(map(str, obj.info.glibc_version or ()))
+                    why = (f"loaded with dlopen by glibc {release} ({obj.display}) for "
+                           "getpwuid and host names: before 2.34 NSS is in modules")  # fmt: skip
+                if conf:
+                    why += (f"; found through /etc/ld.so.conf in {where}, placed where the "
+                            "image's loader looks without an ld.so.cache")  # fmt: skip
+                else:
+                    acc.add_links(lib_walk.links)
+                acc.add_file(path, self._host(lib.real), why)
                 queue.append(lib)
+
+    def _builtin_dir(self, main: _ElfInfo) -> _Walked:
+        """Where a library found only through /etc/ld.so.conf goes in the image.
+
+        ld.so.conf is read through ld.so.cache, which the image does not have; the image's
+        loader looks by itself only in its built-in directories. The one glibc's own
+        libc.so.6 is in is one of them by definition (its slibdir); without a libc there,
+        the first built-in directory that exists."""
+        if main.abi not in self._builtin:
+            default = self._default_dirs(main)
+            chosen = None
+            for directory in default:
+                walked = self._walk(_join(directory, "libc.so.6"))
+                if walked is not None and walked.is_reg:
+                    info = self._info(walked.real)
+                    if info is not None and info.abi == main.abi:
+                        chosen = directory
+                        break
+            if chosen is None:
+                chosen = next((d for d in default if self._is_dir(d)), None)
+            if chosen is None:
+                raise KdumpError(f"no library directory of the loader exists{self._where()}")
+            placed = self._walk(chosen)
+            assert placed is not None  # checked just above
+            self._builtin[main.abi] = placed
+        return self._builtin[main.abi]
 
     def _add_interpreter(self, program: str, interp: str, acc: _Accumulator) -> _Loaded:
         if not interp.startswith("/"):
@@ -411,15 +508,19 @@ class ElfResolver:
 
     # --- library search -----------------------------------------------------------------
 
-    def _locate(self, name: str, obj: _Loaded, main: _ElfInfo) -> tuple[str, _Walked, _ElfInfo]:
-        """Where the loader finds DT_NEEDED ``name`` of ``obj`` in a process of ``main``."""
+    def _locate(
+        self, name: str, obj: _Loaded, main: _ElfInfo
+    ) -> tuple[str, _Walked, _ElfInfo, bool]:
+        """Where the loader finds DT_NEEDED ``name`` of ``obj`` in a process of ``main``, and
+        whether only an ld.so.conf directory (not a built-in one or a run path) has it."""
         expanded = self._expand(name, obj.origin, main) if "$" in name else name
         if expanded is None:
             raise KdumpError(f"cannot expand library name {name!r} needed by {obj.display}")
         if "/" in expanded:
-            return self._locate_path(name, expanded, obj, main)
+            return (*self._locate_path(name, expanded, obj, main), False)
         tried: list[str] = []
-        for directory in self._search_dirs(obj, main):
+        conf_only = set(self._ld_so_conf_dirs()) - set(self._default_dirs(main))
+        for directory, from_conf in self._search_dirs(obj, main):
             tried.append(directory)
             candidate = _join(directory, expanded)
             walked = self._walk(candidate)
@@ -432,7 +533,7 @@ class ElfResolver:
                     f"{candidate} (for {name} needed by {obj.display}) is not an ELF file"
                 )
             if info.abi == main.abi:
-                return candidate, walked, info
+                return candidate, walked, info, from_conf and directory in conf_only
         raise KdumpError(
             f"library {name} needed by {obj.display} not found{self._where()}; "
             f"searched {':'.join(tried)}"
@@ -450,28 +551,33 @@ class ElfResolver:
             raise KdumpError(f"library {path} needed by {obj.display} not found or unusable")
         return path, walked, info
 
-    def _search_dirs(self, obj: _Loaded, main: _ElfInfo) -> Iterator[str]:
-        """Directories in the loader's order; lazy, since most names hit early."""
+    def _search_dirs(self, obj: _Loaded, main: _ElfInfo) -> Iterator[tuple[str, bool]]:
+        """Directories in the loader's order, each with whether it comes from ld.so.conf
+        (reached through ld.so.cache) rather than a run path; lazy, as most names hit early."""
         seen: set[str] = set()
-        for directory in self._search_dirs_raw(obj, main):
+        for directory, from_conf in self._search_dirs_raw(obj, main):
             if directory not in seen:
                 seen.add(directory)
-                yield directory
+                yield directory, from_conf
 
-    def _search_dirs_raw(self, obj: _Loaded, main: _ElfInfo) -> Iterator[str]:
+    def _search_dirs_raw(self, obj: _Loaded, main: _ElfInfo) -> Iterator[tuple[str, bool]]:
         if obj.info.runpath is None:
             ancestor: _Loaded | None = obj
             while ancestor is not None:
                 # glibc drops DT_RPATH of an object that also has DT_RUNPATH.
                 if ancestor.info.rpath is not None and ancestor.info.runpath is None:
-                    yield from self._expand_list(ancestor.info.rpath, ancestor.origin, main)
+                    for d in self._expand_list(ancestor.info.rpath, ancestor.origin, main):
+                        yield d, False
                 ancestor = ancestor.loader
         if obj.info.runpath is not None:
-            yield from self._expand_list(obj.info.runpath, obj.origin, main)
+            for d in self._expand_list(obj.info.runpath, obj.origin, main):
+                yield d, False
         if obj.info.nodeflib:
             return
-        yield from self._ld_so_conf_dirs()
-        yield from self._default_dirs(main)
+        for d in self._ld_so_conf_dirs():
+            yield d, True
+        for d in self._default_dirs(main):
+            yield d, False
 
     def _expand_list(self, text: str, origin: str, main: _ElfInfo) -> Iterator[str]:
         for entry in text.split(":"):

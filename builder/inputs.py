@@ -3,17 +3,25 @@
 Each input is recorded with its size, mtime and sha256. The up-to-date check stats every
 input and hashes only those whose stat changed, so a no-op check never re-reads the module
 tree: that is what keeps `build --if-needed` and `register` fast at every boot.
+
+Host paths and mtimes depend on where the code, the config and the kernel live, not on what
+they hold, so they stay out of the image (whose bytes must be the same wherever it is built):
+they go to a record beside it, IMAGE.inputs.json, which also holds the image's own digest.
+A missing record, or one written for other image bytes, means a rebuild, never a wrong
+"up to date".
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from builder import __version__
 from builder.features import BUILTIN_DIR
+from builder.output import write_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TEMPLATES_DIR = BUILTIN_DIR.parent / "templates"
@@ -22,6 +30,7 @@ MODULE_INDEX_FILES = (
     "modules.dep", "modules.alias", "modules.softdep", "modules.builtin",
     "modules.builtin.modinfo", "modules.order",
 )  # fmt: skip
+RECORD_SUFFIX = ".inputs.json"
 
 
 def record(path: Path, data: bytes | None = None) -> dict[str, Any]:
@@ -70,23 +79,54 @@ def changed(inputs: dict[str, dict[str, Any]]) -> list[str]:
     return reasons
 
 
-def stale_reasons(manifest: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """Why an image no longer matches what a build now would use; empty when up to date."""
+def record_path(image: Path) -> Path:
+    """Where the record of `image`'s inputs lives: beside it."""
+    return image.with_name(image.name + RECORD_SUFFIX)
+
+
+def write_record(image: Path, image_bytes: bytes, build: dict[str, Any]) -> None:
+    """Record, beside the image just written, what a later up-to-date check needs."""
+    data = {"image": record(image, image_bytes), **build}
+    write_atomic(record_path(image), (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_record(image: Path) -> dict[str, Any] | None:
+    """The record beside `image`; None when there is none or it cannot be read."""
+    try:
+        data = json.loads(record_path(image).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def stale_reasons(
+    manifest: dict[str, Any], build: dict[str, Any] | None, image: Path, expected: dict[str, Any]
+) -> list[str]:
+    """Why an image no longer matches what a build now would use; empty when up to date.
+    `manifest` is the one inside the image, `build` the record beside it."""
     reasons = []
     if manifest.get("builder_version") != __version__:
         reasons.append(
             f"built by kdump-mkinitrd {manifest.get('builder_version')}, not {__version__}"
         )
-    for key in ("kver", "kmoddir", "kernel_sha256", "hostonly"):
+    for key in ("kver", "kernel_sha256", "hostonly"):
         if manifest.get(key) != expected[key]:
             reasons.append(f"{key} was {manifest.get(key)!r}, now {expected[key]!r}")
     if manifest.get("config", {}).get("text") != expected["config_text"]:
         reasons.append(f"config {expected['config_source']} changed")
-    if manifest.get("feature_dirs") != expected["feature_dirs"]:
+    if build is None:
+        return [*reasons, f"no record of its inputs at {record_path(image)}"]
+    was = build.get("image")
+    if not isinstance(was, dict) or changed({str(image): was}):
+        # Copied over, or written by a build whose record never made it: trust neither.
+        return [*reasons, f"{image} is not the image recorded in {record_path(image)}"]
+    if build.get("kmoddir") != expected["kmoddir"]:
+        reasons.append(f"kmoddir was {build.get('kmoddir')!r}, now {expected['kmoddir']!r}")
+    if build.get("feature_dirs") != expected["feature_dirs"]:
         reasons.append("the feature module directories changed")
-    recorded = manifest.get("inputs")
+    recorded = build.get("inputs")
     if not isinstance(recorded, dict) or not recorded:
-        reasons.append("the image records no inputs")
+        reasons.append(f"{record_path(image)} lists no inputs")
     else:
         reasons += changed(recorded)
     return reasons

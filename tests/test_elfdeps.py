@@ -529,15 +529,19 @@ def test_sysroot(cc: Cc, tmp_path: Path) -> None:
     assert resolver.find_program("prog") == "/usr/bin/prog"
     closure = resolver.resolve([("/bin/prog", "test")])
 
+    # libleaf.so is found only through ld.so.conf, that is through ld.so.cache on the host;
+    # the image has no cache, so it goes where the image's loader looks by itself.
     assert file_paths(closure) == [
         "/usr/bin/prog",
         f"/usr/lib/{triplet}/ld-linux-x86-64.so.2",
-        "/opt/custom/lib/libleaf.so",
+        f"/usr/lib/{triplet}/libleaf.so",
         f"/usr/lib/{triplet}/libother.so",
     ]
+    moved = closure.files[2]
     for item in closure.files:
-        assert item.source == root / item.path.lstrip("/")
+        assert item.source == (leaf if item is moved else root / item.path.lstrip("/"))
         assert item.source.is_file()
+    assert "found through /etc/ld.so.conf in /opt/custom/lib" in moved.why
     assert list(closure.symlinks) == [
         Symlink("/bin", "usr/bin"),
         Symlink("/lib64", "usr/lib64"),
@@ -585,3 +589,69 @@ def test_sysroot_for_another_machine(cc: Cc, tmp_path: Path) -> None:
 def test_sysroot_missing_program_names_root(tmp_path: Path) -> None:
     with pytest.raises(KdumpError, match=f"nothing-here.*{re.escape(str(tmp_path))}"):
         ElfResolver(root=tmp_path).find_program("nothing-here")
+
+
+# --- glibc's NSS modules -------------------------------------------------------------------
+
+
+def fake_glibc_root(cc: Cc, root: Path, release: str) -> Path:
+    """A sysroot whose libc.so.6 is a real (gcc-built) library that defines glibc's symbol
+    versions up to GLIBC_<release>, with NSS modules beside it as an older glibc has them."""
+    triplet = "x86_64-linux-gnu"
+    make_usr_merged_root(root, triplet)
+    libdir = root / f"usr/lib/{triplet}"
+    shutil.copy(os.path.realpath("/lib64/ld-linux-x86-64.so.2"), libdir)
+    (root / "usr/lib64/ld-linux-x86-64.so.2").symlink_to(f"../lib/{triplet}/ld-linux-x86-64.so.2")
+    nodes = ["2.2.5", "2.30", release]
+    script = cc.src / f"libc-{release}.map"
+    script.write_text(
+        "".join(f"GLIBC_{v} {{ global: f{i}; }};\n" for i, v in enumerate(nodes))
+        + "GLIBC_PRIVATE { global: private; local: *; };\n"
+    )
+    code = "".join(f"int f{i}(void) {{ return {i}; }}\n" for i in range(len(nodes)))
+    code += "int private(void) { return 0; }\n"
+    version_script = f"-Wl,--version-script={script}"
+    libc = cc.lib(libdir / "libc.so.6", code, "-nostdlib", "-Wl,-soname,libc.so.6", version_script)
+    link = ("-nostdlib", f"-L{libdir}", "-l:libc.so.6")
+    cc.lib(libdir / "libresolv.so.2", "int res(void) { return 1; }\n", *link,
+           "-Wl,-soname,libresolv.so.2")  # fmt: skip
+    cc.lib(libdir / "libnss_files.so.2", "int files(void) { return 1; }\n", *link)
+    cc.lib(libdir / "libnss_dns.so.2", "int dns(void) { return 1; }\n", *link,
+           "-Wl,--no-as-needed", "-l:libresolv.so.2")  # fmt: skip
+    cc.prog(root / "usr/bin/prog", "int f0(void);\nvoid _start(void) { f0(); for (;;) {} }\n",
+            *link)  # fmt: skip
+    return libc
+
+
+@needs_x86_64
+@pytest.mark.parametrize(("release", "modules"), [("2.31", True), ("2.33", True), ("2.34", False)])
+def test_nss_modules_come_with_a_glibc_older_than_2_34(
+    cc: Cc, tmp_path: Path, release: str, modules: bool
+) -> None:
+    root = tmp_path / "root"
+    libc = fake_glibc_root(cc, root, release)
+    closure = ElfResolver(root=root).resolve([("prog", "test")])
+    triplet = "x86_64-linux-gnu"
+    nss = [f"/usr/lib/{triplet}/{name}" for name in elfdeps.NSS_MODULES]
+    expected = ["/usr/bin/prog", f"/usr/lib/{triplet}/ld-linux-x86-64.so.2",
+                "/" + str(libc.relative_to(root))]  # fmt: skip
+    if modules:
+        # libnss_dns brings its own DT_NEEDED libresolv along.
+        expected += [*nss, f"/usr/lib/{triplet}/libresolv.so.2"]
+    assert file_paths(closure) == expected
+    whys = {f.path: f.why for f in closure.files}
+    for path in nss if modules else []:
+        assert whys[path].startswith(f"loaded with dlopen by glibc {release} (")
+
+
+def test_glibc_release_read_from_the_real_libc() -> None:
+    """The release read from libc.so.6's version definitions is the one libc reports."""
+    libc = os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6" if X86_64 else "/lib/libc.so.6")
+    info = elfdeps._read_elf_info(libc)
+    assert info is not None
+    reported = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36", from gnu_get_libc_version
+    assert reported is not None
+    assert info.glibc_version == tuple(int(n) for n in reported.split()[1].split("."))
+    # This build host's glibc has NSS built in: its ssh closure needs no modules.
+    closure = ElfResolver().resolve([("/usr/bin/ssh", "test")])
+    assert not [f for f in closure.files if "libnss_" in f.path]

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from builder import cli, config
-from builder.inspect_image import read_manifest
+from builder.inputs import read_record, record_path
 from tests.conftest import Kernel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -237,14 +237,16 @@ def test_plugin_verbose_says_what_it_runs(fake: Fake, kernel_image: Path) -> Non
 def test_plugin_remove_deletes_exactly_that_image(fake: Fake) -> None:
     others = [
         fake.image(RUNNING),
+        record_path(fake.image(RUNNING)),
         fake.image_dir / f"kdump-{OTHER}.img.bak",
         fake.image_dir / "notes.txt",
     ]
-    for path in [fake.image(OTHER), *others]:
+    gone = [fake.image(OTHER), record_path(fake.image(OTHER))]
+    for path in [*gone, *others]:
         path.write_text("x")
     result = _run_plugin(fake, "remove", OTHER, "/nonexistent/entry")
     assert result.returncode == 0, result.stderr
-    assert not fake.image(OTHER).exists()
+    assert not any(path.exists() for path in gone)
     assert all(path.exists() for path in others)
     assert fake.calls() == []
     # Removing a kernel that has no image is fine too.
@@ -522,13 +524,14 @@ def test_postinst_is_quiet_once_the_command_is_gone(fake: Fake, tmp_path: Path) 
 def test_postrm_deletes_the_image_on_remove_and_purge(
     fake: Fake, tmp_path: Path, params: str | None, deleted: bool
 ) -> None:
-    keep = [fake.image(RUNNING), fake.image_dir / "notes.txt"]
-    for path in [fake.image(OTHER), *keep]:
+    keep = [fake.image(RUNNING), record_path(fake.image(RUNNING)), fake.image_dir / "notes.txt"]
+    for path in [fake.image(OTHER), record_path(fake.image(OTHER)), *keep]:
         path.write_text("x")
     run = _run_parts(POSTRM_D, OTHER, _with_params(fake.env(), params), tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout == ""
     assert fake.image(OTHER).exists() is not deleted
+    assert record_path(fake.image(OTHER)).exists() is not deleted
     assert all(path.exists() for path in keep)
     assert fake.calls() == []
 
@@ -900,10 +903,12 @@ def test_installed_command_runs_from_its_own_tree(tmp_path: Path, kernel61: Kern
     listed = run("inspect", str(image))
     assert listed.returncode == 0, listed.stderr
     # The image's manifest names the feature modules and templates it was built from.
-    manifest = read_manifest(image)
+    # (Host paths are kept beside the image, in the record `build --if-needed` reads.)
+    recorded = read_record(image)
+    assert recorded is not None
     installed = prefix / "lib/kdump-mkinitrd"
-    assert manifest["feature_dirs"] == [str(installed / "modules.d")]
-    assert str(installed / "templates/init.sh.j2") in manifest["inputs"]
+    assert recorded["feature_dirs"] == [str(installed / "modules.d")]
+    assert str(installed / "templates/init.sh.j2") in recorded["inputs"]
     source_tree = tuple(str(REPO / top) + "/" for top in ("builder", "modules.d", "templates"))
-    assert not [name for name in manifest["inputs"] if name.startswith(source_tree)]
-    assert str(installed / "builder/cli.py") in manifest["inputs"]
+    assert not [name for name in recorded["inputs"] if name.startswith(source_tree)]
+    assert str(installed / "builder/cli.py") in recorded["inputs"]

@@ -11,8 +11,14 @@ KERNEL_612 := 6.12.117+deb12-amd64
 KERNELS := $(KERNEL_61) $(KERNEL_612)
 DEBS := python3-venv busybox-static kexec-tools makedumpfile qemu-system-x86 cpio \
 	e2fsprogs xfsprogs btrfs-progs fdisk libarchive-tools zstd xz-utils kmod \
-	openssh-client openssh-server dropbear-bin nfs-ganesha nfs-ganesha-vfs rpcbind crash \
-	binutils systemd-boot-efi gcc libc6-dev
+	openssh-client openssh-server dropbear-bin nfs-ganesha nfs-ganesha-vfs rpcbind crash
+# What only the tests need, so that none of them skips on a fresh machine: gcc and libc6-dev
+# build the resolver's RPATH/RUNPATH/$ORIGIN fixtures and fake old-glibc roots, gdb reads the
+# collector's ELF output, Debian's java is a real DT_RPATH $ORIGIN program for the resolver, groff
+# renders the man pages, systemd brings kernel-install and systemd-analyze, iproute2 the network
+# tests' `ip`, binutils' objcopy and systemd-boot-efi's stub make a real UKI.
+TEST_DEBS := gcc libc6-dev gdb openjdk-17-jre-headless groff-base systemd iproute2 \
+	binutils systemd-boot-efi
 
 export KDUMP_TEST_KERNEL_CACHE := $(abspath $(KERNEL_CACHE))
 
@@ -36,8 +42,10 @@ $(VENV)/.installed: pyproject.toml
 kernels: debs
 	@for k in $(KERNELS); do scripts/fetch-kernel "$$k" $(KERNEL_CACHE) || exit 1; done
 
+# -rs: every skipped test is listed with its reason.
 test: setup kernels
-	$(BIN)/pytest -q
+	@scripts/install-debs $(TEST_DEBS)
+	$(BIN)/pytest -q -rs
 
 # The main job: build a capture image for a Debian kernel, crash a QEMU guest running that
 # kernel, capture the dump, check it, print a summary.

@@ -174,8 +174,22 @@ def check(fault: Fault, logs: list[str], out: Path, facts: dict[str, str],
     elif fault.name in ("python-killed", "oom"):
         check_("stage_killed_logged", "exit status 137" in log)
         if fault.name == "oom":
-            killed = re.search(r"Out of memory: Killed process \d+ \(python", log)
-            check_("oom_killer_took_the_stage", killed is not None)
+            # The kernel's choice must be the stage by its scores, not only by its size: the
+            # stage +1000 (the kernel's own line says so) and the init, whose score its static
+            # fallback inherits, exempt (-1000).
+            scores = re.search(
+                r"stage pid (\d+) oom_score_adj (\S+), init oom_score_adj (\S+)", log
+            )
+            killed = re.search(
+                r"Out of memory: Killed process (\d+) \(python.*oom_score_adj:(\S+)", log
+            )
+            if killed is None or scores is None:
+                check_("oom_killer_took_the_stage", False, "no kill or no stage scores logged")
+            else:
+                check_("oom_killer_took_the_stage", killed[1] == scores[1], killed[0])
+                check_("oom_scores_stage_first_init_exempt",
+                       (scores[2], killed[2], scores[3]) == ("1000", "1000", "-1000"),
+                       f"{scores[0]}; {killed[0]}")  # fmt: skip
         check_("fallback_ran", "static fallback runs" in log)
         check_("fallback_saved_the_dump", states == ["complete"], str(states))
 

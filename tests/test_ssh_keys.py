@@ -13,7 +13,9 @@ import pytest
 from builder.build import BuildRequest, build
 from builder.config import parse
 from builder.errors import KdumpError
+from builder.features import BUILTIN_DIR
 from builder.inspect_image import LoadedImage, load_image
+from builder.render import render
 from builder.sshkeys import image_files, image_paths, pinned_lines
 from builder.sshsetup import TestServer, ensure_key
 from tests.conftest import Kernel
@@ -188,3 +190,79 @@ def test_openssh_image_holds_ssh_and_only_this_hosts_pins(kernel61: Kernel, tmp_
     assert (
         image.manifest["paths"][image_paths(0)[0]]["why"] == "ssh target 0 (openssh): private key"
     )
+
+
+def _elsewhere(tmp_path: Path) -> str:
+    """known_hosts that pins only another host: the target's name is in it nowhere."""
+    return f"backup.example ssh-ed25519 {_blob(tmp_path / 'elsewhere')}\n"
+
+
+def _capture_against(server: TestServer, tmp_path: Path, client: str, pinned: bool) -> str:
+    """The image's own ssh library (rendered from the template, run by busybox sh) dumps to a
+    real sshd on 127.0.0.1 with the image's key; known_hosts pins the server's host key, or
+    pins only another host. Returns the log; /proc/vmcore is absent here, so a login that
+    gets through leaves a dump folder with a `vmcore.incomplete` on the server."""
+    work = tmp_path / "client"
+    work.mkdir()
+    for name in ("id_ed25519", "id_ed25519.pub"):
+        (work / name).write_bytes((server.directory / name).read_bytes())
+    (work / "id_ed25519").chmod(0o600)
+    config = parse(_config(work, client, "127.0.0.1", server.port), str(work / "kdump.yaml"))
+    (work / "known_hosts").write_text(server.known_hosts_line("127.0.0.1") + "\n")
+    key, known = image_files(config)
+    image = tmp_path / "image"
+    image.mkdir()
+    (image / "id_ed25519").write_bytes(key.data)
+    (image / "id_ed25519").chmod(0o600)
+    ensure_key(tmp_path / "elsewhere")
+    (image / "known_hosts").write_bytes(known.data if pinned else _elsewhere(tmp_path).encode())
+    library = render(BUILTIN_DIR / "ssh" / "ssh-target.sh.j2", {"config": config})
+    settings = {
+        "HOME": tmp_path / "home", "KDUMP_SSH_ERR": tmp_path / "ssh.err",
+        "KDUMP_SSH_HOST": f"{server.user}@127.0.0.1", "KDUMP_SSH_PORT": server.port,
+        "KDUMP_SSH_CLIENT": client, "KDUMP_SSH_PATH": tmp_path / "server-dumps",
+        "KDUMP_SSH_IDENTITY": image / "id_ed25519", "KDUMP_SSH_KNOWN_HOSTS": image / "known_hosts",
+        "KDUMP_SSH_CONTROL": tmp_path / "control", "DEVICE_TIMEOUT": 20,
+        "KDUMP_HOSTNAME": "web1", "KDUMP_COLLECTOR": "dd", "KDUMP_LOG": tmp_path / "init.log",
+    }  # fmt: skip
+    script = tmp_path / "run.sh"
+    script.write_text(
+        'log() { echo "kdump: $*" >> "$KDUMP_TEST_LOG"; }\n'
+        + library
+        + "".join(f"{name}='{value}'\n" for name, value in settings.items())
+        + 'kdump_ssh_capture\nlog "capture status $?"\nkdump_ssh_close\n'
+    )
+    (tmp_path / "init.log").write_text("")
+    subprocess.run(
+        ["/bin/busybox", "sh", str(script)],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "KDUMP_TEST_LOG": str(tmp_path / "log")},
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=120, start_new_session=True,
+    )  # fmt: skip
+    return (tmp_path / "log").read_text()
+
+
+@pytest.mark.parametrize("client", ["openssh", "dropbear"])
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unknown-host"])
+def test_ssh_client_refuses_a_host_it_has_no_pin_for(
+    tmp_path: Path, client: str, pinned: bool
+) -> None:
+    """A server whose host key the image does not pin at all is refused before anything is
+    written, and its key is not learnt (as StrictHostKeyChecking=accept-new, or dbclient
+    answering its own prompt, would). The pinned case shows the same harness gets through."""
+    with TestServer(tmp_path / "server") as server:
+        log = _capture_against(server, tmp_path, client, pinned)
+    written = sorted(p.name for p in (tmp_path / "server-dumps").rglob("*"))
+    if pinned:
+        assert "kdump: ssh dump directory: " in log, log
+        assert "vmcore.incomplete" in written, (written, log)
+        assert "kdump: capture status 1" in log  # no /proc/vmcore on this machine
+        return
+    assert "kdump: capture status 1" in log, log
+    assert "cannot create a dump directory" in log, log
+    assert not (tmp_path / "server-dumps").exists(), written
+    refusal = "Host key verification failed" if client == "openssh" else "not in the trusted"
+    assert refusal in log, log
+    # Nothing learnt: neither the image's pins nor dbclient's own copy of them changed.
+    assert (tmp_path / "image" / "known_hosts").read_text() == _elsewhere(tmp_path)
+    if client == "dropbear":
+        assert (tmp_path / "home" / ".ssh" / "known_hosts").read_text() == _elsewhere(tmp_path)

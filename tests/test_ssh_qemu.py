@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from builder.cli import main
-from builder.config import SSH_IDENTITY, SSH_KNOWN_HOSTS, parse
+from builder.config import parse
 from builder.errors import KdumpError
 from builder.inspect_image import load_image
 from builder.sshkeys import image_paths
@@ -60,7 +60,11 @@ def test_ssh_target_defaults() -> None:
     config = parse(SSH, "k.yaml")
     target = config.targets[0]
     assert (target.host, target.port, target.path) == ("kdump@backup.example", 22, "/srv/crash")
-    assert (target.identity, target.known_hosts) == (SSH_IDENTITY, SSH_KNOWN_HOSTS)
+    # The documented defaults (README, kdump-mkinitrd.yaml(5)), where ssh-setup writes.
+    assert (target.identity, target.known_hosts) == (
+        "/etc/kdump-mkinitrd/ssh/id_ed25519",
+        "/etc/kdump-mkinitrd/ssh/known_hosts",
+    )
     assert target.device is None and target.fstype is None and target.client == "openssh"
     assert config.network["dhcp"] is True
 

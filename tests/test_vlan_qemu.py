@@ -17,6 +17,25 @@ from tests.conftest import REPO, Kernel
 
 pytestmark = pytest.mark.qemu
 
+# The guest mounts a fresh tmpfs over one host folder for pytest's temporary files and HOME;
+# it must hide neither the checkout nor the Python that runs it, wherever those live (people
+# clone into /tmp to try a project).
+SCRATCH_CHOICES = ("/run", "/var/tmp", "/tmp")
+
+
+def scratch_folder(needed: list[Path]) -> str:
+    for folder in SCRATCH_CHOICES:
+        if not any(path.is_relative_to(folder) for path in needed):
+            return folder
+    raise AssertionError(f"every one of {SCRATCH_CHOICES} holds one of {needed}")
+
+
+def test_scratch_folder_never_hides_the_checkout() -> None:
+    assert scratch_folder([Path("/tmp/kdump-clone"), Path("/usr")]) == "/run"
+    assert scratch_folder([Path("/run/user/0/kdump"), Path("/tmp/x")]) == "/var/tmp"
+    assert scratch_folder([Path("/run/a"), Path("/var/tmp/b")]) == "/tmp"
+
+
 VLAN_TESTS = [
     "tests/test_network_netns.py::test_address_on_the_vlan",
     "tests/test_network_netns.py::test_long_parent_name_gives_a_vlan_name",
@@ -26,6 +45,8 @@ VLAN_TESTS = [
 
 
 def test_vlan_tests_pass_under_a_debian_kernel(kernel61: Kernel, tmp_path: Path) -> None:
+    needed = [REPO, Path(sys.executable).resolve(), Path(sys.prefix), Path(sys.base_prefix)]
+    scratch = scratch_folder([path.resolve() for path in needed])
     # The guest's busybox prefers its own applets to the host's programs (its env has no -C).
     pytest_run = [
         "sh", "-c", 'cd "$0" && exec "$@"', str(REPO),
@@ -35,9 +56,9 @@ def test_vlan_tests_pass_under_a_debian_kernel(kernel61: Kernel, tmp_path: Path)
     image = tmp_path / "guest.img"
     boot_args = host_root_image(
         image, kernel61.kver, kernel61.kmoddir, [pytest_run], crash=False,
-        writable=["/run", "/tmp"],
-        environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",
-                     "PYTHONDONTWRITEBYTECODE=1"],
+        writable=[scratch],
+        environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", f"HOME={scratch}",
+                     f"TMPDIR={scratch}", "PYTHONDONTWRITEBYTECODE=1"],
         modules=["8021q", "veth"],
     )  # fmt: skip
     result = run(

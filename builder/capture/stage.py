@@ -217,6 +217,18 @@ def capture(args: dict[str, str], console: Console) -> dict[str, object]:
 def _exhaust_memory(console: Console) -> None:
     """Touch ever more memory until the kernel's OOM killer takes this process."""
     console.say("taking memory until the OOM killer acts (kdump_mkinitrd.oom_stage=1)")
+    # What the kernel weighs, for qemu-test to check against the process it kills: the init
+    # makes this stage the first choice and itself (and so its fallback) exempt.
+    scores = []
+    for pid in ("self", "1"):
+        try:
+            with open(f"/proc/{pid}/oom_score_adj") as f:
+                scores.append(f.read().strip())
+        except OSError as exc:
+            scores.append(f"unreadable ({exc.strerror})")
+    console.say(
+        f"stage pid {os.getpid()} oom_score_adj {scores[0]}, init oom_score_adj {scores[1]}"
+    )
     hoard = []
     while True:
         try:

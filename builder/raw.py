@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.capture.vmcore import Vmcore, VmcoreError
+from builder.capture.vmcore_json import base_record
 from builder.config import DEFAULT_RECOVER_TO, Target
 from builder.errors import KdumpError
 from builder.hostonly import device_node
@@ -123,6 +125,35 @@ def _new_dir(parent: Path, name: str) -> Path:
     return candidate
 
 
+def _crash_time(vmcore: Path) -> int | None:
+    """CRASHTIME from an ELF dump's VMCOREINFO; None when it cannot be read (a cut dump)."""
+    try:
+        with Vmcore.open(str(vmcore)) as core:
+            return core.crashtime
+    except (VmcoreError, OSError):
+        return None
+
+
+def _record(header: RawHeader, device: Path, vmcore: Path) -> dict[str, object]:
+    """vmcore.json (builder/capture/vmcore_json.py) from what the raw header says."""
+    record = base_record("static", header.fields.get("hostname", "unknown"), f"raw:{device}")
+    record["complete"] = header.complete
+    # The init's static capture wrote the device: makedumpfile's flattened stream (rebuilt
+    # into kdump-compressed above) or a dd copy of /proc/vmcore.
+    flattened = header.fields.get("format") == "flattened"
+    record["collector"] = header.fields.get("collector") or ("makedumpfile" if flattened else "dd")
+    record["format"] = "kdump-compressed" if flattened else "elf"
+    # The init always writes dump_level; a header without one is read as "unknown: 0".
+    level = header.fields.get("dump_level", "")
+    record["dump_level"] = int(level) if level.isdigit() else 0
+    record["kernel_release"] = header.fields.get("kernel_release", "")
+    record["vmcore_size"] = vmcore.stat().st_size
+    record["sha256"] = _sha256(vmcore)
+    record["crash_time"] = None if flattened else _crash_time(vmcore)
+    record["recovered_from"] = str(device)
+    return record
+
+
 def _clear_header(device: Path) -> None:
     """Mark the raw dump recovered: the capture only refuses a device whose header says
     "complete", so a cleared one takes the next crash's dump."""
@@ -145,17 +176,7 @@ def _write_out(device: Path, header: RawHeader, out: Path) -> None:
         _unflatten(device, header.number("dump_offset"), partial)
     else:
         _copy_range(device, header.number("dump_offset"), header.number("dump_size"), partial)
-    record = {
-        "stage": "static",
-        "complete": header.complete,
-        "collector": header.fields.get("collector"),
-        "format": "kdump-compressed" if header.fields.get("format") == "flattened" else "elf",
-        "dump_level": header.fields.get("dump_level"),
-        "kernel_release": header.fields.get("kernel_release"),
-        "vmcore_size": partial.stat().st_size,
-        "sha256": _sha256(partial),
-        "target": f"raw:{device}",
-    }
+    record = _record(header, device, partial)
     write_atomic(out / "vmcore.json", (json.dumps(record, indent=2) + "\n").encode())
     if header.complete:
         partial.rename(out / "vmcore")

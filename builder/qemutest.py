@@ -27,6 +27,7 @@ from typing import Any
 from builder import config as config_mod
 from builder import faults, guest_traffic, raw
 from builder.build import BuildRequest, build
+from builder.capture.vmcore_json import problems
 from builder.config import Config, Target
 from builder.errors import KdumpError
 from builder.guest_images import host_root_image, utility_image
@@ -368,6 +369,8 @@ def verify_dump(dump: Path, report: Report) -> None:
         report.check("vmcore_json_readable", False, str(exc))
         return
     report.stage = record.get("stage")
+    # One schema for every writer (builder/capture/vmcore_json.py).
+    report.check("vmcore_json_schema", not problems(record), "; ".join(problems(record)))
     report.check("json_size_matches", record.get("vmcore_size") == report.vmcore_size)
     report.check("json_sha256_matches", record.get("sha256") == _sha256(vmcore))
     dmesg = dump / "vmcore-dmesg.txt"

@@ -16,6 +16,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.capture.vmcore import Vmcore, VmcoreError
+from builder.capture.vmcore_json import base_record
 from builder.errors import KdumpError
 
 MAGIC = "KDUMP-MKINITRD-RAW 1"
@@ -102,6 +104,35 @@ def _new_dir(parent: Path, name: str) -> Path:
     return candidate
 
 
+def _crash_time(vmcore: Path) -> int | None:
+    """CRASHTIME from an ELF dump's VMCOREINFO; None when it cannot be read (a cut dump)."""
+    try:
+        with Vmcore.open(str(vmcore)) as core:
+            return core.crashtime
+    except (VmcoreError, OSError):
+        return None
+
+
+def _record(header: RawHeader, device: Path, vmcore: Path) -> dict[str, object]:
+    """vmcore.json (builder/capture/vmcore_json.py) from what the raw header says."""
+    record = base_record("static", header.fields.get("hostname", "unknown"), f"raw:{device}")
+    record["complete"] = header.complete
+    # The init's static capture wrote the device: makedumpfile's flattened stream (rebuilt
+    # into kdump-compressed above) or a dd copy of /proc/vmcore.
+    flattened = header.fields.get("format") == "flattened"
+    record["collector"] = header.fields.get("collector") or ("makedumpfile" if flattened else "dd")
+    record["format"] = "kdump-compressed" if flattened else "elf"
+    # The init always writes dump_level; a header without one is read as "unknown: 0".
+    level = header.fields.get("dump_level", "")
+    record["dump_level"] = int(level) if level.isdigit() else 0
+    record["kernel_release"] = header.fields.get("kernel_release", "")
+    record["vmcore_size"] = vmcore.stat().st_size
+    record["sha256"] = _sha256(vmcore)
+    record["crash_time"] = None if flattened else _crash_time(vmcore)
+    record["recovered_from"] = str(device)
+    return record
+
+
 def recover(device: Path, parent: Path) -> Path:
     """Write the dump out under `parent`; clear the header after a complete dump is safe."""
     header = read_header(device)
@@ -121,17 +152,7 @@ def recover(device: Path, parent: Path) -> Path:
     if header.complete:
         partial.rename(final)
     vmcore = final if header.complete else partial
-    record = {
-        "stage": "static",
-        "complete": header.complete,
-        "collector": header.fields.get("collector"),
-        "format": "kdump-compressed" if header.fields.get("format") == "flattened" else "elf",
-        "dump_level": header.fields.get("dump_level"),
-        "kernel_release": header.fields.get("kernel_release"),
-        "vmcore_size": vmcore.stat().st_size,
-        "sha256": _sha256(vmcore),
-        "target": f"raw:{device}",
-    }
+    record = _record(header, device, vmcore)
     record_path = out / "vmcore.json"
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     record_path.chmod(0o600)

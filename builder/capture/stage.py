@@ -20,6 +20,7 @@ import time
 from builder.capture.dmesg import extract_dmesg
 from builder.capture.elfdump import write_elf_dump
 from builder.capture.vmcore import Vmcore, VmcoreError
+from builder.capture.vmcore_json import base_record
 
 VMCORE = "/proc/vmcore"
 # On the capture command line, only ever set by qemu-test: exercise the static fallback by
@@ -130,7 +131,7 @@ def _collect(
 ) -> dict[str, object]:
     if args["collector"] == "makedumpfile":
         argv = [args["makedumpfile"], *args["flag"].split(), "-d", args["dump_level"],
-                "--message-level", "7", VMCORE, partial]  # fmt: skip
+                "--message-level", "7", args.get("vmcore", VMCORE), partial]  # fmt: skip
         console.say("collector: " + " ".join(argv))
         status = _run(argv)
         if status != 0:
@@ -172,13 +173,10 @@ def capture(args: dict[str, str], console: Console) -> dict[str, object]:
     except (VmcoreError, OSError) as exc:
         raise StageError(f"cannot read {VMCORE}: {exc}") from None
     lap("parse")
-    record: dict[str, object] = {
-        "stage": "python",
-        "kernel_release": core.osrelease,
-        "crash_time": core.crashtime,
-        "target": args.get("target", ""),
-        "hostname": args.get("hostname", ""),
-    }
+    # vmcore.json's fields: builder/capture/vmcore_json.py.
+    record = base_record("python", args.get("hostname", ""), args.get("target", ""))
+    record["kernel_release"] = core.osrelease
+    record["crash_time"] = core.crashtime
     try:
         dmesg = extract_dmesg(core)
         _write_file(os.path.join(directory, "vmcore-dmesg.txt"), dmesg.encode(errors="replace"))
@@ -209,7 +207,10 @@ def capture(args: dict[str, str], console: Console) -> dict[str, object]:
     record["sha256"] = _sha256(final)
     lap("hash")
     record["timings"] = timings
-    _write_file(os.path.join(directory, "vmcore.json"), _json(record).encode() + b"\n")
+    # Under its final name only when whole: a record is never half-written JSON.
+    record_path = os.path.join(directory, "vmcore.json")
+    _write_file(record_path + ".incomplete", _json(record).encode() + b"\n")
+    os.rename(record_path + ".incomplete", record_path)
     _fsync_dir(directory)
     return record
 

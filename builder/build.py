@@ -221,7 +221,9 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
     )
     plan = assemble(config, features, resolution, build_inputs)
     entries, seen = plan.entries()
-    kconfig = compress.kernel_config(request.kver, request.kernel_image, request.boot_dir)
+    kconfig = compress.kernel_config(
+        request.kver, request.kernel_image, request.boot_dir, request.kmoddir
+    )
     for path in inputs.extra_inputs(feature_dirs, request.kmoddir, request.kernel_image, kconfig):
         seen.setdefault(str(path), inputs.record(path))
     record = manifest(plan, config, features, resolution, build_inputs, seen)

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from builder import config as config_mod
-from builder import faults
+from builder import faults, kernelfiles
 from builder.build import BuildRequest, build
 from builder.errors import KdumpError
 from builder.inspect_image import report, text
@@ -31,7 +31,12 @@ def default_output(kver: str) -> Path:
 def _add_kernel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", "--kver", help="kernel version (default: the running kernel)")
     p.add_argument("--kmoddir", type=Path, help="module tree (default: /lib/modules/KVER)")
-    p.add_argument("--kernel", type=Path, help="kernel image; its config-KVER is read beside it")
+    p.add_argument(
+        "--kernel",
+        type=Path,
+        help="kernel image or UKI (default: found under /boot or /lib/modules/KVER); its "
+        "config-KVER is read beside it",
+    )
     p.add_argument(
         "-c", "--config", type=Path, help=f"config file (default {config_mod.DEFAULT_PATH})"
     )
@@ -226,7 +231,8 @@ def _run_qemu_test(args: argparse.Namespace) -> int:
     from builder.progress import Progress
 
     kver = args.kver or os.uname().release
-    kernel = args.kernel or Path(f"/boot/vmlinuz-{kver}")
+    kmoddir = args.kmoddir or Path("/lib/modules") / kver
+    kernel = args.kernel or kernelfiles.find_kernel(kver, kmoddir) or Path(f"/boot/vmlinuz-{kver}")
     if not kernel.is_file():
         raise KdumpError(f"kernel image {kernel} does not exist (give --kernel)")
     qemutest.check_tools()
@@ -275,15 +281,21 @@ def _ssh_setup(args: argparse.Namespace) -> int:
 
 def _request(args: argparse.Namespace, output: Path | None, hostonly: bool) -> BuildRequest:
     kver = args.kver or os.uname().release
-    kernel = args.kernel
-    if kernel is None and Path(f"/boot/vmlinuz-{kver}").exists():
-        kernel = Path(f"/boot/vmlinuz-{kver}")
-    elif kernel is not None and not kernel.is_file():
-        raise KdumpError(f"kernel image {kernel} does not exist")
+    kmoddir = args.kmoddir or Path("/lib/modules") / kver
+    output = output or default_output(kver)
+    if args.kernel is None:
+        # None when no layout has it: `build` can do without, `register` refuses early.
+        kernel = kernelfiles.find_kernel(
+            kver, kmoddir, extracted=kernelfiles.extracted_path(output, kver)
+        )
+    elif not args.kernel.is_file():
+        raise KdumpError(f"kernel image {args.kernel} does not exist")
+    else:
+        kernel = kernelfiles.kernel_for_kexec(args.kernel, kver, output)
     return BuildRequest(
         kver=kver,
-        kmoddir=args.kmoddir or Path("/lib/modules") / kver,
-        output=output or default_output(kver),
+        kmoddir=kmoddir,
+        output=output,
         kernel_image=kernel,
         modules_dirs=tuple(args.modules_dir),
         hostonly=hostonly,
@@ -296,19 +308,42 @@ def _register(args: argparse.Namespace) -> int:
     kver = args.kver or os.uname().release
     # Host-only by default when arming the kernel that runs here: its devices are the truth.
     hostonly = args.hostonly if args.hostonly is not None else kver == os.uname().release
-    request = _request(args, args.image, hostonly)
     config = config_mod.load(args.config)
+    # First free the raw targets (as kdumpctl does at boot): a dump left on one would make the
+    # next crash go elsewhere. Whatever happens to the load, this is worth doing.
+    failed = _recover_raw_targets(config)
+    request = _request(args, args.image, hostonly)
     try:
         loaded, rebuilt = registration.register(config, request, tuple(args.append))
     except registration.NoReservation as exc:
         print(f"kdump-mkinitrd: {exc}", file=sys.stderr)
-        return registration.EXIT_NO_RESERVATION
+        return registration.EXIT_ERROR if failed else registration.EXIT_NO_RESERVATION
     if rebuilt:
         print("rebuilt the image: " + "; ".join(rebuilt[:5]), file=sys.stderr)
     print(f"capture kernel {loaded.kernel} loaded with {loaded.image}")
     if args.json:
         print(json.dumps(asdict(loaded), indent=1))
+    if failed:
+        print(f"kdump-mkinitrd: error: the capture kernel is loaded, but {failed} raw "
+              "target(s) still hold a dump that could not be recovered (see above)",
+              file=sys.stderr)  # fmt: skip
+        return registration.EXIT_ERROR
     return 0
+
+
+def _recover_raw_targets(config: config_mod.Config) -> int:
+    """Recover each raw target's complete dump; say what happened; count the failures."""
+    from builder import raw
+
+    failed = 0
+    for done in raw.recover_targets(config.targets):
+        if done.ok:
+            print(f"kdump-mkinitrd: raw target {done.target}: {done.message}", file=sys.stderr)
+        else:
+            failed += 1
+            print(f"kdump-mkinitrd: error: raw target {done.target}: {done.message}",
+                  file=sys.stderr)  # fmt: skip
+    return failed
 
 
 def _unregister(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import zstandard
 
+from builder import kernelfiles
 from builder.errors import KdumpError
 
 log = logging.getLogger(__name__)
@@ -44,21 +45,20 @@ class Compression:
 
 
 def kernel_config(
-    kver: str, kernel_image: Path | None, boot_dir: Path = Path("/boot")
+    kver: str,
+    kernel_image: Path | None,
+    boot_dir: Path = Path("/boot"),
+    kmoddir: Path | None = None,
 ) -> Path | None:
-    """The kernel's build config: next to an explicitly given kernel image first, then /boot."""
-    candidates = []
-    if kernel_image is not None:
-        candidates.append(kernel_image.parent / f"config-{kver}")
-    candidates.append(boot_dir / f"config-{kver}")
-    return next((c for c in candidates if c.is_file()), None)
+    """The kernel's build config, wherever the distribution keeps it (see kernelfiles)."""
+    return kernelfiles.find_config(kver, kernel_image, kmoddir, boot_dir)
 
 
 def choose(requested: Compression, config: Path | None) -> tuple[Compression, str | None]:
     """Fall back to gzip when the kernel cannot unpack zstd; return a note saying so."""
     if requested.method != "zstd" or config is None:
         return requested, None
-    options = config.read_text(errors="replace")
+    options = kernelfiles.read_config(config)
     if "CONFIG_RD_ZSTD=y" in options.splitlines():
         return requested, None
     note = f"{config} lacks CONFIG_RD_ZSTD=y: compressing the image with gzip instead of zstd"

@@ -56,7 +56,10 @@ TARGET_SCHEMA: dict[str, Field] = {
     "client": Field(str, choices=SSH_CLIENTS),
     # nfs targets: server:/export; the dump goes to `path` below the export.
     "export": Field(str),
+    # raw targets: where `register` at boot copies a complete dump out of the device.
+    "recover_to": Field(str, absolute_path=True),
 }
+DEFAULT_RECOVER_TO = "/var/crash"
 
 # Where `ssh-setup` keeps the key and the pinned host keys, and where the image holds them.
 SSH_DIR = "/etc/kdump-mkinitrd/ssh"
@@ -151,6 +154,7 @@ class Target:
     known_hosts: str | None = None
     client: str | None = None
     export: str | None = None
+    recover_to: str | None = None
 
     @property
     def name(self) -> str:
@@ -342,6 +346,8 @@ def _cross_checks(checker: _Checker, data: dict[str, Any]) -> None:
             _check_nfs_target(checker, key, target)
         elif target["export"] is not None:
             raise checker.fail(f"{key}.export", "only nfs targets take this key")
+        if target["type"] != "raw" and target["recover_to"] is not None:
+            raise checker.fail(f"{key}.recover_to", "only raw targets take this key")
         device = target["device"]
         if device and not device.startswith(("/dev/", "UUID=", "LABEL=", "PARTUUID=")):
             raise checker.fail(
@@ -418,6 +424,8 @@ def _targets(values: list[dict[str, Any]]) -> tuple[Target, ...]:
                 known_hosts=t["known_hosts"] or SSH_KNOWN_HOSTS,
                 client=t["client"] or "openssh",
             )
+        if t["type"] == "raw":
+            t = dict(t, recover_to=t["recover_to"] or DEFAULT_RECOVER_TO)
         out.append(Target(**t))
     return tuple(out)
 

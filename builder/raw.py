@@ -13,12 +13,16 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder.capture.vmcore import Vmcore, VmcoreError
 from builder.capture.vmcore_json import base_record
+from builder.config import DEFAULT_RECOVER_TO, Target
 from builder.errors import KdumpError
+from builder.hostonly import device_node
+from builder.output import write_atomic
 
 MAGIC = "KDUMP-MKINITRD-RAW 1"
 HEADER_SIZE = 4096
@@ -95,12 +99,29 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _safe_name(value: str) -> str:
+    """A header field as one path component: the header comes from a device, and nothing in
+    it may name a folder outside the one the dump is recovered into."""
+    name = value.replace("/", "_").replace("\0", "_")
+    return "_" + name if name.startswith(".") or not name else name
+
+
 def _new_dir(parent: Path, name: str) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     candidate, n = parent / name, 1
     while candidate.exists():
         candidate, n = parent / f"{name}.{n}", n + 1
     candidate.mkdir(mode=0o700)
+    # The new folder's name must be on disk before the device is cleared.
+    _fsync_dir(parent)
     return candidate
 
 
@@ -133,13 +154,20 @@ def _record(header: RawHeader, device: Path, vmcore: Path) -> dict[str, object]:
     return record
 
 
-def recover(device: Path, parent: Path) -> Path:
-    """Write the dump out under `parent`; clear the header after a complete dump is safe."""
-    header = read_header(device)
-    if header is None:
-        raise KdumpError(f"{device} holds no raw kdump dump (no {MAGIC!r} header)")
-    name = f"{header.fields.get('hostname', 'unknown')}-{header.fields.get('stamp', 'unknown')}"
-    out = _new_dir(parent, name)
+def _clear_header(device: Path) -> None:
+    """Mark the raw dump recovered: the capture only refuses a device whose header says
+    "complete", so a cleared one takes the next crash's dump."""
+    fd = os.open(device, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\0" * HEADER_SIZE, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_out(device: Path, header: RawHeader, out: Path) -> None:
+    """The dump, its kernel log and vmcore.json under `out`, each synced; `vmcore` is given
+    its final name last, and only when the device says the dump is complete."""
     dmesg_size = header.number("dmesg_size")
     if dmesg_size:
         _copy_range(device, header.number("dmesg_offset"), dmesg_size, out / "vmcore-dmesg.txt")
@@ -148,21 +176,84 @@ def recover(device: Path, parent: Path) -> Path:
         _unflatten(device, header.number("dump_offset"), partial)
     else:
         _copy_range(device, header.number("dump_offset"), header.number("dump_size"), partial)
-    final = out / "vmcore"
+    record = _record(header, device, partial)
+    write_atomic(out / "vmcore.json", (json.dumps(record, indent=2) + "\n").encode())
     if header.complete:
-        partial.rename(final)
-    vmcore = final if header.complete else partial
-    record = _record(header, device, vmcore)
-    record_path = out / "vmcore.json"
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
-    record_path.chmod(0o600)
-    dir_fd = os.open(out, os.O_RDONLY)
-    os.fsync(dir_fd)
-    os.close(dir_fd)
+        partial.rename(out / "vmcore")
+    _fsync_dir(out)
+
+
+def recover(device: Path, parent: Path) -> Path:
+    """Write the dump out under `parent`; clear the header once a complete dump is safe there.
+
+    A recovery that fails part-way removes what it wrote (nothing may look like a dump) and
+    leaves the device as it was, so that the dump can be recovered again."""
+    header = read_header(device)
+    if header is None:
+        raise KdumpError(f"{device} holds no raw kdump dump (no {MAGIC!r} header)")
+    host = _safe_name(header.fields.get("hostname", "unknown"))
+    name = f"{host}-{_safe_name(header.fields.get('stamp', 'unknown'))}"
+    try:
+        out = _new_dir(parent, name)
+    except OSError as exc:
+        raise KdumpError(f"cannot make a folder under {parent}: {exc.strerror}") from None
+    try:
+        _write_out(device, header, out)
+    except (OSError, KdumpError) as exc:
+        shutil.rmtree(out, ignore_errors=True)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise KdumpError(
+            f"recovering {device} into {out} failed ({why}): removed what was written; "
+            f"the dump is still on {device}"
+        ) from None
     if header.complete:
         # Only now is the dump safe elsewhere, so the device can take the next one.
-        with device.open("r+b") as f:
-            f.write(b"\0" * HEADER_SIZE)
-            f.flush()
-            os.fsync(f.fileno())
+        _clear_header(device)
     return out
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What the boot-time pass did with one raw target."""
+
+    target: str
+    ok: bool  # False only when a complete dump could not be copied out
+    message: str
+    directory: str | None = None
+
+
+def recover_targets(targets: Iterable[Target], dev: Path = Path("/dev")) -> list[Recovery]:
+    """`register` at boot, as kdumpctl does: copy each raw target's complete dump into its
+    `recover_to` folder, so the device is free for the next crash (the capture refuses to
+    overwrite a complete dump nobody recovered). Incomplete dumps are left for the admin."""
+    done = []
+    for target in targets:
+        if target.type != "raw" or not target.device:
+            continue
+        node = device_node(target.device, dev)
+        parent = Path(target.recover_to or DEFAULT_RECOVER_TO)
+        if not node.exists():
+            done.append(Recovery(target.name, True, f"{node} is not there: nothing recovered"))
+            continue
+        try:
+            header = read_header(node)
+        except KdumpError as exc:
+            done.append(Recovery(target.name, False, f"{exc}"))
+            continue
+        if header is None:
+            continue
+        stamp = header.fields.get("stamp", "unknown")
+        if not header.complete:
+            done.append(Recovery(target.name, True, (
+                f"{node} holds an incomplete dump from {stamp} (its capture failed); left as "
+                f"it is: `kdump-mkinitrd recover-raw {node} DIR` copies out what there is"
+            )))  # fmt: skip
+            continue
+        try:
+            out = recover(node, parent)
+        except KdumpError as exc:
+            done.append(Recovery(target.name, False, str(exc)))
+            continue
+        done.append(Recovery(target.name, True, f"recovered the dump on {node} into {out}",
+                             str(out)))  # fmt: skip
+    return done

@@ -115,18 +115,32 @@ def register(
             "no memory is reserved for a capture kernel (/sys/kernel/kexec_crash_size is 0): "
             f"add {hint} to the kernel command line and reboot"
         )
-    report = build(config, request, if_needed=True)
+    # Everything a load needs is checked before the build: a run bound to fail must not
+    # replace a working image (at boot, the one the kernel hook built with the right kernel).
+    kernel = request.kernel_image
+    if kernel is None:
+        raise KdumpError(
+            f"no kernel image for {request.kver} (looked for /boot/vmlinuz-{request.kver}, "
+            f"{request.kmoddir}/vmlinuz, /boot/vmlinuz-linux*): give --kernel; "
+            f"{request.output} was left as it was"
+        )
+    if not os.access(kernel, os.R_OK) or not kernel.is_file():
+        raise KdumpError(f"kernel image {kernel} is not a readable file; "
+                         f"{request.output} was left as it was")  # fmt: skip
+    try:
+        proc_text = proc_cmdline.read_text()
+    except OSError as exc:
+        raise KdumpError(f"cannot read {proc_cmdline}: {exc.strerror}") from None
     cmdline = capture_cmdline(
-        proc_cmdline.read_text(), os.uname().machine,
+        proc_text, os.uname().machine,
         append=[*config.cmdline["append"], *append], remove=config.cmdline["remove"],
     )  # fmt: skip
-    if request.kernel_image is None:
-        raise KdumpError(f"no kernel image for {request.kver}: give --kernel")
+    report = build(config, request, if_needed=True)
     suggest = f"{estimate(request.output, None).total_mb}M"
-    load_crash_kernel(request.kernel_image, request.output, cmdline, suggest=suggest)
+    load_crash_kernel(kernel, request.output, cmdline, suggest=suggest)
     loaded = Loaded(
         kver=request.kver,
-        kernel=str(request.kernel_image),
+        kernel=str(kernel),
         image=str(request.output),
         kmoddir=str(request.kmoddir),
         config=None if config.source == "<defaults>" else config.source,

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -168,87 +169,127 @@ def _plant(folder: Path, hostname: str | None, when: str, tool: bool = True) -> 
     return _digest(vmcore)
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What a fault's preparation works on: the config, the first target and its disk, and a
+    folder for the tree that mkfs.ext4 -d copies onto it."""
+
+    fault: Fault
+    config: Config
+    target: Target
+    disk: Path
+    seed: Path
+
+    @property
+    def crash_dir(self) -> Path:
+        """The target's dump folder inside the seed tree."""
+        return self.seed / self.target.path.lstrip("/")
+
+    def ext4(self) -> None:
+        _ext4_with(self.target, self.disk, self.seed, self.fault)
+
+
 def prepare(fault: Fault, config: Config, disks: list[Path], workdir: Path) -> dict[str, str]:
     """Change the first target's disk as the fault needs; returns facts the checks compare."""
-    target, disk = config.targets[0], disks[0]
-    device = target.device or ""
-    seed = workdir / "seed"
-    crash_dir = seed / target.path.lstrip("/")
-    if fault.name == "no-target":
-        with disk.open("wb") as f:  # the same size, but nothing on it to find
-            f.truncate(64 * 2**20)
-    elif fault.name == "wrong-fs":
-        flag = ["-m", f"uuid={device[5:]}"] if device.startswith("UUID=") else ["-L", device[6:]]
-        other = (
-            ["mkfs.xfs", "-q", "-f", *flag]
-            if target.fstype != "xfs"
-            else [
-                "mkfs.ext4",
-                "-q",
-                "-F",
-                *(["-U", device[5:]] if device.startswith("UUID=") else ["-L", device[6:]]),
-            ]
-        )
-        subprocess.run([*other, str(disk)], check=True, capture_output=True)
-    elif fault.name == "disk-full":
-        # Small, with an earlier dump on it, and filled up but for DISK_FULL_ROOM: less than
-        # any dump takes, so the fault happens whatever size this crash's dump has.
-        earlier = crash_dir / EARLIER
-        earlier.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (earlier / "vmcore").write_bytes(os.urandom(2 * 2**20))
-        (earlier / "vmcore.json").write_text(json.dumps({"sha256": _digest(earlier / "vmcore")}))
-        with disk.open("wb") as f:
-            f.truncate(40 * 2**20)
-        _ext4_with(target, disk, seed, fault)
-        filler = seed / "filler"
-        filler.write_bytes(b"\xff" * (_free_bytes(disk) - DISK_FULL_ROOM))
-        _ext4_with(target, disk, seed, fault)
-        return {"earlier_sha256": _digest(earlier / "vmcore"), "free": str(_free_bytes(disk))}
-    elif fault.name == "second-crash":
-        hostname = _hostname(config)
-        crash_dir.mkdir(parents=True)
-        start = calendar.timegm(time.strptime(COLLISION_CLOCK, "%Y-%m-%dT%H:%M:%S"))
-        for second in range(COLLISION_WINDOW):
-            stamp = time.strftime(STAMP, time.gmtime(start + second))
-            (crash_dir / f"{hostname}-{stamp}").mkdir(mode=0o700)
-        _ext4_with(target, disk, seed, fault)
-        return {"hostname": hostname}
-    elif fault.name == "foreign-dumps":
-        if config.capture["keep"] != 2:
-            raise KdumpError("--fault foreign-dumps needs capture.keep: 2 in the config")
-        hostname = _hostname(config)
-        facts = {"hostname": hostname}
-        planted = {
-            # Other hosts running this tool on the same export; one whose name starts with
-            # this host's, and another tool's folder (no vmcore.json).
-            "alpha-2030-01-01-00:00:00": ("alpha", True),
-            "alpha-2020-01-01-00:00:00": ("alpha", True),
-            f"{hostname}-db-2019-01-01-00:00:00": (f"{hostname}-db", True),
-            "127.0.0.1-2021-05-05-10:00:00": (None, False),
-            # This host's own, the oldest first.
-            f"{hostname}-2024-01-01-00:00:00": (hostname, True),
-            f"{hostname}-2025-01-01-00:00:00": (hostname, True),
-        }
-        for name, (host, tool) in planted.items():
-            stamp = name[-19:]
-            facts[f"planted:{name}"] = _plant(crash_dir / name, host, stamp, tool)
-        # An unfinished dump of this host is evidence, never counted or removed.
-        unfinished = crash_dir / f"{hostname}-2023-01-01-00:00:00"
-        unfinished.mkdir(mode=0o700)
-        (unfinished / "vmcore.incomplete").write_bytes(os.urandom(4096))
-        facts[f"planted:{unfinished.name}"] = ""
-        facts["removed"] = f"{hostname}-2024-01-01-00:00:00"
-        _ext4_with(target, disk, seed, fault)
-        return facts
-    elif fault.name == "io-error":
-        if len(config.targets) < 2:
-            raise KdumpError("--fault io-error needs a second target to take the dump")
-        # mkfs leaves the image sparse: what the guest writes from here on shows on the host.
-        return {"cut_at_bytes": str(disk.stat().st_blocks * 512 + IO_ERROR_AFTER)}
-    elif fault.name == "raw-second-crash" and (target.type != "raw" or len(config.targets) < 2):
+    setup = Setup(fault, config, config.targets[0], disks[0], workdir / "seed")
+    preparation = PREPARATIONS.get(fault.name)
+    return preparation(setup) if preparation else {}
+
+
+def _no_target(setup: Setup) -> dict[str, str]:
+    with setup.disk.open("wb") as f:  # the same size, but nothing on it to find
+        f.truncate(64 * 2**20)
+    return {}
+
+
+def _wrong_fs(setup: Setup) -> dict[str, str]:
+    device = setup.target.device or ""
+    uuid = device[5:] if device.startswith("UUID=") else None
+    if setup.target.fstype != "xfs":
+        other = ["mkfs.xfs", "-q", "-f", *(["-m", f"uuid={uuid}"] if uuid else ["-L", device[6:]])]
+    else:
+        other = ["mkfs.ext4", "-q", "-F", *(["-U", uuid] if uuid else ["-L", device[6:]])]
+    subprocess.run([*other, str(setup.disk)], check=True, capture_output=True)
+    return {}
+
+
+def _disk_full(setup: Setup) -> dict[str, str]:
+    """Small, with an earlier dump on it, and filled up but for DISK_FULL_ROOM: less than any
+    dump takes, so the fault happens whatever size this crash's dump has."""
+    earlier = setup.crash_dir / EARLIER
+    earlier.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (earlier / "vmcore").write_bytes(os.urandom(2 * 2**20))
+    (earlier / "vmcore.json").write_text(json.dumps({"sha256": _digest(earlier / "vmcore")}))
+    with setup.disk.open("wb") as f:
+        f.truncate(40 * 2**20)
+    setup.ext4()
+    (setup.seed / "filler").write_bytes(b"\xff" * (_free_bytes(setup.disk) - DISK_FULL_ROOM))
+    setup.ext4()
+    return {"earlier_sha256": _digest(earlier / "vmcore"), "free": str(_free_bytes(setup.disk))}
+
+
+def _second_crash(setup: Setup) -> dict[str, str]:
+    """A folder for every second of COLLISION_WINDOW from COLLISION_CLOCK on."""
+    hostname = _hostname(setup.config)
+    setup.crash_dir.mkdir(parents=True)
+    start = calendar.timegm(time.strptime(COLLISION_CLOCK, "%Y-%m-%dT%H:%M:%S"))
+    for second in range(COLLISION_WINDOW):
+        stamp = time.strftime(STAMP, time.gmtime(start + second))
+        (setup.crash_dir / f"{hostname}-{stamp}").mkdir(mode=0o700)
+    setup.ext4()
+    return {"hostname": hostname}
+
+
+def _foreign_dumps(setup: Setup) -> dict[str, str]:
+    if setup.config.capture["keep"] != 2:
+        raise KdumpError("--fault foreign-dumps needs capture.keep: 2 in the config")
+    hostname = _hostname(setup.config)
+    facts = {"hostname": hostname, "removed": f"{hostname}-2024-01-01-00:00:00"}
+    planted = {
+        # Other hosts running this tool on the same export, one whose name starts with this
+        # host's; another tool's folder (no vmcore.json).
+        "alpha-2030-01-01-00:00:00": ("alpha", True),
+        "alpha-2020-01-01-00:00:00": ("alpha", True),
+        f"{hostname}-db-2019-01-01-00:00:00": (f"{hostname}-db", True),
+        "127.0.0.1-2021-05-05-10:00:00": (None, False),
+        # This host's own, the oldest first.
+        f"{hostname}-2024-01-01-00:00:00": (hostname, True),
+        f"{hostname}-2025-01-01-00:00:00": (hostname, True),
+    }
+    for name, (host, tool) in planted.items():
+        facts[f"planted:{name}"] = _plant(setup.crash_dir / name, host, name[-19:], tool)
+    # An unfinished dump of this host is evidence, never counted or removed.
+    unfinished = setup.crash_dir / f"{hostname}-2023-01-01-00:00:00"
+    unfinished.mkdir(mode=0o700)
+    (unfinished / "vmcore.incomplete").write_bytes(os.urandom(4096))
+    facts[f"planted:{unfinished.name}"] = ""
+    setup.ext4()
+    return facts
+
+
+def _io_error(setup: Setup) -> dict[str, str]:
+    if len(setup.config.targets) < 2:
+        raise KdumpError("--fault io-error needs a second target to take the dump")
+    # mkfs leaves the image sparse: what the guest writes from here on shows on the host.
+    return {"cut_at_bytes": str(setup.disk.stat().st_blocks * 512 + IO_ERROR_AFTER)}
+
+
+def _raw_second_crash(setup: Setup) -> dict[str, str]:
+    if setup.target.type != "raw" or len(setup.config.targets) < 2:
         raise KdumpError("--fault raw-second-crash needs a raw target first and another target "
                          "after it")  # fmt: skip
     return {}
+
+
+PREPARATIONS: dict[str, Callable[[Setup], dict[str, str]]] = {
+    "no-target": _no_target,
+    "wrong-fs": _wrong_fs,
+    "disk-full": _disk_full,
+    "second-crash": _second_crash,
+    "foreign-dumps": _foreign_dumps,
+    "io-error": _io_error,
+    "raw-second-crash": _raw_second_crash,
+}
 
 
 def after_crash(fault: Fault, crash: int, disks: list[Path], facts: dict[str, str]) -> None:

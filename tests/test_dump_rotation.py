@@ -19,12 +19,12 @@ from tests.test_vmcore import prb_core
 LONG_SOURCE = "nas.example.org:/srv/crash/exports/kdump-shared-by-several-hosts"
 
 
-def own_record(hostname: str, crash_time: int | None) -> str:
+def own_record(hostname: str, crash_time: int | None, indent: int | None = 2) -> str:
     record = base_record("static", hostname, "disk:/dev/vdb")
     record.update({"collector": "dd", "format": "elf", "dump_level": 31,
                    "kernel_release": "6.1.0-test", "crash_time": crash_time,
                    "vmcore_size": 1, "sha256": "0" * 64})  # fmt: skip
-    return json.dumps(record, indent=2) + "\n"
+    return json.dumps(record, indent=indent) + "\n"
 
 
 def make_dump(parent: Path, name: str, *, complete: bool = True, record: str | None = None) -> Path:
@@ -94,6 +94,20 @@ def test_keep_prunes_only_this_hosts_own_dumps_oldest_crash_first(
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.name for p in parent.iterdir()) == sorted(KEPT_ALWAYS + own_left)
     assert (tmp_path / "elsewhere" / "vmcore").is_file()
+
+
+def test_keep_reads_records_on_one_line(tmp_path: Path) -> None:
+    """A record written by another program (a test fault, a migration) may be compact JSON."""
+    parent = tmp_path / "crash"
+    for name, crash_time in (("web1-2026-01-01-00:00:00", 30), ("web1-2026-01-02-00:00:00", 10),
+                             ("web1-2026-01-03-00:00:00", 20)):  # fmt: skip
+        make_dump(parent, name, record=own_record("web1", crash_time, indent=None))
+    new = make_dump(parent, "web1-2026-01-04-00:00:00", record=own_record("web1", 40, None))
+    result = run_sh(tmp_path, lib(2) + f'kdump_prune "{parent}" "{new}"\n')
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in parent.iterdir()) == [
+        "web1-2026-01-01-00:00:00", "web1-2026-01-04-00:00:00"
+    ]  # fmt: skip
 
 
 def test_keep_with_a_hostname_full_of_pattern_characters(tmp_path: Path) -> None:

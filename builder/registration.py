@@ -117,6 +117,11 @@ def register(
         )
     # Everything a load needs is checked before the build: a run bound to fail must not
     # replace a working image (at boot, the one the kernel hook built with the right kernel).
+    if not status.supported:
+        raise KdumpError(
+            "this kernel has no crash dump support (/sys/kernel/kexec_crash_size is missing), "
+            f"so nothing can be loaded; {request.output} was left as it was"
+        )
     kernel = request.kernel_image
     if kernel is None:
         raise KdumpError(

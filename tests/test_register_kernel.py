@@ -75,3 +75,20 @@ def test_the_hooks_kernel_is_found_again_at_boot(tmp_path: Path, kernel61: Kerne
     assert request.kernel_image is not None
     assert request.kernel_image.read_bytes() == kernel61.vmlinuz.read_bytes()
     assert stale_reasons(load(config), request) == []
+
+
+def test_register_on_a_kernel_without_crash_support_leaves_the_image_alone(
+    tmp_path: Path, kernel61: Kernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handed, config, image = hook_build(tmp_path, kernel61, kernel61.kmoddir)
+    before = image.read_bytes()
+    # The admin changed the config since (the image is stale), but this kernel cannot load one.
+    config.write_text(CONFIG + "device_timeout: 20\n")
+    sysfs = tmp_path / "sys/kernel"
+    sysfs.mkdir(parents=True)  # no kexec_crash_size: built without CONFIG_CRASH_DUMP
+    monkeypatch.setattr(registration, "crash_status", lambda: kexec.crash_status(sysfs))
+    request = BuildRequest(kernel61.kver, kernel61.kmoddir, image, kernel_image=handed)
+    assert stale_reasons(load(config), request) != []
+    with pytest.raises(KdumpError, match="no crash dump support"):
+        registration.register(load(config), request)
+    assert image.read_bytes() == before

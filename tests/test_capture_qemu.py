@@ -212,6 +212,16 @@ capture: {stage: static}
     assert report.dump_dir is not None and "/nfs/export/" in report.dump_dir
 
 
+@dataclass(frozen=True)
+class RunOutput:
+    """What a qemu-test run printed, its exit code, and where its files are."""
+
+    code: int
+    stdout: str
+    stderr: str
+    workdir: Path
+
+
 @pytest.fixture(scope="module")
 def production_run(kernel61: Kernel, tmp_path_factory: pytest.TempPathFactory) -> RunOutput:
     """qemu-test as a user runs it with the config of a real host: drivers for that host's
@@ -230,14 +240,6 @@ def production_run(kernel61: Kernel, tmp_path_factory: pytest.TempPathFactory) -
         capture_output=True, text=True, cwd=REPO, check=False,
     )  # fmt: skip
     return RunOutput(proc.returncode, proc.stdout, proc.stderr, tmp_path / "work")
-
-
-@dataclass(frozen=True)
-class RunOutput:
-    code: int
-    stdout: str
-    stderr: str
-    workdir: Path
 
 
 def test_qemu_test_adds_qemus_drivers_to_a_production_config(production_run: RunOutput) -> None:

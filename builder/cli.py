@@ -100,6 +100,13 @@ def parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--timeout", type=float, default=600.0, help="seconds before QEMU is killed")
     q.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,  # not given here: the top-level -v stands
+        help="progress on stderr even with --json",
+    )
+    q.add_argument(
         "--target",
         choices=("disk", "ssh", "nfs"),
         default="disk",
@@ -205,7 +212,23 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _qemu_test(args: argparse.Namespace) -> int:
+    """With --json, stdout gets one JSON object however the run ends: the report, or
+    {"ok": false, "error": ...} when qemu-test could not run at all."""
+    try:
+        return _run_qemu_test(args)
+    except Exception as exc:
+        if not args.json:
+            raise
+        error = str(exc) if isinstance(exc, KdumpError) else f"{type(exc).__name__}: {exc}"
+        print(json.dumps({"ok": False, "error": error}, indent=1))
+        if not isinstance(exc, KdumpError):
+            raise  # a bug: its traceback on stderr too
+        return 1
+
+
+def _run_qemu_test(args: argparse.Namespace) -> int:
     from builder import qemutest
+    from builder.progress import Progress
 
     kver = args.kver or os.uname().release
     kmoddir = args.kmoddir or Path("/lib/modules") / kver
@@ -227,6 +250,8 @@ def _qemu_test(args: argparse.Namespace) -> int:
         fault=args.fault,
         target=args.target,
         ssh_client=args.ssh_client,
+        # Minutes of work: say what is going on, unless stdout is for a program.
+        progress=Progress(sys.stderr if args.verbose or not args.json else None),
     )
     report = qemutest.run_qemu_test(options)
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())

@@ -6,10 +6,10 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from builder.errors import KdumpError
@@ -28,10 +28,14 @@ class Boot:
     extra: tuple[str, ...] = ()
     # Pull the plug: kill QEMU as soon as the serial log shows any of these lines.
     kill_when: tuple[str, ...] = ()
-    # Pull the network cable: take the NIC's link down (QEMU's monitor, set_link) as soon as
-    # this says so (polled); the monitor listens on `monitor`.
-    link_down_when: Callable[[], bool] | None = None
+    # Break something under the running guest: send `monitor_command` to QEMU's monitor (on
+    # `monitor`) once this says so (polled): `set_link n0 off` pulls the network cable,
+    # `drive_del virtio0` makes the first disk fail every request with EIO.
+    monitor_when: Callable[[], bool] | None = None
+    monitor_command: str = "set_link n0 off"
     monitor: Path | None = None
+    # Called with each line of the serial console as it arrives (progress for people).
+    on_line: Callable[[str], None] | None = None
     # Runs QEMU through this command prefix (nsenter: the test NFS server's namespace).
     wrapper: tuple[str, ...] = ()
 
@@ -90,42 +94,88 @@ def run(boot: Boot) -> BootResult:
     """Boot and wait for the guest to power off (-no-reboot turns reboots into exits too)."""
     cmd = command(boot)
     start = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    code: int | None
-    try:
-        if boot.link_down_when and _wait_for(boot, proc, start, boot.link_down_when):
-            _monitor(boot, "set_link n0 off")
-        if boot.kill_when and _wait_for(boot, proc, start, partial(_logged, boot, boot.kill_when)):
-            proc.kill()
-        _, err = proc.communicate(timeout=max(boot.timeout - (time.monotonic() - start), 1))
-        code = proc.returncode
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        code = None
+    # QEMU's own messages go to a file, not a pipe: nothing reads a pipe while the guest runs.
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err)  # fmt: skip
+        console = _Console(boot.serial_log, boot.on_line)
+        code = _watch(boot, proc, start, console)
+        console.finish()
+        err.seek(0)
+        message = err.read().decode(errors="replace").strip()
     seconds = time.monotonic() - start
-    log = boot.serial_log.read_text(errors="replace") if boot.serial_log.exists() else ""
+    log = console.text
     if code not in (0, None):
-        log += f"\n[qemu exited {code}: {err.decode(errors='replace').strip()}]\n"
+        log += f"\n[qemu exited {code}: {message}]\n"
     return BootResult(code, seconds, log, cmd)
 
 
-def _logged(boot: Boot, markers: tuple[str, ...]) -> bool:
-    text = boot.serial_log.read_text(errors="replace") if boot.serial_log.exists() else ""
-    return any(marker in text for marker in markers)
+class _Console:
+    """The serial log as it grows: its lines so far, each new one handed on as it comes."""
+
+    def __init__(self, path: Path, on_line: Callable[[str], None] | None) -> None:
+        self.path, self.on_line = path, on_line
+        self.lines: list[str] = []
+        self._offset, self._partial, self._checked = 0, b"", 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def _add(self, raw: bytes, end: str) -> None:
+        line = raw.decode(errors="replace")
+        self.lines.append(line + end)
+        if self.on_line is not None:
+            self.on_line(line.rstrip("\r"))
+
+    def read(self) -> None:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        self._offset += len(chunk)
+        # Whole lines only, so that a marker split across two reads is still found.
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for line in lines:
+            self._add(line, "\n")
+
+    def finish(self) -> None:
+        """The last line, when the guest stopped before ending it."""
+        self.read()
+        if self._partial:
+            self._add(self._partial, "")
+            self._partial = b""
+
+    def shows(self, markers: tuple[str, ...]) -> bool:
+        """Whether a line that came since the last call holds one of `markers`."""
+        new, self._checked = self.lines[self._checked :], len(self.lines)
+        return any(marker in line for line in new for marker in markers)
 
 
-def _wait_for(
-    boot: Boot, proc: subprocess.Popen[bytes], start: float, ready: Callable[[], bool]
-) -> bool:
-    """Poll until `ready` says so; False when QEMU ended or time ran out."""
-    while time.monotonic() - start < boot.timeout and proc.poll() is None:
-        if ready():
-            return True
-        time.sleep(0.05)
-    return False
+def _watch(
+    boot: Boot, proc: subprocess.Popen[bytes], start: float, console: _Console
+) -> int | None:
+    """Poll QEMU until it exits (its exit code) or the time limit kills it (None), reading
+    the console and doing what `kill_when` and `monitor_when` ask on the way."""
+    monitored = boot.monitor_when is None
+    while True:
+        try:
+            return proc.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            pass
+        if time.monotonic() - start > boot.timeout:
+            proc.kill()
+            proc.wait()
+            return None
+        console.read()
+        if not monitored and boot.monitor_when is not None and boot.monitor_when():
+            _monitor(boot, boot.monitor_command)
+            monitored = True
+        if boot.kill_when and console.shows(boot.kill_when):
+            proc.kill()
+            return proc.wait()
 
 
 def _monitor(boot: Boot, command: str) -> None:

@@ -32,6 +32,7 @@ from builder.config import Config, Target
 from builder.errors import KdumpError
 from builder.guest_images import host_root_image, utility_image
 from builder.nfsserver import TestNfsServer
+from builder.progress import Progress
 from builder.qemu import Boot, default_accel, run
 from builder.sshsetup import TestServer, ensure_key
 
@@ -84,6 +85,11 @@ device_timeout: 30
 NETWORK = ("-netdev", "user,id=n0,ipv6=off", "-device", "virtio-net-pci,netdev=n0")
 # --fault net-down: a NIC whose link is up, on a hub with nothing else on it.
 DEAD_NETWORK = ("-netdev", "hubport,id=n0,hubid=0", "-device", "virtio-net-pci,netdev=n0")
+# The virtual hardware qemu-test gives its guests: their drivers go into every image it builds,
+# whatever the config names (a production config names its own host's, or none with
+# --hostonly), or the capture kernel would see no disk at all.
+MACHINE_DRIVERS = ("virtio_pci", "virtio_blk")
+MACHINE_NIC_DRIVER = "virtio_net"
 MKFS = {
     "ext4": ["mkfs.ext4", "-q", "-F"],
     "xfs": ["mkfs.xfs", "-q", "-f"],
@@ -111,6 +117,7 @@ class Options:
     target: str = "disk"
     nfs_protocols: str = "3, 4"  # what the test NFS server offers
     ssh_client: str = "openssh"  # the client that @SSH_CLIENT@ names
+    progress: Progress = field(default_factory=Progress)  # silent unless given a stream
 
 
 @dataclass
@@ -124,6 +131,8 @@ class Report:
     vmcore_size: int = 0
     stage: str | None = None
     serial_log: str = ""
+    # QEMU's drivers that qemu-test added to the image because the config does not name them.
+    machine_drivers: list[str] = field(default_factory=list)
     checks: dict[str, bool] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -136,6 +145,11 @@ class Report:
         lines = [f"qemu-test: {'PASS' if self.ok else 'FAIL'}"]
         lines.append("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         lines.append(f"  capture image: {self.image_size / 1e6:.2f} MB")
+        if self.machine_drivers:
+            lines.append(
+                f"  added for QEMU's virtual hardware (not in the config): "
+                f"{', '.join(self.machine_drivers)}"
+            )
         if self.dump_dir:
             lines.append(
                 f"  dump: {self.dump_dir} (vmcore {self.vmcore_size / 1e6:.1f} MB, "
@@ -246,8 +260,11 @@ def _capture_boot(
     network: tuple[str, ...] = (),
     serial_log: str = "serial.log",
     kill_when: tuple[str, ...] = (),
-    link_down_when: Callable[[], bool] | None = None,
+    monitor_when: Callable[[], bool] | None = None,
+    monitor_command: str = "",
     wrapper: tuple[str, ...] = (),
+    on_line: Callable[[str], None] | None = None,
+    machine: tuple[str, ...] = (),
 ) -> tuple[str, float]:
     first = workdir / "first-stage.img"
     if options.first_stage == "kexec-tools":
@@ -267,11 +284,13 @@ def _capture_boot(
             disks=tuple(disks),
             accel=default_accel(),
             timeout=options.timeout,
-            extra=extra + network,
+            extra=extra + network + machine,
             kill_when=kill_when,
-            link_down_when=link_down_when,
-            monitor=workdir / "monitor.sock" if link_down_when else None,
+            monitor_when=monitor_when,
+            monitor_command=monitor_command,
+            monitor=workdir / "monitor.sock" if monitor_when else None,
             wrapper=wrapper,
+            on_line=on_line,
         )
     )
     return result.log, result.seconds
@@ -538,7 +557,58 @@ def run_qemu_test(options: Options) -> Report:
         servers.stop()
 
 
+def _with_machine_drivers(config: Config) -> tuple[Config, list[str]]:
+    """The config with the drivers of QEMU's virtual hardware added; which it lacked."""
+    network = any(t.type in config_mod.NETWORK_TARGET_TYPES for t in config.targets)
+    wanted = [*MACHINE_DRIVERS, *([MACHINE_NIC_DRIVER] if network else [])]
+    added = [name for name in wanted if name not in config.kernel_modules]
+    return replace(config, kernel_modules=(*config.kernel_modules, *added)), added
+
+
+class _ConsolePhases:
+    """A crash boot's console as progress: the first stage arming the capture kernel, the
+    crash, then the capture kernel's own `kdump:` lines as they arrive."""
+
+    def __init__(self, progress: Progress, label: str) -> None:
+        self.progress, self.label, self.capturing = progress, label, False
+
+    def __call__(self, line: str) -> None:
+        if "kdump-test: first stage up" in line:
+            self.progress.phase(f"{self.label}loading the capture kernel")
+        elif "kdump-test: crashing now" in line:
+            self.progress.phase(f"{self.label}crash: the capture kernel boots")
+        elif "kdump: " in line:
+            if not self.capturing:
+                self.capturing = True
+                self.progress.phase(f"{self.label}capture")
+            self.progress.detail(line[line.index("kdump: ") :])
+
+
+def _written(disk: Path, allocated: int) -> bool:
+    """The guest has written the disk image up to `allocated` bytes (it starts sparse)."""
+    return disk.stat().st_blocks * 512 >= allocated
+
+
+def _breakage(
+    fault: faults.Fault, servers: Servers, disks: list[Path], facts: dict[str, str]
+) -> tuple[Callable[[], bool] | None, str]:
+    """When, during the crash boot, QEMU's monitor breaks what the fault breaks, and how."""
+    if fault.cut_network:  # the NIC's link goes down once the server holds part of the dump
+        return partial(_streaming, servers.dumps), "set_link n0 off"
+    if fault.cut_disk:  # the first disk fails every request once part of the dump is on it
+        return partial(_written, disks[0], int(facts["cut_at_bytes"])), "drive_del virtio0"
+    return None, ""
+
+
+def _recover_raw_targets(config: Config, disks: list[Path], out: Path, report: Report) -> None:
+    for i, (target, disk) in enumerate(zip(config.targets, disks, strict=True)):
+        if target.type == "raw" and raw.read_header(disk) is not None:
+            raw.recover(disk, out / f"t{i}")
+            report.check("raw_header_cleared", raw.read_header(disk) is None)
+
+
 def _run(options: Options, workdir: Path, servers: Servers) -> Report:
+    progress = options.progress
     report = Report(workdir=str(workdir), serial_log=str(workdir / "serial.log"))
     if servers.ssh or servers.nfs:
         config_path = _server_config(options, workdir, servers)
@@ -547,7 +617,9 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
     config = config_mod.load(config_path)
     _check_targets(options, config, config_path, servers)
     image = workdir / "capture.img"
+    progress.phase("building the capture image")
     start = time.monotonic()
+    config, report.machine_drivers = _with_machine_drivers(config)
     built = build(config, BuildRequest(options.kver, options.kmoddir, image, options.kernel))
     report.timings["build"] = time.monotonic() - start
     report.image_size = built.size
@@ -571,17 +643,25 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
         }
     wrapper = servers.nfs.netns() if servers.nfs else ()
     logs = []
-    for n in range(fault.crashes if fault else 1):
-        last = n == (fault.crashes if fault else 1) - 1
+    crashes = fault.crashes if fault else 1
+    for n in range(crashes):
+        last = n == crashes - 1
+        label = f"crash {n + 1} of {crashes}: " if crashes > 1 else ""
+        progress.phase(f"{label}booting the first kernel")
+        monitor_when, monitor_command = (
+            _breakage(fault, servers, disks, facts) if fault and last else (None, "")
+        )
         log, seconds = _capture_boot(
             options, workdir, image, disks, config_path, network,
             serial_log="serial.log" if n == 0 else f"serial-{n + 1}.log",
             kill_when=fault.kill_when if fault and last else (),
-            link_down_when=partial(_streaming, servers.dumps) if fault and fault.cut_network
-            else None,
-            wrapper=wrapper,
+            monitor_when=monitor_when, monitor_command=monitor_command,
+            wrapper=wrapper, on_line=_ConsolePhases(progress, label),
+            machine=fault.machine(n) if fault else (),
         )  # fmt: skip
         logs.append(log)
+        if fault is not None:
+            faults.after_crash(fault, n, disks, facts)
         report.timings["crash_and_capture" if n == 0 else f"crash_and_capture_{n + 1}"] = seconds
     if network == NETWORK:
         outside: dict[str, int] = {}
@@ -591,28 +671,27 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
                      ", ".join(f"{n} frames to {a}" for a, n in outside.items()))  # fmt: skip
     report.check("capture_kernel_loaded", "kdump-test: capture kernel loaded" in log)
     report.check("capture_kernel_booted", "kdump: capture environment for kernel" in log)
+    progress.phase("reading the dumps back")
     start = time.monotonic()
     out = workdir / "dumps"
-    if fault is not None:
-        if fault.read_back and any(t.type == "disk" for t in config.targets):
+    if fault is None or fault.read_back:
+        if any(t.type == "disk" for t in config.targets):
             _read_back(options, config, workdir, disks)
-        report.timings["read_back"] = time.monotonic() - start
-        faults.check(fault, logs, out, facts, report)
-        report.ok = not report.problems
-        return report
-    report.check("dump_saved", "kdump: dump saved to target" in log)
-    if any(t.type == "disk" for t in config.targets):
-        _read_back(options, config, workdir, disks)
-    for i, (target, disk) in enumerate(zip(config.targets, disks, strict=True)):
-        if target.type == "raw" and raw.read_header(disk) is not None:
-            raw.recover(disk, out / f"t{i}")
-            report.check("raw_header_cleared", raw.read_header(disk) is None)
+        _recover_raw_targets(config, disks, out, report)
     report.timings["read_back"] = time.monotonic() - start
-    dump = _saved_dump(log, config, out)
-    report.check("dump_dir_found", dump is not None, f"nothing under {out} or the ssh paths")
+    if fault is not None:
+        progress.phase("checking the fault's outcome")
+        # The dump the fault's outcome saved (a fallback, the next target) is checked in full.
+        dump = faults.check(fault, logs, out, facts, report)
+    else:
+        progress.phase("checking the dump")
+        report.check("dump_saved", "kdump: dump saved to target" in log)
+        dump = _saved_dump(log, config, out)
+        report.check("dump_dir_found", dump is not None, f"nothing under {out} or the ssh paths")
     if dump is not None:
         verify_dump(dump, report)
     report.ok = not report.problems
+    progress.done()
     if report.ok and options.keep is None:
         for disk in disks:
             disk.unlink()

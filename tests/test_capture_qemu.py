@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ import pytest
 from builder.capture.dmesg import extract_dmesg
 from builder.capture.vmcore import Vmcore
 from builder.qemutest import Options, Report, run_qemu_test
-from tests.conftest import Kernel
+from tests.conftest import REPO, Kernel
 
 pytestmark = pytest.mark.qemu
 
@@ -207,3 +210,77 @@ capture: {stage: static}
     assert "kdump: network: using eth0 (52:54:00:12:34:56), asked for 52:54:00:12:34:56" in log
     assert "kdump: dump saved to target 0" in log
     assert report.dump_dir is not None and "/nfs/export/" in report.dump_dir
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """What a qemu-test run printed, its exit code, and where its files are."""
+
+    code: int
+    stdout: str
+    stderr: str
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def production_run(kernel61: Kernel, tmp_path_factory: pytest.TempPathFactory) -> RunOutput:
+    """qemu-test as a user runs it with the config of a real host: drivers for that host's
+    disks (AHCI, NVMe), none for QEMU's virtio disk, and the default actions."""
+    tmp_path = tmp_path_factory.mktemp("production")
+    config = tmp_path / "production.yaml"
+    config.write_text(
+        "targets:\n"
+        "  - {type: disk, device: UUID=2b7e1d3c-4f5a-4b6c-8d7e-9f0a1b2c3d4e, fstype: ext4}\n"
+        "kernel_modules: [ahci, nvme]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "builder.cli", "qemu-test", "-k", kernel61.kver,
+         "--kmoddir", str(kernel61.kmoddir), "--kernel", str(kernel61.vmlinuz),
+         "-c", str(config), "--keep", str(tmp_path / "work")],
+        capture_output=True, text=True, cwd=REPO, check=False,
+    )  # fmt: skip
+    return RunOutput(proc.returncode, proc.stdout, proc.stderr, tmp_path / "work")
+
+
+def test_qemu_test_adds_qemus_drivers_to_a_production_config(production_run: RunOutput) -> None:
+    run = production_run
+    serial = (run.workdir / "serial.log").read_text(errors="replace")
+    assert run.code == 0, run.stdout + run.stderr + serial[-4000:]
+    assert "qemu-test: PASS" in run.stdout
+    # The summary says what qemu-test added, and only what the config lacked.
+    assert "added for QEMU's virtual hardware (not in the config): virtio_pci, virtio_blk" in (
+        run.stdout
+    )
+    for module in ("ahci", "nvme", "virtio_blk"):
+        assert f"kdump: loaded kernel module {module}\n" in serial.replace("\r", "")
+    assert "kdump: dump saved to target 0" in serial
+
+
+PHASES = [
+    "building the capture image",
+    "booting the first kernel",
+    "loading the capture kernel",
+    "crash: the capture kernel boots",
+    "capture",
+    "reading the dumps back",
+    "checking the dump",
+    "finished",
+]
+
+
+def test_qemu_test_shows_each_phase_on_stderr(production_run: RunOutput) -> None:
+    lines = production_run.stderr.splitlines()
+    detail = "qemu-test:   | "
+    said = [line for line in lines if line.startswith("qemu-test: ") and detail not in line]
+    assert [line.removeprefix("qemu-test: ").split(" (")[0] for line in said] == PHASES, (
+        production_run.stderr
+    )
+    # Each line after the first says how long the phase before it took.
+    for line, before in zip(said[1:], PHASES, strict=False):
+        assert re.search(rf"\({re.escape(before)} took \d+\.\ds\)$", line), line
+    # The capture kernel's own lines, as they came, inside the capture phase.
+    start = lines.index(said[PHASES.index("capture")])
+    end = lines.index(said[PHASES.index("capture") + 1])
+    shown = lines[start + 1 : end]
+    assert shown and all(line.startswith(detail + "kdump: ") for line in shown), shown
+    assert detail + "kdump: dump saved to target 0" in shown

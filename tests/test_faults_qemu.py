@@ -13,14 +13,14 @@ from tests.conftest import Kernel
 
 pytestmark = pytest.mark.qemu
 
-CONFIG = """\
-targets:
-  - {type: disk, device: UUID=4e6f7a81-92a3-4b4c-8d5e-6f708192a3b4, fstype: ext4, path: /var/crash}
+DISK = "  - {type: disk, device: UUID=4e6f7a81-92a3-4b4c-8d5e-6f708192a3b4, fstype: ext4, path: /var/crash}\n"  # noqa: E501
+ACTIONS = """\
 kernel_modules: [virtio_blk, virtio_pci]
 failure_action: poweroff
 final_action: poweroff
 device_timeout: 5
 """
+CONFIG = "targets:\n" + DISK + ACTIONS
 # The cut has to land while data is being written: the native writer takes seconds here.
 SLOW_WRITER = "capture: {collector: native}\n"
 NETWORK_TARGET = {
@@ -31,6 +31,16 @@ NETWORK_TARGET = {
 FALLBACK_DISK = (
     "  - {type: disk, device: UUID=5a6b7c8d-9eaf-4b1c-9d2e-3f4a5b6c7d8e, fstype: ext4}\n"
 )
+# Disk faults whose outcome needs more than the one disk target.
+DISK_CONFIGS = {
+    "power-cut": CONFIG + SLOW_WRITER,
+    "io-error": "targets:\n" + DISK + FALLBACK_DISK + ACTIONS,
+    "foreign-dumps": CONFIG + "capture: {keep: 2}\n",
+    "raw-second-crash": "targets:\n  - {type: raw, device: /dev/vda}\n" + FALLBACK_DISK + ACTIONS,
+}
+# The faults whose outcome is a saved dump: qemu-test checks that dump in full as well.
+SAVE_A_DUMP = {"python-killed", "oom", "power-cut", "second-crash", "io-error", "foreign-dumps",
+               "raw-second-crash"}  # fmt: skip
 # Network faults: some with a local disk after the network target, some with nothing after it;
 # the ssh ones that the client itself meets (refusals) once for each client.
 NETWORK_CASES = [
@@ -66,7 +76,7 @@ def test_fault_ends_in_its_designed_outcome(
     config = tmp_path / "kdump.yaml"
     target, _, client = target.partition("/")
     if target == "disk":
-        config.write_text(CONFIG + (SLOW_WRITER if fault == "power-cut" else ""))
+        config.write_text(DISK_CONFIGS.get(fault, CONFIG))
     else:
         config.write_text(network_config(target, fallback))
     report = run_qemu_test(
@@ -80,6 +90,11 @@ def test_fault_ends_in_its_designed_outcome(
     assert set(report.checks) - {"capture_kernel_loaded", "capture_kernel_booted"}
     if target != "disk":
         assert ("next_target_saved_the_dump" in report.checks) == fallback
+    if fault in SAVE_A_DUMP or fallback:
+        # The dump the outcome saved is named, and it passed every check of a normal dump.
+        assert report.dump_dir is not None and report.checks["makedumpfile_agrees"]
+    else:
+        assert report.dump_dir is None
     if (fault, target) == ("server-down", "nfs"):
         # Refused at once, so every version is tried before the target is given up.
         assert logs.count("kdump: nfs: mount failed") == 4, logs[-4000:]

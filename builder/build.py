@@ -13,7 +13,7 @@ from typing import Any
 
 from builder import compress, hostonly, inputs
 from builder.assemble import MANIFEST_PATH, BuildInputs, assemble, manifest, manifest_bytes
-from builder.config import Config
+from builder.config import Config, require_targets
 from builder.cpio import Entry, write_newc
 from builder.elfdeps import ElfResolver
 from builder.errors import KdumpError
@@ -160,6 +160,7 @@ def _hardware_moved(config: Config, recorded: dict[str, Any]) -> list[str]:
 def build(config: Config, request: BuildRequest, if_needed: bool = False) -> BuildReport:
     """Build the image for `config` and write it atomically; on any error nothing is written.
     With `if_needed`, first check the existing image's recorded inputs and stop if none moved."""
+    require_targets(config)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 

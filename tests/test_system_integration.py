@@ -882,7 +882,7 @@ def test_installed_command_runs_from_its_own_tree(tmp_path: Path, kernel61: Kern
     # A real build with the installed tree: its feature modules and templates are found.
     image = tmp_path / "kdump.img"
     config_file = tmp_path / "kdump.yaml"
-    config_file.write_text("capture: {stage: static}\n")
+    config_file.write_text("targets: [{type: raw, device: /dev/vdb}]\ncapture: {stage: static}\n")
     built = run(
         "build",
         "-k",

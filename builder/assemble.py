@@ -43,6 +43,7 @@ class BuildInputs:
     cache_dir: Path | None
     feature_dirs: tuple[Path, ...]
     hostonly: bool
+    test_switches: bool = False  # the Python stage's fault switches, for qemu-test only
 
 
 def _host(root: Path, path: str) -> Path:
@@ -165,6 +166,7 @@ def _add_python_stages(
                 feature.name,
                 resolver,
                 cache_dir=inputs.cache_dir,
+                test_switches=inputs.test_switches,
             )
     return stage
 
@@ -240,6 +242,7 @@ def manifest(
         ],
         "feature_dirs": [str(d) for d in inputs.feature_dirs],
         "hostonly": inputs.hostonly,
+        "test_switches": inputs.test_switches,
         "inputs": dict(sorted(inputs_seen.items())),
     }
 

@@ -37,6 +37,7 @@ class BuildRequest:
     root: Path = Path("/")
     boot_dir: Path = Path("/boot")
     hostonly: bool = False  # add the drivers sysfs shows under each target device
+    test_switches: bool = False  # pack the Python stage's fault switches (qemu-test only)
 
 
 @dataclass
@@ -219,6 +220,7 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         request.cache_dir,
         feature_dirs,
         request.hostonly,
+        request.test_switches,
     )
     plan = assemble(config, features, resolution, build_inputs)
     entries, seen = plan.entries()

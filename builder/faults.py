@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from builder.capture.stage import KILL_SWITCH, OOM_SWITCH
+from builder.capture.testswitches import KILL_SWITCH, OOM_SWITCH
 from builder.config import Config
 from builder.dumps import list_dumps
 

@@ -11,7 +11,8 @@ KERNEL_612 := 6.12.117+deb12-amd64
 KERNELS := $(KERNEL_61) $(KERNEL_612)
 DEBS := python3-venv busybox-static kexec-tools makedumpfile qemu-system-x86 cpio \
 	e2fsprogs xfsprogs btrfs-progs fdisk libarchive-tools zstd xz-utils kmod \
-	openssh-client openssh-server dropbear-bin nfs-ganesha nfs-ganesha-vfs rpcbind crash
+	openssh-client openssh-server dropbear-bin nfs-ganesha nfs-ganesha-vfs rpcbind crash \
+	mdadm
 
 export KDUMP_TEST_KERNEL_CACHE := $(abspath $(KERNEL_CACHE))
 

@@ -530,6 +530,14 @@ def parse(text: str, source: str) -> Config:
     )
 
 
+class NoTarget(KdumpError):
+    """The config names no dump target: kdump is not configured yet (exit EXIT_NO_TARGET, so
+    that the kernel hooks can skip the image instead of failing a kernel installation)."""
+
+
+EXIT_NO_TARGET = 4
+
+
 def require_targets(config: Config) -> None:
     """An image without a target can never save a dump: refuse to build one (until a default
     target exists), and say what to configure."""
@@ -537,7 +545,7 @@ def require_targets(config: Config) -> None:
         return
     where = config.line_of("targets") if "targets" in config.lines else config.source
     file = DEFAULT_PATH if config.source == "<defaults>" else config.source
-    raise KdumpError(
+    raise NoTarget(
         f"{where}: no dump target is configured, so the capture kernel could save nothing: "
         f"add a 'targets' list to {file}"
         " (or give a config with -c), e.g. targets: [{type: disk, device: UUID=..., fstype: ext4}]"

@@ -78,5 +78,5 @@ def test_combinations_the_capture_cannot_run_are_config_errors(
     capture: str, key: str, message: str
 ) -> None:
     text = f"targets: [{{type: raw, device: /dev/vdb}}]\ncapture: {capture}\n"
-    with pytest.raises(KdumpError, match=rf"^c\.yaml:3: key '{key}': .*{message}"):
+    with pytest.raises(KdumpError, match=rf"^c\.yaml:2: key '{key}': .*{message}"):
         parse(text, "c.yaml")

@@ -16,9 +16,10 @@ DEBS := python3-venv busybox-static kexec-tools makedumpfile qemu-system-x86 cpi
 # build the resolver's RPATH/RUNPATH/$ORIGIN fixtures and fake old-glibc roots, gdb reads the
 # collector's ELF output, Debian's java is a real DT_RPATH $ORIGIN program for the resolver, groff
 # renders the man pages, systemd brings kernel-install and systemd-analyze, iproute2 the network
-# tests' `ip`, binutils' objcopy and systemd-boot-efi's stub make a real UKI.
+# tests' `ip`, mdadm the md RAID refusal, binutils' objcopy and systemd-boot-efi's stub a real
+# UKI.
 TEST_DEBS := gcc libc6-dev gdb openjdk-17-jre-headless groff-base systemd iproute2 \
-	binutils systemd-boot-efi
+	binutils systemd-boot-efi mdadm
 
 export KDUMP_TEST_KERNEL_CACHE := $(abspath $(KERNEL_CACHE))
 

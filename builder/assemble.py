@@ -43,6 +43,7 @@ class BuildInputs:
     cache_dir: Path | None
     feature_dirs: tuple[Path, ...]
     hostonly: bool
+    test_switches: bool = False  # the Python stage's fault switches, for qemu-test only
 
 
 def _host(root: Path, path: str) -> Path:
@@ -59,7 +60,12 @@ def add_feature_static(plan: ImagePlan, feature: Feature, root: Path) -> None:
         host = _host(root, path)
         # Mirror the host's usr-merge so that library paths resolve the same way inside.
         if host.is_symlink():
-            plan.symlink(path, os.readlink(host), feature.name, "mirrors the build host")
+            link = os.readlink(host)
+            plan.symlink(path, link, feature.name, "mirrors the build host")
+            # The folder the link leads to exists even when nothing fills it (a static-only
+            # image has nothing in /usr/lib64): a dangling link fails the post-build check.
+            inside = posixpath.normpath(posixpath.join(posixpath.dirname(path), link))
+            plan.directory(inside, feature.name, f"{path} leads here, as on the build host")
         else:
             plan.directory(path, feature.name, "mirrors the build host")
     for path in feature.files:
@@ -160,6 +166,7 @@ def _add_python_stages(
                 feature.name,
                 resolver,
                 cache_dir=inputs.cache_dir,
+                test_switches=inputs.test_switches,
             )
     return stage
 
@@ -234,6 +241,7 @@ def manifest(
             for e in closure.files
         ],
         "hostonly": inputs.hostonly,
+        "test_switches": inputs.test_switches,
     }
 
 

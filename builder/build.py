@@ -13,7 +13,7 @@ from typing import Any
 
 from builder import compress, hostonly, inputs
 from builder.assemble import MANIFEST_PATH, BuildInputs, assemble, manifest, manifest_bytes
-from builder.config import Config
+from builder.config import Config, require_targets
 from builder.cpio import Entry, write_newc
 from builder.elfdeps import ElfResolver
 from builder.errors import KdumpError
@@ -37,6 +37,7 @@ class BuildRequest:
     root: Path = Path("/")
     boot_dir: Path = Path("/boot")
     hostonly: bool = False  # add the drivers sysfs shows under each target device
+    test_switches: bool = False  # pack the Python stage's fault switches (qemu-test only)
 
 
 @dataclass
@@ -161,6 +162,7 @@ def _hardware_moved(config: Config, recorded: dict[str, Any]) -> list[str]:
 def build(config: Config, request: BuildRequest, if_needed: bool = False) -> BuildReport:
     """Build the image for `config` and write it atomically; on any error nothing is written.
     With `if_needed`, first check the existing image's recorded inputs and stop if none moved."""
+    require_targets(config)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -219,6 +221,7 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         request.cache_dir,
         feature_dirs,
         request.hostonly,
+        request.test_switches,
     )
     plan = assemble(config, features, resolution, build_inputs)
     entries, seen = plan.entries()

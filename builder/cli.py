@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except KdumpError as exc:
         print(f"kdump-mkinitrd: error: {exc}", file=sys.stderr)
-        return 1
+        return config_mod.EXIT_NO_TARGET if isinstance(exc, config_mod.NoTarget) else 1
 
 
 if __name__ == "__main__":

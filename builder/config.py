@@ -35,6 +35,7 @@ class Field:
     schema: dict[str, Field] | None = None  # for nested mappings
     absolute_path: bool = False
     minimum: int | None = None
+    maximum: int | None = None  # what the capture kernel's tools and busybox sh can take
     shorthand: str | None = None  # a bare string item stands for {shorthand: string}
 
 
@@ -75,6 +76,15 @@ _NFS_SERVER = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 _MOUNT_OPTIONS = re.compile(r"[A-Za-z0-9_.=:/-]+(?:,[A-Za-z0-9_.=:/-]+)*")
 _MAC = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
 _IFNAME = re.compile(r"[A-Za-z0-9_.:-]{1,15}")
+_CONTROL = re.compile(r"[\x01-\x1f\x7f]")
+# capture.hostname names each dump's folder (HOST-DATE) on every target and in recover-raw:
+# one path component, what a host name may hold.
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?!\.)){0,63}")
+_DEV_PATH = re.compile(r"/dev/[A-Za-z0-9._:+@=-]+(?:/[A-Za-z0-9._:+@=-]+)*")
+_UUID = re.compile(r"[0-9A-Fa-f]+(?:-[0-9A-Fa-f]+)*")
+# A GPT partition GUID, or an MBR disk signature and partition number: SSSSSSSS-NN.
+_PARTUUID = re.compile(r"[0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{2,3}|[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-"
+                       r"[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12})")  # fmt: skip
 _IPV4 = r"(?:(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])"
 
 NETWORK_SCHEMA: dict[str, Field] = {
@@ -84,7 +94,8 @@ NETWORK_SCHEMA: dict[str, Field] = {
     "address": Field(str),  # static IPv4 address with prefix: 192.0.2.10/24
     "gateway": Field(str),
     "dns": Field(list, default=[], items=str),
-    "timeout": Field(int, default=30, minimum=1),  # seconds for the link, then for an address
+    # Seconds for the link, then for an address.
+    "timeout": Field(int, default=30, minimum=1, maximum=3600),
     "vlan": Field(int, minimum=1),  # 802.1Q VLAN id on top of the interface
 }
 
@@ -95,8 +106,9 @@ FILE_SCHEMA: dict[str, Field] = {
 
 COMPRESSION_SCHEMA: dict[str, Field] = {
     "method": Field(str, default="zstd", choices=("zstd", "gzip", "none")),
-    "level": Field(int, default=9, minimum=1),
-    "threads": Field(int, default=0, minimum=-1),
+    # Above 19 zstd needs a window larger than a capture kernel can afford to unpack.
+    "level": Field(int, default=9, minimum=1, maximum=19),
+    "threads": Field(int, default=0, minimum=-1, maximum=256),
 }
 
 CAPTURE_SCHEMA: dict[str, Field] = {
@@ -105,7 +117,8 @@ CAPTURE_SCHEMA: dict[str, Field] = {
     "stage": Field(str, default="python", choices=("python", "static")),
     # auto: makedumpfile when the build host has it, else our native ELF writer.
     "collector": Field(str, default="auto", choices=("auto", "makedumpfile", "native")),
-    "dump_level": Field(int, default=31, minimum=0),
+    # makedumpfile's -d: a bit mask of five page kinds to leave out (0..31).
+    "dump_level": Field(int, default=31, minimum=0, maximum=31),
     # auto: the best that makedumpfile supports (zstd, else lzo).
     "compression": Field(
         str, default="auto", choices=("auto", "zstd", "lzo", "zlib", "snappy", "none")
@@ -113,9 +126,9 @@ CAPTURE_SCHEMA: dict[str, Field] = {
     "python": Field(str),  # interpreter to pack; default: the one running the builder
     "hostname": Field(str),  # names dump directories; default: the build host's name
     # Refuse a disk target with less free space (MB) than this before writing anything.
-    "min_free": Field(int, default=0, minimum=0),
+    "min_free": Field(int, default=0, minimum=0, maximum=1 << 32),
     # After a dump is saved, keep at most this many complete dumps there (0: keep all).
-    "keep": Field(int, default=0, minimum=0),
+    "keep": Field(int, default=0, minimum=0, maximum=100_000),
 }
 
 CMDLINE_SCHEMA: dict[str, Field] = {
@@ -130,7 +143,7 @@ SCHEMA: dict[str, Field] = {
     "files": Field(list, default=[], items=FILE_SCHEMA, shorthand="src"),
     "failure_action": Field(str, default="reboot", choices=ACTIONS),
     "final_action": Field(str, default="reboot", choices=ACTIONS),
-    "device_timeout": Field(int, default=30, minimum=1),
+    "device_timeout": Field(int, default=30, minimum=1, maximum=3600),
     "compression": Field(dict, default={}, schema=COMPRESSION_SCHEMA),
     "capture": Field(dict, default={}, schema=CAPTURE_SCHEMA),
     "cmdline": Field(dict, default={}, schema=CMDLINE_SCHEMA),
@@ -290,9 +303,16 @@ class _Checker:
             )
         if spec.minimum is not None and isinstance(value, int) and value < spec.minimum:
             raise self.fail(key, f"must be at least {spec.minimum}, got {value}")
+        if spec.maximum is not None and isinstance(value, int) and value > spec.maximum:
+            raise self.fail(key, f"must be at most {spec.maximum}, got {value}")
         if isinstance(value, str):
             if "\0" in value:
                 raise self.fail(key, "contains a NUL byte")
+            # The init logs line by line and writes vmcore.json with only \\ and " escaped;
+            # no value needs a control character.
+            control = _CONTROL.search(value)
+            if control:
+                raise self.fail(key, f"contains the control character {control.group()!r}")
             if spec.absolute_path:
                 _check_path(self, key, value)
         if spec.schema is not None:
@@ -348,11 +368,57 @@ def _cross_checks(checker: _Checker, data: dict[str, Any]) -> None:
             raise checker.fail(f"{key}.export", "only nfs targets take this key")
         if target["type"] != "raw" and target["recover_to"] is not None:
             raise checker.fail(f"{key}.recover_to", "only raw targets take this key")
-        device = target["device"]
-        if device and not device.startswith(("/dev/", "UUID=", "LABEL=", "PARTUUID=")):
+        if target["device"]:
+            _check_device(checker, f"{key}.device", target["device"])
+        if target["type"] == "disk" and not _MOUNT_OPTIONS.fullmatch(target["mount_options"]):
+            options = target["mount_options"]
             raise checker.fail(
-                f"{key}.device", f"expected UUID=, LABEL=, PARTUUID= or a /dev path; got {device!r}"
+                f"{key}.mount_options", f"expected option[,option...]; got {options!r}"
             )
+        if target["type"] == "raw":
+            # The dump goes onto the device itself: nothing to mount, no folder.
+            for name in ("fstype", "mount_options", "path"):
+                if f"{key}.{name}" in checker.lines:
+                    raise checker.fail(f"{key}.{name}", f"a raw target takes no {name!r}")
+    _check_capture(checker, data["capture"])
+
+
+def _check_device(checker: _Checker, key: str, device: str) -> None:
+    """A device spec the capture init can find: wait_for_device reads it as findfs's
+    UUID=/LABEL=, a partition table's PARTUUID=, or a /dev node."""
+    kind, _, value = device.partition("=")
+    if device.startswith("/dev/"):
+        ok = bool(_DEV_PATH.fullmatch(device)) and ".." not in device.split("/")
+        expected = "a /dev path of plain names (no '..', no spaces)"
+    elif kind == "UUID":
+        ok, expected = bool(_UUID.fullmatch(value)), "UUID=hex digits and dashes"
+    elif kind == "PARTUUID":
+        ok = bool(_PARTUUID.fullmatch(value))
+        expected = "PARTUUID=a GPT partition GUID or an MBR SSSSSSSS-NN"
+    elif kind == "LABEL":
+        # Host-only detection looks the label up as /dev/disk/by-label/LABEL.
+        ok, expected = bool(value) and "/" not in value, "LABEL=a label without '/'"
+    else:
+        ok, expected = False, "UUID=, LABEL=, PARTUUID= or a /dev path"
+    if not ok:
+        raise checker.fail(key, f"expected {expected}; got {device!r}")
+
+
+def _check_capture(checker: _Checker, capture: dict[str, Any]) -> None:
+    hostname = capture["hostname"]
+    if hostname is not None and not _HOSTNAME.fullmatch(hostname):
+        raise checker.fail("capture.hostname", "names each dump's folder, so it must be a host "
+                           "name: up to 64 letters, digits, '.', '_' or '-', starting with a "
+                           f"letter or digit, no '..'; got {hostname!r}")  # fmt: skip
+    if capture["collector"] == "native":
+        # Our native writer copies memory as ELF and leaves out zero pages only (level 1).
+        if capture["compression"] not in ("auto", "none"):
+            method = capture["compression"]
+            raise checker.fail("capture.compression", "the native collector writes uncompressed "
+                               f"ELF; got {method!r} (use makedumpfile)")  # fmt: skip
+        if "capture.dump_level" in checker.lines and capture["dump_level"] != 1:
+            raise checker.fail("capture.dump_level", "the native collector leaves out zero pages "
+                               f"only (dump_level 1); got {capture['dump_level']}")  # fmt: skip
 
 
 def _check_ssh_target(checker: _Checker, key: str, target: dict[str, Any]) -> None:
@@ -469,6 +535,29 @@ def parse(text: str, source: str) -> Config:
         firmware_root=values["firmware_root"],
         network=values["network"],
         lines=located.lines,
+    )
+
+
+class NoTarget(KdumpError):
+    """The config names no dump target: kdump is not configured yet (exit EXIT_NO_TARGET, so
+    that the kernel hooks can skip the image instead of failing a kernel installation)."""
+
+
+EXIT_NO_TARGET = 4
+
+
+def require_targets(config: Config) -> None:
+    """An image without a target can never save a dump: refuse to build one (until a default
+    target exists), and say what to configure."""
+    if config.targets:
+        return
+    where = config.line_of("targets") if "targets" in config.lines else config.source
+    file = DEFAULT_PATH if config.source == "<defaults>" else config.source
+    raise NoTarget(
+        f"{where}: no dump target is configured, so the capture kernel could save nothing: "
+        f"add a 'targets' list to {file}"
+        " (or give a config with -c), e.g. targets: [{type: disk, device: UUID=..., fstype: ext4}]"
+        "; target types: " + ", ".join(TARGET_TYPES)
     )
 
 

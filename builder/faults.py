@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from builder import raw
-from builder.capture.stage import KILL_SWITCH, OOM_SWITCH
+from builder.capture.testswitches import KILL_SWITCH, OOM_SWITCH
 from builder.config import Config, Target
 from builder.dumps import list_dumps
 from builder.elfdeps import ElfResolver

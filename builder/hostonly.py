@@ -59,6 +59,41 @@ def _modules_on_path(sysdir: Path, sys_root: Path) -> list[tuple[str, str]]:
     return found
 
 
+def _drivers_on_path(sysdir: Path, sys_root: Path) -> list[Path]:
+    """Every device from `sysdir` up that a driver is bound to, built in or a module."""
+    devices = sys_root / "devices"
+    return [p for p in (sysdir, *sysdir.parents)
+            if devices in p.parents and (p / "driver").exists()]  # fmt: skip
+
+
+def stacked_kind(sysdir: Path) -> str | None:
+    """What stacks a virtual block device on others, from the attributes its driver adds:
+    device-mapper (LVM, LUKS, multipath...), md RAID, or a loop device over a file."""
+    if (sysdir / "dm").is_dir():
+        uuid = _read(sysdir / "dm" / "uuid")
+        kind = "LUKS" if uuid.startswith("CRYPT-") else "LVM" if uuid.startswith("LVM-") else ""
+        name = _read(sysdir / "dm" / "name")
+        return f"a device-mapper device ({kind + ' ' if kind else ''}{name or sysdir.name})"
+    if (sysdir / "md").is_dir():
+        return f"an md RAID device ({sysdir.name}, {_read(sysdir / 'md' / 'level') or 'md'})"
+    if (sysdir / "loop").is_dir():
+        backing = _read(sysdir / "loop" / "backing_file")
+        return f"a loop device ({sysdir.name} over {backing or 'a file'})"
+    return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _block_device(sysdir: Path) -> Path:
+    """The whole disk of a partition (its parent in sysfs), else the device itself."""
+    return sysdir.parent if (sysdir / "partition").exists() else sysdir
+
+
 def target_modules(
     config: Config, dev: Path = Path("/dev"), sys_root: Path = Path("/sys")
 ) -> list[tuple[str, str]]:
@@ -79,8 +114,26 @@ def target_modules(
             raise KdumpError(
                 f"--hostonly: {node} ({name}) has no entry under {sys_root}/class/block"
             )
-        for module, where in _modules_on_path(sysdir, sys_root):
-            requests.append((module, f"host-only: driver {where} for target {target.device}"))
+        where = config.line_of(f"targets[{i}].device")
+        stacked = stacked_kind(_block_device(sysdir))
+        if stacked:
+            # The capture init finds and mounts plain block devices only: assembling a
+            # stack (dmsetup, mdadm, cryptsetup) in the capture kernel comes later.
+            raise KdumpError(
+                f"{where}: --hostonly: target device {target.device} is {stacked}; "
+                "targets on device-mapper (LVM, LUKS), md RAID or loop devices are not "
+                "supported yet: dump to a plain disk or partition, a raw partition, nfs or ssh"
+            )
+        if not _drivers_on_path(sysdir, sys_root):
+            # Silence here would give an image that waits device_timeout for a disk it has
+            # no driver for.
+            raise KdumpError(
+                f"{where}: --hostonly: target device {target.device} ({sysdir}): no driver is "
+                "bound to it or to any device above it in sysfs, so the capture kernel could "
+                "not reach it; build with --no-hostonly and name its drivers in kernel_modules"
+            )
+        for module, found in _modules_on_path(sysdir, sys_root):
+            requests.append((module, f"host-only: driver {found} for target {target.device}"))
     return requests
 
 

@@ -174,6 +174,10 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 # sees; these two are a few kB each and what capture code decodes kernel text with.
 EXTRA_MODULES: tuple[str, ...] = ("encodings.ascii", "encodings.latin_1")
 
+# The stage's fault-test switches (fail, kill, OOM at will): packed only into images that
+# qemu-test builds; the stage imports them optionally, so without them it runs as in production.
+TEST_SWITCHES_MODULE = "builder.capture.testswitches"
+
 _CACHE_SCHEMA = 2
 _ANSWER = "KDUMP-PYSTAGE-ANSWER "
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -216,9 +220,11 @@ def add_python_stage(
     resolver: ElfResolver,
     exclude: Iterable[str] = DEFAULT_EXCLUDE,
     cache_dir: Path | None = None,
+    test_switches: bool = False,
 ) -> PythonStage:
     """Add the interpreter, its libraries, the stage's modules and extension modules to
-    `plan`; `package_dir` is the directory holding the stage's top-level package."""
+    `plan`; `package_dir` is the directory holding the stage's top-level package. The
+    fault-test switches come along only with `test_switches`."""
     real = _real_interpreter(interpreter)
     _check_entry(entry)
     package_dir = package_dir.resolve()
@@ -227,7 +233,9 @@ def add_python_stage(
     home = str(found["prefix"])
     if found["exec_prefix"] != found["prefix"]:
         home = f"{home}:{found['exec_prefix']}"
-    sources: list[dict[str, Any]] = found["sources"]
+    sources: list[dict[str, Any]] = [
+        s for s in found["sources"] if test_switches or s["name"] != TEST_SWITCHES_MODULE
+    ]
     extensions: list[dict[str, Any]] = found["extensions"]
 
     members = [(str(s["arc"]), base64.b64decode(s["pyc"])) for s in sources]

@@ -620,7 +620,9 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
     progress.phase("building the capture image")
     start = time.monotonic()
     config, report.machine_drivers = _with_machine_drivers(config)
-    built = build(config, BuildRequest(options.kver, options.kmoddir, image, options.kernel))
+    # The Python stage's fault switches come only in images built here, never in production.
+    request = BuildRequest(options.kver, options.kmoddir, image, options.kernel, test_switches=True)
+    built = build(config, request)
     report.timings["build"] = time.monotonic() - start
     report.image_size = built.size
     disks = [workdir / f"target{i}.img" for i in range(len(config.targets))]

@@ -18,7 +18,7 @@ from typing import Any
 
 from builder.build import BuildRequest, build, stale_reasons
 from builder.cmdline import capture_cmdline
-from builder.config import Config
+from builder.config import Config, require_targets
 from builder.errors import KdumpError
 from builder.inspect_image import load_image, read_manifest
 from builder.kexec import crash_status, load_crash_kernel, unload_crash_kernel
@@ -107,6 +107,7 @@ def register(
     proc_cmdline: Path = Path("/proc/cmdline"),
 ) -> tuple[Loaded, list[str]]:
     """Rebuild if needed, then load. Returns what was loaded and why it was rebuilt."""
+    require_targets(config)  # before anything else: such an image could never save a dump
     status = crash_status()
     if status.supported and status.reserved_bytes == 0:
         suggestion = estimate(request.output, None).total_mb if request.output.exists() else None

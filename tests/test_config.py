@@ -93,3 +93,88 @@ def test_given_file_must_exist(tmp_path: Path) -> None:
 def test_empty_file_means_defaults() -> None:
     config = parse("", "empty.yaml")
     assert config.targets == () and config.busybox == "/bin/busybox"
+
+
+DISK = "targets:\n  - {type: disk, device: /dev/vdb, fstype: ext4"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # A folder name on every target and in recover-raw: one path component.
+        ("capture:\n  hostname: a/b\n", "k.yaml:2: key 'capture.hostname': names each dump's"),
+        ("capture:\n  hostname: web 1\n", "key 'capture.hostname'"),
+        ("capture:\n  hostname: ..\n", "key 'capture.hostname'"),
+        ("capture:\n  hostname: a..b\n", "key 'capture.hostname'"),
+        ("capture:\n  hostname: -rf\n", "key 'capture.hostname'"),
+        ("capture:\n  hostname: " + "h" * 65 + "\n", "key 'capture.hostname'"),
+        # makedumpfile -d takes a five-bit mask.
+        ("capture:\n  dump_level: 32\n", "k.yaml:2: key 'capture.dump_level': must be at most 31"),
+        ("device_timeout: 100000000000000000000\n", "key 'device_timeout': must be at most"),
+        ("compression: {level: 22}\n", "key 'compression.level': must be at most 19"),
+        ("capture: {keep: 99999999999999999999}\n", "key 'capture.keep': must be at most"),
+        ("capture: {min_free: 99999999999999999999}\n", "key 'capture.min_free': must be at"),
+        # The init logs line by line; vmcore.json escapes only \ and ".
+        (DISK + ', path: "/var/crash\\n"}\n', "key 'targets[0].path': contains the control"),
+        ('cmdline: {append: ["a\\tb"]}\n', "key 'cmdline.append[0]': contains the control"),
+        (DISK + ", mount_options: 'ro bad'}\n", "key 'targets[0].mount_options': expected"),
+        ("targets:\n  - {type: disk, device: '/dev/../etc/x', fstype: ext4}\n",
+         "key 'targets[0].device': expected a /dev path"),
+        ("targets:\n  - {type: disk, device: '/dev/vd b', fstype: ext4}\n",
+         "key 'targets[0].device': expected a /dev path"),
+        ("targets:\n  - {type: disk, device: 'UUID=$(reboot)', fstype: ext4}\n",
+         "key 'targets[0].device': expected UUID=hex"),
+        ("targets:\n  - {type: disk, device: 'PARTUUID=1234', fstype: ext4}\n",
+         "key 'targets[0].device': expected PARTUUID="),
+        ("targets:\n  - {type: disk, device: 'LABEL=../../sda', fstype: ext4}\n",
+         "key 'targets[0].device': expected LABEL="),
+        ("targets:\n  - {type: raw, device: /dev/vdb, path: /x}\n",
+         "k.yaml:2: key 'targets[0].path': a raw target takes no 'path'"),
+        ("targets:\n  - {type: raw, device: /dev/vdb, fstype: ext4}\n",
+         "key 'targets[0].fstype': a raw target takes no 'fstype'"),
+        ("network: {timeout: 4000}\n", "key 'network.timeout': must be at most 3600"),
+    ],
+)  # fmt: skip
+def test_values_the_capture_kernel_cannot_handle_are_refused(text: str, message: str) -> None:
+    with pytest.raises(KdumpError) as err:
+        parse(text, "k.yaml")
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["/dev/vdb", "/dev/disk/by-id/nvme-Samsung_SSD_970_S4EWNX0N123456-part1",
+     "/dev/mapper/vg0-crash", "UUID=2f6e0e4c-8a53-4bd8-9b5c-0c0a3cf0f3a1", "UUID=ABCD-1234",
+     "PARTUUID=5a7b3c1d-01", "PARTUUID=5a7b3c1d-0a", "LABEL=my dumps",
+     "PARTUUID=2f6e0e4c-8a53-4bd8-9b5c-0c0a3cf0f3a1"],
+)  # fmt: skip
+def test_devices_the_init_can_find_are_accepted(device: str) -> None:
+    config = parse(f"targets:\n  - {{type: disk, device: '{device}', fstype: ext4}}\n", "k.yaml")
+    assert config.targets[0].device == device
+
+
+def test_host_names_that_make_one_folder_are_accepted() -> None:
+    for name in ("web1", "web1.example.org", "db_2-a", "h" * 64):
+        assert parse(f"capture: {{hostname: {name}}}\n", "k.yaml").capture["hostname"] == name
+
+
+@pytest.mark.parametrize("text", ["", "targets: []\n", "capture: {stage: static}\n"])
+def test_no_target_refuses_build_and_register(
+    text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An image without a target could only say so in the capture kernel: refused at build
+    and register, with what to configure, and nothing is written."""
+    from builder.cli import main
+
+    config = tmp_path / "k.yaml"
+    config.write_text(text)
+    image = tmp_path / "kdump.img"
+    for command in ("build", "register"):
+        flag = "-o" if command == "build" else "--image"
+        code = main([command, "-k", "6.1.0-test", "--kmoddir", str(tmp_path), "-c", str(config),
+                     flag, str(image)])  # fmt: skip
+        err = capsys.readouterr().err
+        # Exit 4, not 1: the kernel hooks skip an unconfigured kdump instead of failing.
+        assert code == 4 and "no dump target is configured" in err, err
+        assert f"add a 'targets' list to {config}" in err and "type: disk" in err
+        assert not image.exists()

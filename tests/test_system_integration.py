@@ -224,6 +224,16 @@ def test_plugin_build_failure_fails_and_keeps_the_old_image(fake: Fake, kernel_i
     assert fake.image(RUNNING).read_text() == "the old image\n"
 
 
+def test_plugin_skips_when_no_target_is_configured(fake: Fake, kernel_image: Path) -> None:
+    """build exits 4 when the config names no target: kdump is not set up, and a kernel
+    installation must not fail for it (nor try to load an image that was not built)."""
+    fake.exit_codes(build=4)
+    result = _run_plugin(fake, "add", RUNNING, "/nonexistent/entry", str(kernel_image))
+    assert result.returncode == 0, result.stderr
+    assert "no dump target configured" in result.stderr
+    assert fake.calls() == [_build_call(RUNNING, kernel_image, fake.image(RUNNING))]
+
+
 def test_plugin_verbose_says_what_it_runs(fake: Fake, kernel_image: Path) -> None:
     env = fake.env(KERNEL_INSTALL_VERBOSE="1")
     result = _run_plugin(fake, "add", OTHER, "/nonexistent/entry", str(kernel_image), env=env)
@@ -497,6 +507,15 @@ def test_postinst_build_failure_fails_and_keeps_the_old_image(fake: Fake, tmp_pa
     assert "failed" in run.stderr
     assert [call[0] for call in fake.calls()] == ["build"]
     assert fake.image(RUNNING).read_text() == "the old image\n"
+    assert run.stdout == ""
+
+
+def test_postinst_skips_when_no_target_is_configured(fake: Fake, tmp_path: Path) -> None:
+    fake.exit_codes(build=4)
+    run = _run_parts(POSTINST_D, RUNNING, fake.env(DEB_MAINT_PARAMS="configure"), tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "no dump target configured" in run.stderr
+    assert [call[0] for call in fake.calls()] == ["build"]  # and no register
     assert run.stdout == ""
 
 
@@ -885,7 +904,7 @@ def test_installed_command_runs_from_its_own_tree(tmp_path: Path, kernel61: Kern
     # A real build with the installed tree: its feature modules and templates are found.
     image = tmp_path / "kdump.img"
     config_file = tmp_path / "kdump.yaml"
-    config_file.write_text("capture: {stage: static}\n")
+    config_file.write_text("targets: [{type: raw, device: /dev/vdb}]\ncapture: {stage: static}\n")
     built = run(
         "build",
         "-k",

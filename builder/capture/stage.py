@@ -22,14 +22,13 @@ from builder.capture.elfdump import write_elf_dump
 from builder.capture.vmcore import Vmcore, VmcoreError
 from builder.capture.vmcore_json import base_record
 
+try:
+    # Only in images qemu-test builds: a production image's stage has no fault switches.
+    from builder.capture import testswitches as _switches
+except ImportError:
+    _switches = None  # type: ignore[assignment]
+
 VMCORE = "/proc/vmcore"
-# On the capture command line, only ever set by qemu-test: exercise the static fallback by
-# failing at once, by dying of SIGKILL as the dump starts, or by taking memory as the dump
-# starts until the kernel's OOM killer ends the stage (the init makes the stage its choice).
-FAIL_SWITCH = "kdump_mkinitrd.fail_stage=1"
-KILL_SWITCH = "kdump_mkinitrd.kill_stage=1"
-OOM_SWITCH = "kdump_mkinitrd.oom_stage=1"
-SIGKILL = 9  # the signal module would pull in enum
 
 
 class StageError(Exception):
@@ -188,12 +187,8 @@ def capture(args: dict[str, str], console: Console) -> dict[str, object]:
     lap("dmesg")
     partial = os.path.join(directory, "vmcore.incomplete")
     final = os.path.join(directory, "vmcore")
-    if args.get("kill") == "1":
-        _write_file(partial, b"")
-        os.kill(os.getpid(), SIGKILL)
-    if args.get("oom") == "1":
-        _write_file(partial, b"")
-        _exhaust_memory(console)
+    if _switches is not None:
+        _switches.at_dump_start(args, partial, console.say)
     try:
         record.update(_collect(args, core, partial, console))
     except (VmcoreError, OSError) as exc:
@@ -213,29 +208,6 @@ def capture(args: dict[str, str], console: Console) -> dict[str, object]:
     os.rename(record_path + ".incomplete", record_path)
     _fsync_dir(directory)
     return record
-
-
-def _exhaust_memory(console: Console) -> None:
-    """Touch ever more memory until the kernel's OOM killer takes this process."""
-    console.say("taking memory until the OOM killer acts (kdump_mkinitrd.oom_stage=1)")
-    # What the kernel weighs, for qemu-test to check against the process it kills: the init
-    # makes this stage the first choice and itself (and so its fallback) exempt.
-    scores = []
-    for pid in ("self", "1"):
-        try:
-            with open(f"/proc/{pid}/oom_score_adj") as f:
-                scores.append(f.read().strip())
-        except OSError as exc:
-            scores.append(f"unreadable ({exc.strerror})")
-    console.say(
-        f"stage pid {os.getpid()} oom_score_adj {scores[0]}, init oom_score_adj {scores[1]}"
-    )
-    hoard = []
-    while True:
-        try:
-            hoard.append(b"\x01" * (1 << 20))  # filled, so every page is really there
-        except MemoryError:
-            time.sleep(0.01)  # refused by the allocator: wait for the kernel to pick a victim
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
@@ -258,17 +230,9 @@ def main(argv: list[str]) -> int:
     try:
         args = parse_args(argv)
         console = Console(args.get("log"))
-        try:
-            with open("/proc/cmdline") as cmdline:
-                switches = cmdline.read().split()
-        except OSError as exc:
-            raise StageError(f"cannot read /proc/cmdline: {exc}") from None
-        if FAIL_SWITCH in switches:
-            raise StageError(f"{FAIL_SWITCH} is on the kernel command line")
-        if KILL_SWITCH in switches:
-            args["kill"] = "1"
-        if OOM_SWITCH in switches:
-            args["oom"] = "1"
+        failure = _switches.read(args) if _switches is not None else None
+        if failure:
+            raise StageError(failure)
         start = time.monotonic()
         record = capture(args, console)
         console.say(

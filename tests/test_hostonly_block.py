@@ -9,10 +9,8 @@ kernel in QEMU, with this machine's root read-only over 9p, where none may skip.
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +19,8 @@ import pytest
 from builder import hostonly
 from builder.config import parse
 from builder.errors import KdumpError
-from builder.guest_images import host_root_image
-from builder.qemu import Boot, default_accel, run
-from tests.conftest import REPO, Kernel
+from tests.conftest import Kernel
+from tests.guest_pytest import passed_count, pytest_in_guest
 
 
 def _sh(*argv: str) -> str:
@@ -122,37 +119,13 @@ GUEST_TESTS = 5
 
 @pytest.mark.qemu
 def test_block_tests_pass_under_a_debian_kernel(kernel61: Kernel, tmp_path: Path) -> None:
-    pytest_run = [
-        "sh", "-c", 'cd "$0" && exec "$@"', str(REPO),
-        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", "--color=no",
-        "-m", "not qemu", "--basetemp=/tmp/pytest", "tests/test_hostonly_block.py",
-    ]  # fmt: skip
-    image = tmp_path / "guest.img"
     disk = tmp_path / "vda.img"
     with disk.open("wb") as f:
         f.truncate(2**20)
-    boot_args = host_root_image(
-        image, kernel61.kver, kernel61.kmoddir, [pytest_run], crash=False,
-        writable=["/run", "/tmp"],
-        environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",
-                     "PYTHONDONTWRITEBYTECODE=1"],
+    log = pytest_in_guest(
+        kernel61, tmp_path, ["tests/test_hostonly_block.py"],
         modules=["dm_mod", "md_mod", "raid1", "loop", "brd", "virtio_blk"],
+        extra=("-drive", f"file={disk},if=virtio,format=raw"),
     )  # fmt: skip
-    result = run(
-        Boot(
-            kernel=kernel61.vmlinuz,
-            initrd=image,
-            cmdline="console=ttyS0 panic=-1",
-            serial_log=tmp_path / "serial.log",
-            memory="1G",
-            accel=default_accel(),
-            timeout=600,
-            extra=(*boot_args, "-drive", f"file={disk},if=virtio,format=raw"),
-        )
-    )
-    log = result.log.replace("\r", "")
-    assert "kdump-test: command succeeded" in log, log[-4000:]
     # Every test ran and passed: none skipped for want of dm, md or brd in this kernel.
-    passed = re.findall(r"^(\d+) passed, 1 deselected in ", log, re.M)
-    assert passed == [str(GUEST_TESTS)], log[-4000:]
-    assert "skipped" not in log.split("kdump-test: running:")[-1]
+    assert passed_count(log) == [str(GUEST_TESTS)], log[-4000:]

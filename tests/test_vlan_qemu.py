@@ -5,29 +5,14 @@ same Python and the same busybox run, with the guest's kernel doing the tagging.
 
 from __future__ import annotations
 
-import re
-import sys
 from pathlib import Path
 
 import pytest
 
-from builder.guest_images import host_root_image
-from builder.qemu import Boot, default_accel, run
-from tests.conftest import REPO, Kernel
+from tests.conftest import Kernel
+from tests.guest_pytest import passed_count, pytest_in_guest, scratch_folder
 
 pytestmark = pytest.mark.qemu
-
-# The guest mounts a fresh tmpfs over one host folder for pytest's temporary files and HOME;
-# it must hide neither the checkout nor the Python that runs it, wherever those live (people
-# clone into /tmp to try a project).
-SCRATCH_CHOICES = ("/run", "/var/tmp", "/tmp")
-
-
-def scratch_folder(needed: list[Path]) -> str:
-    for folder in SCRATCH_CHOICES:
-        if not any(path.is_relative_to(folder) for path in needed):
-            return folder
-    raise AssertionError(f"every one of {SCRATCH_CHOICES} holds one of {needed}")
 
 
 def test_scratch_folder_never_hides_the_checkout() -> None:
@@ -45,37 +30,6 @@ VLAN_TESTS = [
 
 
 def test_vlan_tests_pass_under_a_debian_kernel(kernel61: Kernel, tmp_path: Path) -> None:
-    needed = [REPO, Path(sys.executable).resolve(), Path(sys.prefix), Path(sys.base_prefix)]
-    scratch = scratch_folder([path.resolve() for path in needed])
-    # The guest's busybox prefers its own applets to the host's programs (its env has no -C).
-    pytest_run = [
-        "sh", "-c", 'cd "$0" && exec "$@"', str(REPO),
-        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", "--color=no",
-        "-m", "not qemu", *VLAN_TESTS,
-    ]  # fmt: skip
-    image = tmp_path / "guest.img"
-    boot_args = host_root_image(
-        image, kernel61.kver, kernel61.kmoddir, [pytest_run], crash=False,
-        writable=[scratch],
-        environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", f"HOME={scratch}",
-                     f"TMPDIR={scratch}", "PYTHONDONTWRITEBYTECODE=1"],
-        modules=["8021q", "veth"],
-    )  # fmt: skip
-    result = run(
-        Boot(
-            kernel=kernel61.vmlinuz,
-            initrd=image,
-            cmdline="console=ttyS0 panic=-1",
-            serial_log=tmp_path / "serial.log",
-            memory="1G",
-            accel=default_accel(),
-            timeout=600,
-            extra=boot_args,
-        )
-    )
-    log = result.log.replace("\r", "")
-    assert "kdump-test: command succeeded" in log, log[-4000:]
+    log = pytest_in_guest(kernel61, tmp_path, VLAN_TESTS, modules=["8021q", "veth"])
     # Every VLAN test ran and passed: none skipped for want of 802.1Q in this kernel.
-    summary = re.findall(r"^(\d+) passed in ", log, re.M)
-    assert summary == ["5"], log[-4000:]
-    assert "skipped" not in log.split("kdump-test: running:")[-1]
+    assert passed_count(log) == ["5"], log[-4000:]

@@ -1,0 +1,74 @@
+"""Rerun host test files under a Debian kernel in QEMU, for tests that need kernel features
+the build host's kernel may lack (802.1Q, device-mapper, md): this machine's root, read-only
+over 9p, is the guest's, so the same test files, Python and busybox run there."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from builder.guest_images import host_root_image
+from builder.qemu import Boot, default_accel, run
+from tests.conftest import REPO, Kernel
+
+# The guest mounts a fresh tmpfs over one host folder for pytest's temporary files and HOME;
+# it must hide neither the checkout nor the Python that runs it, wherever those live (people
+# clone into /tmp to try a project).
+SCRATCH_CHOICES = ("/run", "/var/tmp", "/tmp")
+
+
+def scratch_folder(needed: list[Path]) -> str:
+    for folder in SCRATCH_CHOICES:
+        if not any(path.is_relative_to(folder) for path in needed):
+            return folder
+    raise AssertionError(f"every one of {SCRATCH_CHOICES} holds one of {needed}")
+
+
+def pytest_in_guest(
+    kernel: Kernel,
+    tmp_path: Path,
+    tests: Sequence[str],
+    modules: Sequence[str],
+    extra: Sequence[str] = (),
+) -> str:
+    """Runs pytest on `tests` (not the qemu-marked ones) in the guest with `modules` loaded;
+    returns the serial log after asserting that the run succeeded and nothing skipped."""
+    needed = [REPO, Path(sys.executable).resolve(), Path(sys.prefix), Path(sys.base_prefix)]
+    scratch = scratch_folder([path.resolve() for path in needed])
+    # The guest's busybox prefers its own applets to the host's programs (its env has no -C).
+    pytest_run = [
+        "sh", "-c", 'cd "$0" && exec "$@"', str(REPO),
+        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", "--color=no",
+        "-m", "not qemu", f"--basetemp={scratch}/pytest", *tests,
+    ]  # fmt: skip
+    image = tmp_path / "guest.img"
+    boot_args = host_root_image(
+        image, kernel.kver, kernel.kmoddir, [pytest_run], crash=False,
+        writable=[scratch],
+        environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", f"HOME={scratch}",
+                     f"TMPDIR={scratch}", "PYTHONDONTWRITEBYTECODE=1"],
+        modules=list(modules),
+    )  # fmt: skip
+    result = run(
+        Boot(
+            kernel=kernel.vmlinuz,
+            initrd=image,
+            cmdline="console=ttyS0 panic=-1",
+            serial_log=tmp_path / "serial.log",
+            memory="1G",
+            accel=default_accel(),
+            timeout=600,
+            extra=(*boot_args, *extra),
+        )
+    )
+    log = result.log.replace("\r", "")
+    assert "kdump-test: command succeeded" in log, log[-4000:]
+    assert "skipped" not in log.split("kdump-test: running:")[-1], log[-4000:]
+    return log
+
+
+def passed_count(log: str) -> list[str]:
+    """The counts on pytest's closing lines in the guest's log."""
+    return re.findall(r"^(\d+) passed(?:, \d+ deselected)? in ", log, re.M)

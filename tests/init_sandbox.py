@@ -175,11 +175,19 @@ def syntax_errors(root: Path, rendered: Rendered) -> dict[str, str]:
 
 
 def driver(rendered: Rendered, calls: str) -> str:
-    """The init up to its hook loop, the overrides, the hooks, then `calls`."""
+    """The init up to its hook loop, the overrides, the hooks but the target loop, then
+    `calls`."""
     init = rendered.files["/init"]
     head, sep, _ = init.partition('\nlog "capture environment for kernel')
     assert sep, "the init's hook loop moved: update tests/init_sandbox.py"
-    hooks = 'for hook in /lib/kdump/hooks/*.sh; do . "$hook" || fail "step failed"; done\n'
+    # Every hook but the target loop: `calls` tries the targets one by one itself (a raw
+    # target tried twice would rightly refuse to overwrite its first, unrecovered dump).
+    hooks = (
+        "for hook in /lib/kdump/hooks/*.sh; do\n"
+        '    case "$hook" in */60-run-targets.sh) continue ;; esac\n'
+        '    . "$hook" || fail "step failed"\n'
+        "done\n"
+    )
     return STUBS + head + "\n" + OVERRIDES + hooks + calls
 
 

@@ -119,6 +119,10 @@ def _where(config: Config, i: int) -> str:
 def _calls(config: Config) -> str:
     lines = []
     for i, target in enumerate(config.targets):
+        if target.type == "raw":
+            # Every device is /dev/target here: empty it, as if each raw target had its own
+            # (a raw device refuses to overwrite a complete dump nobody recovered).
+            lines.append(": > /dev/target")
         lines += [f"KDUMP_TARGET_NAME={shlex.quote(target.name)}", "KDUMP_TARGET_PROBE=",
                   "KDUMP_TARGET_GONE=", f"kdump_target_{i}",
                   f'echo "sandbox: target {i} $?"']  # fmt: skip

@@ -22,7 +22,7 @@ from builder.capture.vmcore_json import base_record
 from builder.config import DEFAULT_RECOVER_TO, Target
 from builder.errors import KdumpError
 from builder.hostonly import device_node
-from builder.output import write_atomic
+from builder.output import fsync_dir, write_atomic
 
 MAGIC = "KDUMP-MKINITRD-RAW 1"
 HEADER_SIZE = 4096
@@ -99,14 +99,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _safe_name(value: str) -> str:
     """A header field as one path component: the header comes from a device, and nothing in
     it may name a folder outside the one the dump is recovered into."""
@@ -121,7 +113,7 @@ def _new_dir(parent: Path, name: str) -> Path:
         candidate, n = parent / f"{name}.{n}", n + 1
     candidate.mkdir(mode=0o700)
     # The new folder's name must be on disk before the device is cleared.
-    _fsync_dir(parent)
+    fsync_dir(parent)
     return candidate
 
 
@@ -180,7 +172,7 @@ def _write_out(device: Path, header: RawHeader, out: Path) -> None:
     write_atomic(out / "vmcore.json", (json.dumps(record, indent=2) + "\n").encode())
     if header.complete:
         partial.rename(out / "vmcore")
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
 def recover(device: Path, parent: Path) -> Path:

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from builder import raw
 from builder.capture.testswitches import KILL_SWITCH, OOM_SWITCH
+from builder.capture.vmcore_json import base_record
 from builder.config import Config, Target
 from builder.dumps import list_dumps
 from builder.elfdeps import ElfResolver
@@ -152,19 +153,19 @@ def _hostname(config: Config) -> str:
     return capture_settings(config, ElfResolver(Path("/"), config.search_path), Path("/")).hostname
 
 
-def _plant(folder: Path, hostname: str | None, when: str, tool: bool = True) -> str:
-    """A complete dump as another crash left it: vmcore, and vmcore.json when this tool (on
-    some host) made it. Returns the vmcore's sha256."""
+def _plant(folder: Path, hostname: str | None, when: str) -> str:
+    """A complete dump as another crash left it: vmcore, and the vmcore.json this tool writes
+    when it made the dump (on host `hostname`; None: another tool's folder, no record).
+    Returns the vmcore's sha256."""
     folder.mkdir(parents=True, mode=0o700)
     vmcore = folder / "vmcore"
     vmcore.write_bytes(os.urandom(64 * 1024))
-    if tool:
-        crash_time = calendar.timegm(time.strptime(when, STAMP))
-        record = {"tool": "kdump-mkinitrd", "schema": 1, "stage": "python", "complete": True,
-                  "collector": "makedumpfile", "format": "kdump-compressed", "dump_level": 31,
-                  "kernel_release": "6.1.0-56-amd64", "hostname": hostname,
-                  "target": "planted by qemu-test", "vmcore_size": vmcore.stat().st_size,
-                  "sha256": _digest(vmcore), "crash_time": crash_time}  # fmt: skip
+    if hostname is not None:
+        record = base_record("python", hostname, "planted by qemu-test")
+        record.update(collector="makedumpfile", format="kdump-compressed", dump_level=31,
+                      kernel_release="6.1.0-56-amd64", vmcore_size=vmcore.stat().st_size,
+                      sha256=_digest(vmcore),
+                      crash_time=calendar.timegm(time.strptime(when, STAMP)))  # fmt: skip
         (folder / "vmcore.json").write_text(json.dumps(record, indent=2) + "\n")
     return _digest(vmcore)
 
@@ -248,16 +249,16 @@ def _foreign_dumps(setup: Setup) -> dict[str, str]:
     planted = {
         # Other hosts running this tool on the same export, one whose name starts with this
         # host's; another tool's folder (no vmcore.json).
-        "alpha-2030-01-01-00:00:00": ("alpha", True),
-        "alpha-2020-01-01-00:00:00": ("alpha", True),
-        f"{hostname}-db-2019-01-01-00:00:00": (f"{hostname}-db", True),
-        "127.0.0.1-2021-05-05-10:00:00": (None, False),
+        "alpha-2030-01-01-00:00:00": "alpha",
+        "alpha-2020-01-01-00:00:00": "alpha",
+        f"{hostname}-db-2019-01-01-00:00:00": f"{hostname}-db",
+        "127.0.0.1-2021-05-05-10:00:00": None,
         # This host's own, the oldest first.
-        f"{hostname}-2024-01-01-00:00:00": (hostname, True),
-        f"{hostname}-2025-01-01-00:00:00": (hostname, True),
+        f"{hostname}-2024-01-01-00:00:00": hostname,
+        f"{hostname}-2025-01-01-00:00:00": hostname,
     }
-    for name, (host, tool) in planted.items():
-        facts[f"planted:{name}"] = _plant(setup.crash_dir / name, host, name[-19:], tool)
+    for name, host in planted.items():
+        facts[f"planted:{name}"] = _plant(setup.crash_dir / name, host, name[-19:])
     # An unfinished dump of this host is evidence, never counted or removed.
     unfinished = setup.crash_dir / f"{hostname}-2023-01-01-00:00:00"
     unfinished.mkdir(mode=0o700)

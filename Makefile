@@ -59,6 +59,7 @@ demo: setup kernels
 lint: venv
 	$(BIN)/ruff check builder tests
 	$(BIN)/ruff format --check builder tests
+	mkdir -p $(CACHE)/typecheck && ln -sfn ../../builder $(CACHE)/typecheck/kdump_mkinitrd
 	$(BIN)/mypy
 
 clean:
@@ -66,8 +67,9 @@ clean:
 
 # ---- make install [DESTDIR=/tmp/stage] [PREFIX=/usr] ----------------------------------------
 # Lays out:
-#   $(BINDIR)/kdump-mkinitrd            launcher: $(INSTALL_PYTHON) -I, runs builder from PKGLIBDIR
-#   $(PKGLIBDIR)/{builder,modules.d,templates}   the code, side by side as the builder expects
+#   $(BINDIR)/kdump-mkinitrd            launcher: $(INSTALL_PYTHON) -I, runs kdump_mkinitrd from PKGLIBDIR
+#   $(PKGLIBDIR)/kdump_mkinitrd          the package (builder/ without the QEMU test harness)
+#   $(PKGLIBDIR)/{modules.d,templates}   feature modules and templates, beside the package
 #   $(KERNELINSTALLDIR)/60-kdump-mkinitrd.install   kernel-install plugin (INSTALL_KERNEL_INSTALL)
 #   $(SYSCONFDIR)/kernel/post{inst,rm}.d/kdump-mkinitrd   Debian kernel hooks (INSTALL_DEBIAN_HOOKS)
 #   $(SYSTEMDUNITDIR)/kdump-mkinitrd.service    systemd unit (INSTALL_SYSTEMD)
@@ -100,11 +102,12 @@ install:
 		echo "install: INSTALL_OPENRC and INSTALL_SYSVINIT both install /etc/init.d/kdump-mkinitrd: pick one" >&2; \
 		exit 1; \
 	fi
-	rm -rf '$(DESTDIR)$(PKGLIBDIR)/builder' '$(DESTDIR)$(PKGLIBDIR)/modules.d' \
-		'$(DESTDIR)$(PKGLIBDIR)/templates'
-	set -e; for f in $$(find builder modules.d templates -name __pycache__ -prune \
-			-o -type f ! -name '*.pyc' -print | LC_ALL=C sort); do \
-		install -D -m 0644 "$$f" '$(DESTDIR)$(PKGLIBDIR)'/"$$f"; \
+	rm -rf '$(DESTDIR)$(PKGLIBDIR)/builder' '$(DESTDIR)$(PKGLIBDIR)/kdump_mkinitrd' \
+		'$(DESTDIR)$(PKGLIBDIR)/modules.d' '$(DESTDIR)$(PKGLIBDIR)/templates'
+	set -e; for f in $$(find builder modules.d templates -path builder/qemutest -prune \
+			-o -name __pycache__ -prune -o -type f ! -name '*.pyc' -print | LC_ALL=C sort); do \
+		case "$$f" in builder/*) to="kdump_mkinitrd/$${f#builder/}" ;; *) to="$$f" ;; esac; \
+		install -D -m 0644 "$$f" '$(DESTDIR)$(PKGLIBDIR)'/"$$to"; \
 	done
 	install -d '$(DESTDIR)$(BINDIR)'
 	$(SUBST) system/kdump-mkinitrd.in > '$(DESTDIR)$(BINDIR)/kdump-mkinitrd'

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import qemutest
-from builder.guest_images import utility_image
-from builder.qemu import Boot, default_accel, run
+from kdump_mkinitrd.qemutest import run as qemutest
+from kdump_mkinitrd.qemutest.guest_images import utility_image
+from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
@@ -31,9 +31,9 @@ FIRST_CMDLINE = "console=ttyS0 crashkernel={mb}M panic=-1"
 def capture_cmdline() -> str:
     """The capture kernel's command line that qemu-test's guest gets from `register` (derived
     from the first kernel's), so the floor and the timing boots match qemu-test's; older
-    trees without builder.cmdline used qemu-test's fixed line."""
+    trees without kdump_mkinitrd.arming.cmdline used qemu-test's fixed line."""
     try:
-        from builder.cmdline import capture_cmdline as derive
+        from kdump_mkinitrd.arming.cmdline import capture_cmdline as derive
 
         return derive(FIRST_CMDLINE.format(mb=256), "x86_64")
     except ImportError:

@@ -43,7 +43,7 @@ sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 import harness  # noqa: E402
 from harness import Kernel  # noqa: E402
 
-from builder.qemutest import DEFAULT_CONFIG  # noqa: E402
+from kdump_mkinitrd.qemutest.run import DEFAULT_CONFIG  # noqa: E402
 
 BENCH = ROOT / "bench"
 CACHE = ROOT / ".cache" / "bench"
@@ -345,7 +345,7 @@ def part_build(kver: str) -> dict[str, Any]:
 
 def ssh_target_config(work: Path) -> tuple[Path | None, str]:
     """A config with one SSH target, filled from whatever fields the schema has, or why not."""
-    from builder import config as config_mod
+    from kdump_mkinitrd import config as config_mod
 
     if "ssh" not in getattr(config_mod, "TARGET_TYPES", ()):
         return None, "the config schema has no ssh target type"
@@ -479,7 +479,7 @@ def part_profile(kver: str) -> dict[str, Any]:
         "-o",
         str(prof),
         "-m",
-        "builder.cli",
+        "kdump_mkinitrd.cli",
         *ours_cmd(k, python_config(), work / "ours.img")[1:],
     ]
     timed(ours_cmd(k, python_config(), work / "ours.img")).check("build before profiling")
@@ -607,9 +607,9 @@ def part_capture(kver: str) -> dict[str, Any]:
     """Our stage, our static capture, and makedumpfile alone / dd, each crashed into by the
     same busybox first stage (so the crashed kernel's memory is alike), 3 boots each,
     alternated."""
-    from builder import config as config_mod
-    from builder.elfdeps import ElfResolver
-    from builder.resolve import capture_settings
+    from kdump_mkinitrd import config as config_mod
+    from kdump_mkinitrd.hostscan.elfdeps import ElfResolver
+    from kdump_mkinitrd.image.resolve import capture_settings
 
     k = kernel(kver)
     work = CACHE / "capture" / kver

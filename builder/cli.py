@@ -10,11 +10,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from builder import config as config_mod
-from builder import faults, kernelfiles
-from builder.build import BuildRequest, build
-from builder.errors import KdumpError
-from builder.inspect_image import report, text
+from kdump_mkinitrd import config as config_mod
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan import kernelfiles
+from kdump_mkinitrd.image.build import BuildRequest, build
+from kdump_mkinitrd.image.inspect_image import report, text
+from kdump_mkinitrd.qemutest import faults
 
 DEFAULT_IMAGE_DIR = Path("/var/lib/kdump-mkinitrd")
 SUBCOMMANDS = (
@@ -227,8 +228,8 @@ def _qemu_test(args: argparse.Namespace) -> int:
 
 
 def _run_qemu_test(args: argparse.Namespace) -> int:
-    from builder import qemutest
-    from builder.progress import Progress
+    from kdump_mkinitrd.progress import Progress
+    from kdump_mkinitrd.qemutest import run as qemutest
 
     kver = args.kver or os.uname().release
     kmoddir = args.kmoddir or Path("/lib/modules") / kver
@@ -259,7 +260,7 @@ def _run_qemu_test(args: argparse.Namespace) -> int:
 
 
 def _ssh_setup(args: argparse.Namespace) -> int:
-    from builder import sshsetup
+    from kdump_mkinitrd.arming import sshsetup
 
     result = sshsetup.setup(
         args.destination,
@@ -303,7 +304,7 @@ def _request(args: argparse.Namespace, output: Path | None, hostonly: bool) -> B
 
 
 def _register(args: argparse.Namespace) -> int:
-    from builder import registration
+    from kdump_mkinitrd.arming import registration
 
     kver = args.kver or os.uname().release
     # Host-only by default when arming the kernel that runs here: its devices are the truth.
@@ -333,7 +334,7 @@ def _register(args: argparse.Namespace) -> int:
 
 def _recover_raw_targets(config: config_mod.Config) -> int:
     """Recover each raw target's complete dump; say what happened; count the failures."""
-    from builder import raw
+    from kdump_mkinitrd.dumps import rawrecovery as raw
 
     failed = 0
     for done in raw.recover_targets(config.targets):
@@ -347,7 +348,7 @@ def _recover_raw_targets(config: config_mod.Config) -> int:
 
 
 def _unregister(args: argparse.Namespace) -> int:
-    from builder import registration
+    from kdump_mkinitrd.arming import registration
 
     print(
         "capture kernel unloaded" if registration.unregister() else "no capture kernel was loaded"
@@ -356,7 +357,7 @@ def _unregister(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from builder import registration
+    from kdump_mkinitrd.arming import registration
 
     code, info = registration.status(config_mod.load)
     if args.json:
@@ -376,8 +377,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from builder import registration
-    from builder.kexec import crash_status
+    from kdump_mkinitrd.arming import registration
+    from kdump_mkinitrd.arming.kexec import crash_status
 
     request = _request(args, args.image, False)
     if not request.output.exists():
@@ -398,7 +399,7 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _list_dumps(args: argparse.Namespace) -> int:
-    from builder.dumps import list_dumps
+    from kdump_mkinitrd.dumps.listing import list_dumps
 
     found = list_dumps(args.directory)
     if args.json:
@@ -410,7 +411,7 @@ def _list_dumps(args: argparse.Namespace) -> int:
 
 
 def _recover_raw(args: argparse.Namespace) -> int:
-    from builder import raw
+    from kdump_mkinitrd.dumps import rawrecovery as raw
 
     out = raw.recover(args.device, args.directory)
     complete = (out / "vmcore").exists()

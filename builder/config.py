@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from builder.errors import KdumpError
+from kdump_mkinitrd.errors import KdumpError
 
 DEFAULT_PATH = Path("/etc/kdump-mkinitrd.yaml")
 

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from builder.errors import KdumpError
+from kdump_mkinitrd.errors import KdumpError
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:

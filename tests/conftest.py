@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from builder.qemutest import Options, Report, run_qemu_test
+from kdump_mkinitrd.qemutest.run import Options, Report, run_qemu_test
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_CACHE = Path(os.environ.get("KDUMP_TEST_KERNEL_CACHE", REPO / ".cache" / "kernels"))

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from builder.guest_images import host_root_image
-from builder.qemu import Boot, default_accel, run
+from kdump_mkinitrd.qemutest.guest_images import host_root_image
+from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
 from tests.conftest import REPO, Kernel
 
 # The guest mounts a fresh tmpfs over one host folder for pytest's temporary files and HOME;

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 
-from builder.compress import decompress
+from kdump_mkinitrd.image.compress import decompress
 
 _ELF_MAGIC = b"\x7fELF"
 # Nothing of the build host's environment reaches the programs.

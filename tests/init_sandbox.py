@@ -16,12 +16,12 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import __version__
-from builder.config import Config
-from builder.features import discover, select
-from builder.pystage import PythonStage
-from builder.render import render
-from builder.resolve import CaptureSettings
+from kdump_mkinitrd import __version__
+from kdump_mkinitrd.config import Config
+from kdump_mkinitrd.image.features import discover, select
+from kdump_mkinitrd.image.pystage import PythonStage
+from kdump_mkinitrd.image.render import render
+from kdump_mkinitrd.image.resolve import CaptureSettings
 
 BUSYBOX = Path("/bin/busybox")
 KVER = "6.1.0-test"
@@ -104,7 +104,7 @@ def render_image(config: Config) -> Rendered:
     features = select(discover(), config, capture.stage, capture.collector)
     python = None
     if any(f.python_stage for f in features):
-        command = ("/usr/bin/python3.11", "-S", "-m", "builder.capture.stage")
+        command = ("/usr/bin/python3.11", "-S", "-m", "capture.stage")
         python = PythonStage(command[0], "/usr", "/usr/lib/python311.zip", (), (), command)
     context = {"version": __version__, "kver": KVER, "config": config, "capture": capture,
                "python": python, "features": [f.name for f in features], "modules": [],

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.cli import main
-from builder.qemu import Boot, default_accel, run
+from kdump_mkinitrd.cli import main
+from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
 from tests.conftest import Kernel
 from tests.test_build import DISK_CONFIG, UUID, build_args, write_config
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from builder.cli import main
-from builder.compress import decompress
-from builder.cpio import Entry, read_newc
-from builder.errors import KdumpError
-from builder.registration import estimate
-from builder.verify import check_image
+from kdump_mkinitrd.arming.registration import estimate
+from kdump_mkinitrd.cli import main
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.image.compress import decompress
+from kdump_mkinitrd.image.cpio import Entry, read_newc
+from kdump_mkinitrd.image.verify import check_image
 from tests.conftest import Kernel
 
 UUID = "2f6e0e4c-8a53-4bd8-9b5c-0c0a3cf0f3a1"

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import BuildRequest, build
-from builder.compress import decompress
-from builder.config import parse
-from builder.cpio import Entry, read_newc
-from builder.errors import KdumpError
-from builder.sshsetup import ensure_key
-from builder.verify import check_image
+from kdump_mkinitrd.arming.sshsetup import ensure_key
+from kdump_mkinitrd.config import parse
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.image.build import BuildRequest, build
+from kdump_mkinitrd.image.compress import decompress
+from kdump_mkinitrd.image.cpio import Entry, read_newc
+from kdump_mkinitrd.image.verify import check_image
 from tests.conftest import Kernel
 
 STAGES = ("python", "static")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.cli import main
+from kdump_mkinitrd.cli import main
 from tests.conftest import Kernel
 from tests.test_build import DISK_CONFIG, build_args, write_config
 

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from builder.capture.vmcore_json import problems
-from builder.config import parse
-from builder.features import BUILTIN_DIR
-from builder.pystage import PythonStage
-from builder.render import render
-from builder.resolve import CaptureSettings
+from kdump_mkinitrd.capture.vmcore_json import problems
+from kdump_mkinitrd.config import parse
+from kdump_mkinitrd.image.pystage import PythonStage
+from kdump_mkinitrd.image.render import render
+from kdump_mkinitrd.image.resolve import CaptureSettings
+from kdump_mkinitrd.paths import MODULES_DIR, TEMPLATES_DIR
 from tests.test_vmcore import big_prb_core, prb_core
 
-TEMPLATES = BUILTIN_DIR.parent / "templates"
 MAKEDUMPFILE = shutil.which("makedumpfile") or "/usr/bin/makedumpfile"
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="loop devices and mounts need root")
@@ -42,7 +41,9 @@ fail() { log "FAILED: $*"; exit 1; }
 
 def init_functions(*names: str) -> str:
     """Function definitions cut from the rendered init (which runs steps at top level)."""
-    text = render(TEMPLATES / "init.sh.j2", {"config": parse("", "k.yaml"), "kver": "6.1.0-test"})
+    text = render(
+        TEMPLATES_DIR / "init.sh.j2", {"config": parse("", "k.yaml"), "kver": "6.1.0-test"}
+    )
     found = []
     for name in names:
         match = re.search(rf"^{name}\(\) {{\n.*?^}}\n", text, re.M | re.S)
@@ -68,11 +69,11 @@ def capture_hooks(
         hostname, None, MAKEDUMPFILE if collector == "makedumpfile" else None,
     )  # fmt: skip
     context = {"config": config, "capture": capture, "python": python, "kver": "6.1.0-test"}
-    parts = [render(BUILTIN_DIR / "capture" / "capture-lib.sh.j2", context)]
+    parts = [render(MODULES_DIR / "capture" / "capture-lib.sh.j2", context)]
     if "disk" in modules:
-        parts.append(render(BUILTIN_DIR / "disk" / "disk-target.sh.j2", context))
+        parts.append(render(MODULES_DIR / "disk" / "disk-target.sh.j2", context))
     if "run-targets" in modules:
-        body = render(BUILTIN_DIR / "capture" / "run-targets.sh.j2", context)
+        body = render(MODULES_DIR / "capture" / "run-targets.sh.j2", context)
         parts.append("run_targets() {\n" + body + "\n}\n")
     return "\n".join(parts)
 

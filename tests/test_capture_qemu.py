@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.capture.dmesg import extract_dmesg
-from builder.capture.vmcore import Vmcore
-from builder.qemutest import Options, Report, run_qemu_test
+from kdump_mkinitrd.capture.dmesg import extract_dmesg
+from kdump_mkinitrd.capture.vmcore import Vmcore
+from kdump_mkinitrd.qemutest.run import Options, Report, run_qemu_test
 from tests.conftest import REPO, Kernel
 
 pytestmark = pytest.mark.qemu
@@ -234,7 +234,7 @@ def production_run(kernel61: Kernel, tmp_path_factory: pytest.TempPathFactory) -
         "kernel_modules: [ahci, nvme]\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "builder.cli", "qemu-test", "-k", kernel61.kver,
+        [sys.executable, "-m", "kdump_mkinitrd.cli", "qemu-test", "-k", kernel61.kver,
          "--kmoddir", str(kernel61.kmoddir), "--kernel", str(kernel61.vmlinuz),
          "-c", str(config), "--keep", str(tmp_path / "work")],
         capture_output=True, text=True, cwd=REPO, check=False,

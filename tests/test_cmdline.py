@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from builder.cmdline import (
+from kdump_mkinitrd.arming.cmdline import (
     ARCH_ADDED,
     COMMON_ADDED,
     DROPPED,
@@ -19,7 +19,7 @@ from builder.cmdline import (
     parse_arg,
     split_cmdline,
 )
-from builder.errors import KdumpError
+from kdump_mkinitrd.errors import KdumpError
 
 FEDORA = (
     "BOOT_IMAGE=(hd0,gpt2)/vmlinuz-6.8.5-301.fc40.x86_64 "

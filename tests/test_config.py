@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.config import load, parse
-from builder.errors import KdumpError
+from kdump_mkinitrd.config import load, parse
+from kdump_mkinitrd.errors import KdumpError
 
 GOOD = """\
 targets:
@@ -164,7 +164,7 @@ def test_no_target_refuses_build_and_register(
 ) -> None:
     """An image without a target could only say so in the capture kernel: refused at build
     and register, with what to configure, and nothing is written."""
-    from builder.cli import main
+    from kdump_mkinitrd.cli import main
 
     config = tmp_path / "k.yaml"
     config.write_text(text)

@@ -17,8 +17,8 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from builder.config import Config, parse
-from builder.errors import KdumpError
+from kdump_mkinitrd.config import Config, parse
+from kdump_mkinitrd.errors import KdumpError
 from tests import init_sandbox
 
 pytestmark = pytest.mark.skipif(not init_sandbox.can_chroot(), reason="needs root for chroot")

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builder.cpio import Entry, read_newc, write_newc
-from builder.errors import KdumpError
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.image.cpio import Entry, read_newc, write_newc
 
 SAMPLE = [
     Entry("bin", "dir", 0o755),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.capture.vmcore_json import base_record, problems
+from kdump_mkinitrd.capture.vmcore_json import base_record, problems
 from tests.test_capture_lib_sh import capture_hooks, mounted, needs_root, run_sh, use_vmcore
 from tests.test_vmcore import prb_core
 

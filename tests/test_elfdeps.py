@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from builder import elfdeps
-from builder.elfdeps import BinaryClosure, ElfResolver, Symlink
-from builder.errors import KdumpError
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan import elfdeps
+from kdump_mkinitrd.hostscan.elfdeps import BinaryClosure, ElfResolver, Symlink
 
 X86_64 = platform.machine() == "x86_64"
 needs_x86_64 = pytest.mark.skipif(not X86_64, reason="fixture layout assumes x86_64 multiarch")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.faults import FAULTS
-from builder.qemutest import Options, run_qemu_test
+from kdump_mkinitrd.qemutest.faults import FAULTS
+from kdump_mkinitrd.qemutest.run import Options, run_qemu_test
 from tests.conftest import Kernel
 
 pytestmark = pytest.mark.qemu

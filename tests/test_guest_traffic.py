@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from builder.guest_images import utility_image
-from builder.guest_traffic import destinations_outside, recording
-from builder.qemu import Boot, default_accel, run
-from builder.qemutest import GUEST_HOST
+from kdump_mkinitrd.qemutest.guest_images import utility_image
+from kdump_mkinitrd.qemutest.guest_traffic import destinations_outside, recording
+from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
+from kdump_mkinitrd.qemutest.run import GUEST_HOST
 from tests.conftest import Kernel
 
 pytestmark = pytest.mark.qemu

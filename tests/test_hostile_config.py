@@ -15,11 +15,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builder.config import parse
-from builder.errors import KdumpError
-from builder.features import BUILTIN_DIR
-from builder.render import render
-from builder.resolve import CaptureSettings
+from kdump_mkinitrd.config import parse
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.image.render import render
+from kdump_mkinitrd.image.resolve import CaptureSettings
+from kdump_mkinitrd.paths import MODULES_DIR
 
 RECORDED = ("mount", "umount", "mkdir", "mv", "makedumpfile", "dd", "sync", "cp", "stat",
             "sha256sum", "date", "uname", "wait_for_device")  # fmt: skip
@@ -64,7 +64,7 @@ def render_hooks(device: str, path: str, options: str, hostname: str) -> str:
     parts = []
     for folder, name in (("capture", "capture-lib.sh.j2"), ("disk", "disk-target.sh.j2"),
                          ("raw", "raw-target.sh.j2")):  # fmt: skip
-        parts.append(render(BUILTIN_DIR / folder / name, context))
+        parts.append(render(MODULES_DIR / folder / name, context))
     return "\n".join(parts)
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import hostonly
-from builder.config import parse
-from builder.errors import KdumpError
+from kdump_mkinitrd.config import parse
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan import hostonly
 from tests.conftest import Kernel
 from tests.guest_pytest import passed_count, pytest_in_guest
 

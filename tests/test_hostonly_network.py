@@ -18,17 +18,18 @@ from typing import Any
 
 import pytest
 
-from builder import hostonly, inputs
-from builder.assemble import MANIFEST_PATH
-from builder.build import BuildRequest, build, write_image
-from builder.compress import Compression, decompress
-from builder.config import parse
-from builder.cpio import Entry, read_newc
-from builder.errors import KdumpError
-from builder.features import discover
-from builder.hostonly import NetworkPath
-from builder.inspect_image import LoadedImage, load_image
-from builder.sshsetup import ensure_key
+from kdump_mkinitrd.arming.sshsetup import ensure_key
+from kdump_mkinitrd.config import parse
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan import hostonly
+from kdump_mkinitrd.hostscan.hostonly import NetworkPath
+from kdump_mkinitrd.image import inputs
+from kdump_mkinitrd.image.assemble import MANIFEST_PATH
+from kdump_mkinitrd.image.build import BuildRequest, build, write_image
+from kdump_mkinitrd.image.compress import Compression, decompress
+from kdump_mkinitrd.image.cpio import Entry, read_newc
+from kdump_mkinitrd.image.features import discover
+from kdump_mkinitrd.image.inspect_image import LoadedImage, load_image
 from tests.conftest import REPO, Kernel
 from tests.test_network_netns import UNAVAILABLE, Netns, needs_vlan
 
@@ -39,9 +40,10 @@ needs_netns = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or 
 IN_NAMESPACE = textwrap.dedent("""\
     import dataclasses, json, logging, sys
     sys.path.insert(0, sys.argv[1])
-    from builder import hostonly, inputs
-    from builder.config import parse
-    from builder.errors import KdumpError
+    from kdump_mkinitrd.hostscan import hostonly
+    from kdump_mkinitrd.image import inputs
+    from kdump_mkinitrd.config import parse
+    from kdump_mkinitrd.errors import KdumpError
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = parse(sys.argv[2], "kdump.yaml")
     try:
@@ -162,7 +164,7 @@ def test_ipv6_literal_is_refused_without_a_lookup() -> None:
 
 def test_loopback_target_adds_nothing(caplog: pytest.LogCaptureFixture) -> None:
     config = parse(ssh_config("127.0.0.1"), "kdump.yaml")
-    with caplog.at_level(logging.WARNING, logger="builder.hostonly"):
+    with caplog.at_level(logging.WARNING, logger="kdump_mkinitrd.hostscan.hostonly"):
         found = hostonly.detect(config)
     [path] = found.network
     assert (path.interface, path.mac, path.device, path.modules) == ("lo", None, None, ())

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from builder.assemble import MANIFEST_PATH
-from builder.build import BuildRequest, build
-from builder.compress import decompress
-from builder.config import parse
-from builder.cpio import Entry, read_newc
-from builder.elfdeps import ElfResolver
-from builder.errors import KdumpError
-from builder.sshsetup import ensure_key
-from builder.verify import check_image
+from kdump_mkinitrd.arming.sshsetup import ensure_key
+from kdump_mkinitrd.config import parse
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan.elfdeps import ElfResolver
+from kdump_mkinitrd.image.assemble import MANIFEST_PATH
+from kdump_mkinitrd.image.build import BuildRequest, build
+from kdump_mkinitrd.image.compress import decompress
+from kdump_mkinitrd.image.cpio import Entry, read_newc
+from kdump_mkinitrd.image.verify import check_image
 from tests import imagerun
 from tests.conftest import Kernel
 from tests.test_elfdeps import Cc, fake_glibc_root

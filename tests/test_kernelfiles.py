@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from builder import compress, kernelfiles
-from builder.cli import _request, parser
-from builder.errors import KdumpError
+from kdump_mkinitrd.cli import _request, parser
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan import kernelfiles
+from kdump_mkinitrd.image import compress
 from tests.conftest import Kernel
 
 STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")  # Debian's systemd-boot-efi

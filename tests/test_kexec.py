@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import kexec
-from builder.errors import KdumpError
-from builder.kexec import (
+from kdump_mkinitrd.arming import kexec
+from kdump_mkinitrd.arming.kexec import (
     KEXEC_FILE_ON_CRASH,
     KEXEC_FILE_UNLOAD,
     CmdlineBuffer,
@@ -29,6 +28,7 @@ from builder.kexec import (
     syscall_number,
     unload_crash_kernel,
 )
+from kdump_mkinitrd.errors import KdumpError
 
 MIB = 1 << 20
 CMDLINE = 'console=ttyS0 irqpoll nr_cpus=1 foo="a b"'

@@ -22,16 +22,16 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from builder.errors import KdumpError
-from builder.firmware import (
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan.firmware import (
     FoundFirmware,
     MissingFirmware,
     find_firmware,
     read_firmware,
     resolve_firmware,
 )
-from builder.kmod import ModuleClosure, ModuleIndex, ResolvedModule, normalise_alias
-from builder.modinfo import (
+from kdump_mkinitrd.hostscan.kmod import ModuleClosure, ModuleIndex, ResolvedModule, normalise_alias
+from kdump_mkinitrd.hostscan.modinfo import (
     ModInfo,
     module_bytes,
     module_name_from_path,
@@ -310,7 +310,7 @@ def test_missing_kmoddir(tmp_path: Path) -> None:
 def test_unresolvable_softdep_is_a_warning(
     index61: ModuleIndex, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="builder.kmod"):
+    with caplog.at_level(logging.WARNING, logger="kdump_mkinitrd.hostscan.kmod"):
         closure = _resolve_one(index61, "vfio")
     assert "vfio_iommu_spapr_tce" in caplog.text
     names = closure.names()
@@ -470,7 +470,7 @@ def read_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
         return real(path)
 
     # builder.kmod looks the name up at call time, from its scanning threads too.
-    monkeypatch.setattr("builder.kmod.read_modinfo", counting)
+    monkeypatch.setattr("kdump_mkinitrd.hostscan.kmod.read_modinfo", counting)
     yield calls
 
 
@@ -516,7 +516,7 @@ def test_scan_cache_is_reused_and_refreshed(
 
     cache_file.write_text("{ not json")
     read_calls.clear()
-    with caplog.at_level(logging.WARNING, logger="builder.kmod"):
+    with caplog.at_level(logging.WARNING, logger="kdump_mkinitrd.hostscan.kmod"):
         assert resolve() == first
     assert "ignoring unreadable module cache" in caplog.text
     assert sorted(read_calls) == module_files
@@ -580,7 +580,7 @@ def test_resolve_firmware_of_a_real_module(
     assert "bnx2/bnx2-mips-09-6.2.1b.fw" in bnx2.firmware
     root = tmp_path / "firmware"
     present = _write(root / "bnx2/bnx2-mips-09-6.2.1b.fw.xz", lzma.compress(b"mips"))
-    with caplog.at_level(logging.WARNING, logger="builder.firmware"):
+    with caplog.at_level(logging.WARNING, logger="kdump_mkinitrd.hostscan.firmware"):
         found, missing = resolve_firmware(closure, KVER_61, root)
     assert found == [FoundFirmware("bnx2/bnx2-mips-09-6.2.1b.fw", present, "bnx2")]
     assert found[0].read() == b"mips"

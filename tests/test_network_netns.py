@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 import yaml
 
-from builder.build import BuildRequest, build
-from builder.config import parse
-from builder.features import discover
-from builder.render import render
-from builder.sshsetup import ensure_key
+from kdump_mkinitrd.arming.sshsetup import ensure_key
+from kdump_mkinitrd.config import parse
+from kdump_mkinitrd.image.build import BuildRequest, build
+from kdump_mkinitrd.image.features import discover
+from kdump_mkinitrd.image.render import render
 from tests.conftest import Kernel
 
 BUSYBOX = Path("/bin/busybox")

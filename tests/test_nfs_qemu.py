@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from builder.config import parse
-from builder.errors import KdumpError
-from builder.nfsserver import TestNfsServer
-from builder.qemutest import Options, run_qemu_test
+from kdump_mkinitrd.config import parse
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.qemutest.nfsserver import TestNfsServer
+from kdump_mkinitrd.qemutest.run import Options, run_qemu_test
 from tests.conftest import QEMU_TEST_ACTIONS, Kernel, run_qemu_test_for
 
 

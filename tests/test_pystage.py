@@ -1,4 +1,4 @@
-"""builder.pystage with real interpreters.
+"""kdump_mkinitrd.image.pystage with real interpreters.
 
 The packed stage runs in a chroot that holds only what the plan holds (plus the host's
 usr-merge links), with only the environment PythonStage.env() names: a module the packer
@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from builder import pystage
-from builder.cpio import Entry, write_newc
-from builder.elfdeps import ElfResolver
-from builder.errors import KdumpError
-from builder.plan import ImagePlan
-from builder.pystage import PythonStage, add_python_stage, build_zip
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan.elfdeps import ElfResolver
+from kdump_mkinitrd.image import pystage
+from kdump_mkinitrd.image.cpio import Entry, write_newc
+from kdump_mkinitrd.image.plan import ImagePlan
+from kdump_mkinitrd.image.pystage import PythonStage, add_python_stage, build_zip
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_PYTHON = os.path.realpath(sys.executable)
@@ -258,8 +258,8 @@ def synthetic_vmcore() -> bytes | None:
 @needs_chroot
 @pytest.mark.parametrize("interpreter", INTERPRETERS)
 def test_real_capture_stage_in_chroot(interpreter: str, tmp_path: Path) -> None:
-    for entry in ("builder.capture.dmesg", "builder.capture.stage"):
-        plan, stage = pack(interpreter, entry, REPO, tmp_path / "cache")
+    for entry in ("capture.dmesg", "capture.stage"):
+        plan, stage = pack(interpreter, entry, REPO / "builder", tmp_path / "cache")
         root = tmp_path / entry
         root.mkdir()
         materialize(plan, root)
@@ -267,7 +267,7 @@ def test_real_capture_stage_in_chroot(interpreter: str, tmp_path: Path) -> None:
         run = run_in_chroot(root, [*flags(stage), "-c", code], stage.env())
         assert run.status == 0, run.err
         assert f"IMPORTED {entry}" in run.out
-        core = synthetic_vmcore() if entry == "builder.capture.stage" else None
+        core = synthetic_vmcore() if entry == "capture.stage" else None
         if core is not None:
             # The whole stage, as the init runs it, on a vmcore the vmcore tests build.
             (root / "proc").mkdir()

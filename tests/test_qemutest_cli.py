@@ -19,7 +19,7 @@ def qemu_test(kernel: Kernel, tmp_path: Path, *args: str) -> subprocess.Complete
         "kernel_modules: [no_such_driver_anywhere]\n"
     )
     return subprocess.run(
-        [sys.executable, "-m", "builder.cli", "qemu-test", "-k", kernel.kver,
+        [sys.executable, "-m", "kdump_mkinitrd.cli", "qemu-test", "-k", kernel.kver,
          "--kmoddir", str(kernel.kmoddir), "--kernel", str(kernel.vmlinuz), "-c", str(config),
          "--keep", str(tmp_path / "work"), *args],
         capture_output=True, text=True, cwd=REPO, check=False,

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from builder import raw
-from builder.cli import main
-from builder.config import parse
-from builder.errors import KdumpError
+from kdump_mkinitrd.cli import main
+from kdump_mkinitrd.config import parse
+from kdump_mkinitrd.dumps import rawrecovery as raw
+from kdump_mkinitrd.errors import KdumpError
 from tests.conftest import REPO
 from tests.test_raw_target import HOSTNAME, run_capture, vmcore, work  # noqa: F401
 
@@ -54,7 +54,7 @@ def test_recovery_that_runs_out_of_space_leaves_the_dump_on_the_device(
     # The real command, into a 1 MiB tmpfs the 3 MB dump cannot fit in.
     command = (
         f"mount -t tmpfs -o size=1m tmpfs {shlex.quote(str(crash))} || exit 99\n"
-        f"{shlex.quote(sys.executable)} -m builder.cli recover-raw "
+        f"{shlex.quote(sys.executable)} -m kdump_mkinitrd.cli recover-raw "
         f"{shlex.quote(str(device))} {shlex.quote(str(crash))}\n"
         f"echo rc=$?; ls -A {shlex.quote(str(crash))}\n"
     )

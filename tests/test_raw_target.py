@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from builder import raw
-from builder.config import Config, parse
-from builder.features import BUILTIN_DIR
-from builder.render import render
-from builder.resolve import CaptureSettings
+from kdump_mkinitrd.config import Config, parse
+from kdump_mkinitrd.dumps import rawrecovery as raw
+from kdump_mkinitrd.image.render import render
+from kdump_mkinitrd.image.resolve import CaptureSettings
+from kdump_mkinitrd.paths import MODULES_DIR
 
 DEVICE_SIZE = 8 << 20
 HOSTNAME = "web1"
@@ -42,7 +42,7 @@ def render_hooks(devices: list[str]) -> str:
     capture = CaptureSettings("static", "native", 31, "none", "", HOSTNAME, None, None)
     context = {"config": raw_config(devices), "capture": capture, "python": None, "kver": "6.1"}
     return "\n".join(
-        render(BUILTIN_DIR / folder / name, context)
+        render(MODULES_DIR / folder / name, context)
         for folder, name in (("capture", "capture-lib.sh.j2"), ("raw", "raw-target.sh.j2"))
     )
 
@@ -57,7 +57,7 @@ def run_capture(
     if call == "run-targets":
         step = tmp / "run-targets.sh"
         context = {"config": raw_config(devices)}
-        step.write_text(render(BUILTIN_DIR / "capture" / "run-targets.sh.j2", context))
+        step.write_text(render(MODULES_DIR / "capture" / "run-targets.sh.j2", context))
         call = f". {shlex.quote(str(step))}"
     setup = "mount -t tmpfs tmpfs /run && mkdir /run/kdump && mount -t tmpfs tmpfs /proc"
     if vmcore is not None:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from builder import kexec, registration
-from builder.build import BuildRequest, stale_reasons
-from builder.cli import _request, main, parser
-from builder.config import load
-from builder.errors import KdumpError
+from kdump_mkinitrd.arming import kexec, registration
+from kdump_mkinitrd.cli import _request, main, parser
+from kdump_mkinitrd.config import load
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.image.build import BuildRequest, stale_reasons
 from tests.conftest import Kernel
 
 CONFIG = "targets:\n  - {type: raw, device: /dev/vdb}\ncapture: {stage: static}\n"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.inputs import read_record, record_path
+from kdump_mkinitrd.image.inputs import read_record, record_path
 from tests.conftest import REPO, Kernel
 
 CONFIG = """\
@@ -59,7 +59,7 @@ def build(
             *extra]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED=seed, PYTHONDONTWRITEBYTECODE="1")
     done = subprocess.run(
-        [sys.executable, "-m", "builder.cli", *args],
+        [sys.executable, "-m", "kdump_mkinitrd.cli", *args],
         cwd=tree,
         env=env,
         capture_output=True,

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import BuildRequest, build
-from builder.config import parse
-from builder.errors import KdumpError
-from builder.features import BUILTIN_DIR
-from builder.inspect_image import LoadedImage, load_image
-from builder.render import render
-from builder.sshkeys import image_files, image_paths, pinned_lines
-from builder.sshsetup import TestServer, ensure_key
+from kdump_mkinitrd.arming.sshsetup import ensure_key
+from kdump_mkinitrd.config import parse
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.image.build import BuildRequest, build
+from kdump_mkinitrd.image.inspect_image import LoadedImage, load_image
+from kdump_mkinitrd.image.render import render
+from kdump_mkinitrd.image.sshkeys import image_files, image_paths, pinned_lines
+from kdump_mkinitrd.paths import MODULES_DIR
+from kdump_mkinitrd.qemutest.sshd import TestServer
 from tests.conftest import Kernel
 
 
@@ -216,7 +217,7 @@ def _capture_against(server: TestServer, tmp_path: Path, client: str, pinned: bo
     (image / "id_ed25519").chmod(0o600)
     ensure_key(tmp_path / "elsewhere")
     (image / "known_hosts").write_bytes(known.data if pinned else _elsewhere(tmp_path).encode())
-    library = render(BUILTIN_DIR / "ssh" / "ssh-target.sh.j2", {"config": config})
+    library = render(MODULES_DIR / "ssh" / "ssh-target.sh.j2", {"config": config})
     settings = {
         "HOME": tmp_path / "home", "KDUMP_SSH_ERR": tmp_path / "ssh.err",
         "KDUMP_SSH_HOST": f"{server.user}@127.0.0.1", "KDUMP_SSH_PORT": server.port,

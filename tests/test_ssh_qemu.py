@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from builder.cli import main
-from builder.config import parse
-from builder.errors import KdumpError
-from builder.inspect_image import load_image
-from builder.sshkeys import image_paths
-from builder.sshsetup import TestServer, setup
+from kdump_mkinitrd.arming.sshsetup import setup
+from kdump_mkinitrd.cli import main
+from kdump_mkinitrd.config import parse
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.image.inspect_image import load_image
+from kdump_mkinitrd.image.sshkeys import image_paths
+from kdump_mkinitrd.qemutest.sshd import TestServer
 from tests.conftest import Kernel, run_qemu_test_for
 
 CLIENT_PROGRAMS = {"openssh": "ssh", "dropbear": "dbclient"}

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from builder import cli, config
-from builder.inputs import read_record, record_path
+from kdump_mkinitrd import cli, config
+from kdump_mkinitrd.image.inputs import read_record, record_path
 from tests.conftest import Kernel
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import BuildRequest, build
-from builder.config import parse
-from builder.inspect_image import load_image
+from kdump_mkinitrd.config import parse
+from kdump_mkinitrd.image.build import BuildRequest, build
+from kdump_mkinitrd.image.inspect_image import load_image
 from tests.conftest import Kernel
 
 CONFIG = """\
@@ -46,10 +46,10 @@ def test_fault_switches_only_in_images_qemu_test_builds(
                            test_switches=switches)  # fmt: skip
     build(parse(CONFIG, "kdump.yaml"), request)
     members = _stage_zip(image)
-    assert "builder/capture/stage.pyc" in members  # the stage itself is there either way
+    assert "capture/stage.pyc" in members  # the stage itself is there either way
     found = {mark for data in members.values() for mark in MARKS if mark in data}
     if switches:
-        assert "builder/capture/testswitches.pyc" in members
+        assert "capture/testswitches.pyc" in members
         assert found == set(MARKS)
     else:
         assert not any("testswitches" in name for name in members)

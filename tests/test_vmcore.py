@@ -26,10 +26,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builder.capture.dmesg import extract_dmesg, format_record, read_records
-from builder.capture.elfdump import DumpResult, phnum_bound, verify_dump, write_elf_dump
-from builder.capture.vmcore import Vmcore, VmcoreError, parse_notes
-from builder.qemutest import Options, run_qemu_test
+from kdump_mkinitrd.capture.dmesg import extract_dmesg, format_record, read_records
+from kdump_mkinitrd.capture.elfdump import DumpResult, phnum_bound, verify_dump, write_elf_dump
+from kdump_mkinitrd.capture.vmcore import Vmcore, VmcoreError, parse_notes
+from kdump_mkinitrd.qemutest.run import Options, run_qemu_test
 from tests.conftest import QEMU_TEST_ACTIONS, Kernel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -884,30 +884,24 @@ ALLOWED = ("os", "struct", "sys", "time", "errno", "__future__")
 
 
 def test_capture_modules_import_only_the_allowed_stdlib() -> None:
-    """Beyond the allowed modules (and what they pull in themselves), only builder.capture."""
+    """Beyond the allowed modules (and what they pull in themselves), only the capture package."""
     code = (
         "import sys\n"
         f"import {', '.join(ALLOWED)}\n"
         "before = set(sys.modules)\n"
-        "import builder.capture.vmcore, builder.capture.dmesg, builder.capture.elfdump\n"
+        "import capture.vmcore, capture.dmesg, capture.elfdump\n"
         "print('\\n'.join(sorted(set(sys.modules) - before)))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-S", "-c", code],
-        cwd=REPO,
+        cwd=REPO / "builder",
         capture_output=True,
         text=True,
         check=True,
-        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO)},
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO / "builder")},
     )
     new = set(proc.stdout.split())
-    assert new == {
-        "builder",
-        "builder.capture",
-        "builder.capture.vmcore",
-        "builder.capture.dmesg",
-        "builder.capture.elfdump",
-    }
+    assert new == {"capture", "capture.vmcore", "capture.dmesg", "capture.elfdump"}
 
 
 # -- a real vmcore from a QEMU crash ------------------------------------------------------------

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builder.capture.vmcore_json import FIELDS, base_record, problems
-from builder.raw import HEADER_SIZE, MAGIC, recover
+from kdump_mkinitrd.capture.vmcore_json import FIELDS, base_record, problems
+from kdump_mkinitrd.dumps.rawrecovery import HEADER_SIZE, MAGIC, recover
 from tests.test_capture_lib_sh import capture_hooks, run_sh
 from tests.test_vmcore import base_memory, build_elf, prb_core
 
@@ -54,7 +54,7 @@ def test_schema_rejects_what_the_old_writers_wrote() -> None:
 def run_stage(tmp: Path, core: bytes, collector: str) -> subprocess.CompletedProcess[str]:
     (tmp / "vmcore").write_bytes(core)
     (tmp / "dump").mkdir()
-    argv = [sys.executable, "-m", "builder.capture.stage", "--dir", str(tmp / "dump"),
+    argv = [sys.executable, "-m", "kdump_mkinitrd.capture.stage", "--dir", str(tmp / "dump"),
             "--vmcore", str(tmp / "vmcore"), "--collector", collector, "--hostname", "web1",
             "--target", 'disk:"UUID=x"\\', "--makedumpfile", MAKEDUMPFILE or "",
             "--flag", "-l", "--dump-level", "1"]  # fmt: skip

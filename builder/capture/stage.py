@@ -1,5 +1,5 @@
 """The Python capture stage: the careful part of saving a dump, run by the init in the
-capture kernel as `python -m builder.capture.stage --dir DIR ...`.
+capture kernel as `python -m capture.stage --dir DIR ...`.
 
 Steps, in order: read /proc/vmcore's headers and VMCOREINFO; write vmcore-dmesg.txt first
 (small and most valuable); write the dump as vmcore.incomplete, fsync, rename to vmcore;
@@ -17,14 +17,14 @@ import os
 import sys
 import time
 
-from builder.capture.dmesg import extract_dmesg
-from builder.capture.elfdump import write_elf_dump
-from builder.capture.vmcore import Vmcore, VmcoreError
-from builder.capture.vmcore_json import base_record
+from .dmesg import extract_dmesg
+from .elfdump import write_elf_dump
+from .vmcore import Vmcore, VmcoreError
+from .vmcore_json import base_record
 
 try:
     # Only in images qemu-test builds: a production image's stage has no fault switches.
-    from builder.capture import testswitches as _switches
+    from . import testswitches as _switches
 except ImportError:
     _switches = None  # type: ignore[assignment]
 

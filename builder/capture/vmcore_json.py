@@ -1,9 +1,9 @@
 """vmcore.json: the one record every writer leaves beside a dump, defined once.
 
-Writers: the Python capture stage (builder.capture.stage), the init's static capture and its
-ssh target (kdump_json in modules.d/capture/capture-lib.sh.j2) and `recover-raw`
-(builder.raw). Their output is tested against FIELDS, and the man page (kdump-mkinitrd(8),
-section VMCORE.JSON) lists the same fields.
+Writers: the Python capture stage (capture.stage in the image), the init's static capture and
+its ssh target (kdump_json in modules.d/capture/capture-lib.sh.j2) and `recover-raw`
+(kdump_mkinitrd.dumps.rawrecovery). Their output is tested against FIELDS, and the man page
+(kdump-mkinitrd(8), section VMCORE.JSON) lists the same fields.
 
 The Python stage packs this module into the capture image: it may import nothing.
 """

@@ -1,0 +1,330 @@
+"""Host-only detection: the kernel modules a target device needs, found from the device itself.
+
+From the target's block device we walk sysfs up towards the root of the device tree; every
+device on the way that is bound to a driver built as a module needs that module (disk, then
+its controller, then the bus bridge). Walking from the target, not from the root filesystem,
+is what makes a dump disk on another controller than / work.
+
+A network target has no device of its own: the interface this host's routing table sends its
+traffic through stands in for it (below a VLAN, the VLAN's parent), and its MAC and VLAN id
+tell the capture init which interface to bring up when the config names none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdump_mkinitrd.config import Config
+from kdump_mkinitrd.errors import KdumpError
+
+log = logging.getLogger(__name__)
+
+BY_KIND = {"UUID=": "by-uuid", "LABEL=": "by-label", "PARTUUID=": "by-partuuid"}
+
+
+def device_node(spec: str, dev: Path = Path("/dev")) -> Path:
+    """The /dev node a UUID=/LABEL=/PARTUUID=/path spec names on this host: udev's links when
+    there are any, else blkid probing the devices itself (a host without udev, a rescue shell)."""
+    for prefix, folder in BY_KIND.items():
+        if spec.startswith(prefix):
+            link = dev / "disk" / folder / spec[len(prefix) :]
+            if link.exists() or shutil.which("blkid") is None:
+                return link
+            found = subprocess.run(["blkid", "-o", "device", "-t", spec], capture_output=True,
+                                   text=True, timeout=60).stdout.split()  # fmt: skip
+            return Path(found[0]) if found else link
+    return Path(spec)
+
+
+def _modules_on_path(sysdir: Path, sys_root: Path) -> list[tuple[str, str]]:
+    found = []
+    devices = sys_root / "devices"
+    current = sysdir
+    while current != devices and devices in current.parents:
+        module = current / "driver" / "module"
+        if module.exists():
+            driver = os.path.basename(os.readlink(current / "driver"))
+            found.append((os.path.basename(os.readlink(module)), f"{driver} at {current}"))
+        current = current.parent
+    return found
+
+
+def _drivers_on_path(sysdir: Path, sys_root: Path) -> list[Path]:
+    """Every device from `sysdir` up that a driver is bound to, built in or a module."""
+    devices = sys_root / "devices"
+    return [p for p in (sysdir, *sysdir.parents)
+            if devices in p.parents and (p / "driver").exists()]  # fmt: skip
+
+
+def stacked_kind(sysdir: Path) -> str | None:
+    """What stacks a virtual block device on others, from the attributes its driver adds:
+    device-mapper (LVM, LUKS, multipath...), md RAID, or a loop device over a file."""
+    if (sysdir / "dm").is_dir():
+        uuid = _read(sysdir / "dm" / "uuid")
+        kind = "LUKS" if uuid.startswith("CRYPT-") else "LVM" if uuid.startswith("LVM-") else ""
+        name = _read(sysdir / "dm" / "name")
+        return f"a device-mapper device ({kind + ' ' if kind else ''}{name or sysdir.name})"
+    if (sysdir / "md").is_dir():
+        return f"an md RAID device ({sysdir.name}, {_read(sysdir / 'md' / 'level') or 'md'})"
+    if (sysdir / "loop").is_dir():
+        backing = _read(sysdir / "loop" / "backing_file")
+        return f"a loop device ({sysdir.name} over {backing or 'a file'})"
+    return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _block_device(sysdir: Path) -> Path:
+    """The whole disk of a partition (its parent in sysfs), else the device itself."""
+    return sysdir.parent if (sysdir / "partition").exists() else sysdir
+
+
+def target_modules(
+    config: Config, dev: Path = Path("/dev"), sys_root: Path = Path("/sys")
+) -> list[tuple[str, str]]:
+    """(module, why) for every local target; a target device missing here is an error."""
+    requests = []
+    for i, target in enumerate(config.targets):
+        if target.type not in ("disk", "raw") or not target.device:
+            continue
+        node = device_node(target.device, dev)
+        if not node.exists():
+            raise KdumpError(
+                f"{config.line_of(f'targets[{i}].device')}: --hostonly: target device "
+                f"{target.device} does not exist on this host ({node} is missing)"
+            )
+        name = node.resolve().name
+        sysdir = (sys_root / "class" / "block" / name).resolve()
+        if not sysdir.exists():
+            raise KdumpError(
+                f"--hostonly: {node} ({name}) has no entry under {sys_root}/class/block"
+            )
+        where = config.line_of(f"targets[{i}].device")
+        stacked = stacked_kind(_block_device(sysdir))
+        if stacked:
+            # The capture init finds and mounts plain block devices only: assembling a
+            # stack (dmsetup, mdadm, cryptsetup) in the capture kernel comes later.
+            raise KdumpError(
+                f"{where}: --hostonly: target device {target.device} is {stacked}; "
+                "targets on device-mapper (LVM, LUKS), md RAID or loop devices are not "
+                "supported yet: dump to a plain disk or partition, a raw partition, nfs or ssh"
+            )
+        if not _drivers_on_path(sysdir, sys_root):
+            # Silence here would give an image that waits device_timeout for a disk it has
+            # no driver for.
+            raise KdumpError(
+                f"{where}: --hostonly: target device {target.device} ({sysdir}): no driver is "
+                "bound to it or to any device above it in sysfs, so the capture kernel could "
+                "not reach it; build with --no-hostonly and name its drivers in kernel_modules"
+            )
+        for module, found in _modules_on_path(sysdir, sys_root):
+            requests.append((module, f"host-only: driver {found} for target {target.device}"))
+    return requests
+
+
+@dataclass(frozen=True)
+class NetworkPath:
+    """How this host reaches one network target."""
+
+    server: str  # as the config names it
+    address: str  # the IPv4 address it resolved to
+    interface: str  # the one the route leaves by: eth0.42, eth0, lo
+    parent: str  # the VLAN's parent, else the interface itself
+    vlan: int | None
+    mac: str | None  # the parent's; None when it has none (loopback, tun)
+    device: Path | None  # the parent's device in sysfs; None for a virtual interface
+    modules: tuple[tuple[str, str], ...]  # (module, where) from that device up to the root
+
+    @property
+    def via(self) -> str:
+        if self.vlan is None:
+            return self.interface
+        return f"{self.interface} (VLAN {self.vlan} on {self.parent})"
+
+
+def network_servers(config: Config) -> list[tuple[str, str]]:
+    """(config key, host) for each network target: the host of an ssh target's user@host, the
+    server of an nfs target's server:/path."""
+    found = []
+    for i, target in enumerate(config.targets):
+        if target.type == "ssh" and target.host:
+            found.append((f"targets[{i}].host", target.host.rpartition("@")[2]))
+        elif target.type == "nfs" and target.export:
+            found.append((f"targets[{i}].export", target.nfs_server))
+    return found
+
+
+def ipv4_of(host: str) -> str:
+    """The IPv4 address of a host name or literal; the capture network speaks IPv4 only."""
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        # Checked here because getaddrinfo would take an IPv6 literal for a name to look up.
+        if literal.version != 4:
+            raise KdumpError(f"{host} is an IPv6 address; the capture network is IPv4 only")
+        return host
+    try:
+        infos = socket.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise KdumpError(f"cannot resolve {host!r} to an IPv4 address ({reason})") from None
+    return str(infos[0][4][0])
+
+
+def route_interface(address: str) -> str:
+    """The interface the routing table sends traffic for `address` through (nothing is sent)."""
+    ip = shutil.which("ip")
+    if ip is None:
+        raise KdumpError("iproute2's ip is not installed; it tells which interface to use")
+    run = subprocess.run([ip, "-json", "route", "get", address], capture_output=True,
+                         text=True, timeout=30, check=False)  # fmt: skip
+    if run.returncode != 0:
+        raise KdumpError(f"no route to {address} on this host: {run.stderr.strip()}")
+    routes = json.loads(run.stdout)
+    if not routes or "dev" not in routes[0]:
+        raise KdumpError(f"ip route get {address} named no interface: {run.stdout.strip()}")
+    return str(routes[0]["dev"])
+
+
+def vlan_of(interface: str, proc_net: Path = Path("/proc/net")) -> tuple[str, int] | None:
+    """(parent, VLAN id) when `interface` is an 802.1Q VLAN, from the 8021q module's record of
+    it (other stacked interfaces, macvlan or bonds, have lower_* links in sysfs too)."""
+    try:
+        record = (proc_net / "vlan" / interface).read_text()
+    except FileNotFoundError:
+        return None
+    vid = re.search(r"\bVID: (\d+)", record)
+    parent = re.search(r"^Device: (\S+)", record, re.MULTILINE)
+    if vid is None or parent is None:
+        raise KdumpError(f"{proc_net}/vlan/{interface} names no VID or no Device: {record!r}")
+    return parent.group(1), int(vid.group(1))
+
+
+def network_path(
+    server: str,
+    address: str,
+    sys_root: Path = Path("/sys"),
+    proc_net: Path = Path("/proc/net"),
+) -> NetworkPath:
+    """What carries traffic to `address` here: interface, VLAN, and the parent's MAC and
+    drivers. /sys/class/net shows the network namespace of whoever mounted that sysfs."""
+    interface = route_interface(address)
+    vlan = vlan_of(interface, proc_net)
+    parent, vid = vlan if vlan else (interface, None)
+    net = sys_root / "class" / "net" / parent
+    try:
+        mac: str | None = (net / "address").read_text().strip().lower()
+    except OSError:
+        mac = None  # e.g. a VLAN whose parent is in another namespace
+    if mac in ("", "00:00:00:00:00:00"):
+        mac = None
+    device = (net / "device").resolve() if (net / "device").exists() else None
+    modules = tuple(_modules_on_path(device, sys_root)) if device else ()
+    return NetworkPath(server, address, interface, parent, vid, mac, device, modules)
+
+
+def network_paths(
+    config: Config, sys_root: Path = Path("/sys"), proc_net: Path = Path("/proc/net")
+) -> list[NetworkPath]:
+    """One NetworkPath per network target, in config order."""
+    paths = []
+    for key, host in network_servers(config):
+        try:
+            paths.append(network_path(host, ipv4_of(host), sys_root, proc_net))
+        except KdumpError as exc:
+            raise KdumpError(
+                f"{config.line_of(key)}: --hostonly: network target {host}: {exc}; host-only "
+                "detection needs the interface that reaches it (or build with --no-hostonly "
+                "and name the NIC driver in kernel_modules)"
+            ) from None
+    return paths
+
+
+def network_modules(path: NetworkPath) -> list[tuple[str, str]]:
+    """(module, why) for the drivers under a network path, and 8021q when it is a VLAN."""
+    requests = [
+        (module, f"host-only: driver {where} for network target {path.server} via {path.via}")
+        for module, where in path.modules
+    ]
+    if path.vlan is not None:
+        requests.append(("8021q", f"host-only: network target {path.server} via {path.via}"))
+    if path.modules:
+        return requests
+    if path.interface == "lo":
+        log.warning("host-only: network target %s is this host (route via lo): "
+                    "no network driver added", path.server)  # fmt: skip
+    elif path.device is None:
+        log.warning("host-only: network target %s routes via %s, and %s has no device (a "
+                    "virtual interface): no network driver added; name the capture kernel's "
+                    "NIC driver in kernel_modules", path.server, path.via, path.parent)  # fmt: skip
+    else:
+        log.info("host-only: the drivers of %s (%s) are built into the kernel",
+                 path.parent, path.device)  # fmt: skip
+    return requests
+
+
+def with_detected_nic(config: Config, paths: list[NetworkPath]) -> Config:
+    """The config with network.mac (and network.vlan) filled in from the first network path,
+    when the config names neither interface nor mac: what it names always wins. A copy, so
+    the loaded config keeps saying what the file said."""
+    net = config.network
+    chosen = next((p for p in paths if p.interface != "lo"), None)
+    if chosen is None or net.get("interface") or net.get("mac"):
+        return config
+    for other in paths:
+        if other.interface != "lo" and (other.parent, other.vlan) != (chosen.parent, chosen.vlan):
+            log.warning("host-only: network target %s routes via %s, but the capture init brings "
+                        "up one interface: the one for %s, %s", other.server, other.via,
+                        chosen.server, chosen.via)  # fmt: skip
+    updates: dict[str, object] = {}
+    # A virtual interface does not exist in the capture kernel, so its MAC would match nothing.
+    if chosen.device is not None and chosen.mac:
+        updates["mac"] = chosen.mac
+    if net.get("vlan") is None and chosen.vlan is not None:
+        updates["vlan"] = chosen.vlan
+    if not updates:
+        return config
+    log.info("host-only: network target %s routes via %s: the capture init uses %s",
+             chosen.server, chosen.via, updates)  # fmt: skip
+    return dataclasses.replace(config, network={**net, **updates})
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What host-only detection found: the modules, and the config the image is built from."""
+
+    config: Config
+    modules: list[tuple[str, str]]
+    network: tuple[NetworkPath, ...]
+
+
+def detect(
+    config: Config,
+    dev: Path = Path("/dev"),
+    sys_root: Path = Path("/sys"),
+    proc_net: Path = Path("/proc/net"),
+) -> Detection:
+    """Drivers for every target, local and network, and the NIC the capture init should pick
+    when the config leaves it open."""
+    modules = target_modules(config, dev, sys_root)
+    paths = network_paths(config, sys_root, proc_net)
+    for path in paths:
+        modules += network_modules(path)
+    return Detection(with_detected_nic(config, paths), modules, tuple(paths))

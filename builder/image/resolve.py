@@ -1,0 +1,162 @@
+"""Resolution: from config and selected features to the concrete host files the image needs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdump_mkinitrd.config import Config
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan.elfdeps import BinaryClosure, ElfResolver
+from kdump_mkinitrd.hostscan.firmware import FirmwareSet, resolve_firmware
+from kdump_mkinitrd.hostscan.kmod import ModuleClosure, ModuleIndex
+from kdump_mkinitrd.image.features import Feature
+from kdump_mkinitrd.image.sshkeys import KeyFile, image_files
+
+
+@dataclass(frozen=True)
+class Busybox:
+    path: str  # where it lives on the host (and in the image)
+    applets: tuple[str, ...]  # image paths such as "/bin/sh", from `busybox --list-full`
+
+
+MAKEDUMPFILE_FLAGS = {"zstd": "-z", "lzo": "-l", "zlib": "-c", "snappy": "-p", "none": ""}
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """The capture decisions made at build time and baked into the image."""
+
+    stage: str  # "python" | "static"
+    collector: str  # "makedumpfile" | "native"
+    dump_level: int
+    compression: str  # makedumpfile's page compression
+    makedumpfile_flag: str
+    hostname: str
+    python: str | None  # the interpreter to pack, for the Python stage
+    makedumpfile: str | None  # its path, when it is the collector
+
+
+@dataclass(frozen=True)
+class Resolution:
+    kver: str
+    capture: CaptureSettings
+    modules: ModuleClosure
+    firmware: FirmwareSet
+    binaries: dict[str, BinaryClosure]  # by the feature (or "config") that asked
+    busybox: Busybox
+    ssh_keys: tuple[KeyFile, ...] = ()
+
+
+def _makedumpfile_compression(binary: Path, wanted: str) -> str:
+    """Pick what this makedumpfile build supports: `-v` lists each codec as enabled or not."""
+    try:
+        out = subprocess.run([str(binary), "-v"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KdumpError(f"cannot run {binary} -v: {exc}") from None
+    enabled = {"zlib", "none"} | {
+        words[0] for words in map(str.split, out.stdout.splitlines())
+        if len(words) == 2 and words[1] == "enabled"
+    }  # fmt: skip
+    if wanted == "auto":
+        return next(c for c in ("zstd", "lzo", "zlib") if c in enabled)
+    if wanted not in enabled:
+        raise KdumpError(
+            f"config key capture.compression: {binary} was built without {wanted} "
+            f"(it supports {', '.join(sorted(enabled))})"
+        )
+    return wanted
+
+
+def _dump_hostname(name: str) -> str:
+    # A host without a name reports "(none)": not something to put in a directory name.
+    clean = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("._")
+    return clean if clean and name != "(none)" else "localhost"
+
+
+def capture_settings(config: Config, resolver: ElfResolver, root: Path) -> CaptureSettings:
+    wanted = config.capture["collector"]
+    found: str | None = None
+    if wanted != "native":
+        try:
+            found = resolver.find_program("makedumpfile")
+        except KdumpError:
+            if wanted == "makedumpfile":
+                raise KdumpError(
+                    f"config key capture.collector is makedumpfile, but makedumpfile is not on "
+                    f"{config.search_path} (Debian: apt-get install makedumpfile)"
+                ) from None
+    compression = "none"
+    if found is not None:
+        compression = _makedumpfile_compression(
+            root / found.lstrip("/"), config.capture["compression"]
+        )
+    stage = config.capture["stage"]
+    python = None
+    if stage == "python":
+        python = config.capture["python"] or os.path.realpath(sys.executable)
+    return CaptureSettings(
+        stage=stage,
+        collector="makedumpfile" if found else "native",
+        dump_level=config.capture["dump_level"],
+        compression=compression,
+        makedumpfile_flag=MAKEDUMPFILE_FLAGS[compression],
+        hostname=config.capture["hostname"] or _dump_hostname(socket.gethostname()),
+        python=python,
+        makedumpfile=found,
+    )
+
+
+def module_requests(config: Config, features: list[Feature]) -> list[tuple[str, str]]:
+    requests = [request for f in features for request in f.kernel_module_requests(config)]
+    requests += [(name, "config key kernel_modules") for name in config.kernel_modules]
+    return requests
+
+
+def find_busybox(resolver: ElfResolver, busybox: str, root: Path) -> Busybox:
+    path = resolver.find_program(busybox)
+    if not resolver.is_static(path):
+        raise KdumpError(
+            f"{path} is dynamically linked; the capture init needs a static busybox "
+            "(Debian: apt-get install busybox-static), set with config key 'busybox'"
+        )
+    try:
+        listing = subprocess.run(
+            [str(root / path.lstrip("/")), "--list-full"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KdumpError(f"cannot list the applets of {path}: {exc}") from None
+    applets = tuple(sorted("/" + line.strip() for line in listing.splitlines() if line.strip()))
+    return Busybox(path, applets)
+
+
+def resolve(
+    config: Config,
+    features: list[Feature],
+    capture: CaptureSettings,
+    kver: str,
+    kmoddir: Path,
+    cache_dir: Path | None = None,
+    root: Path = Path("/"),
+    detected: list[tuple[str, str]] | None = None,
+) -> Resolution:
+    """`detected`: (module, why) pairs found on the host, for host-only images."""
+    index = ModuleIndex.load(kver, kmoddir, cache_dir=cache_dir)
+    modules = index.resolve(module_requests(config, features) + (detected or []))
+    firmware = resolve_firmware(modules, kver, root / config.firmware_root.lstrip("/"))
+    resolver = ElfResolver(root=root, search_path=config.search_path)
+    wanted = {f.name: f.binary_requests(config) for f in features}
+    wanted["config"] = [(name, "config key binaries") for name in config.binaries]
+    binaries = {who: resolver.resolve(programs) for who, programs in wanted.items() if programs}
+    busybox = find_busybox(resolver, config.busybox, root)
+    return Resolution(
+        kver, capture, modules, firmware, binaries, busybox, image_files(config, root)
+    )

@@ -51,13 +51,29 @@ def clone(dest: Path) -> Path:
     return dest
 
 
+def import_path(tree: Path) -> Path:
+    """A folder for PYTHONPATH that imports kdump_mkinitrd from `tree`'s builder/ (the
+    editable install would import this checkout's instead)."""
+    folder = tree / ".import"
+    folder.mkdir(exist_ok=True)
+    link = folder / "kdump_mkinitrd"
+    if not link.is_symlink():
+        link.symlink_to("../builder")
+    return folder
+
+
 def build(
     tree: Path, kernel: Kernel, config: Path, output: Path, seed: str, *extra: str
 ) -> dict[str, object]:
     args = ["build", "-k", kernel.kver, "--kmoddir", str(kernel.kmoddir),
             "--kernel", str(kernel.vmlinuz), "-c", str(config), "-o", str(output), "--json",
             *extra]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED=seed, PYTHONDONTWRITEBYTECODE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(import_path(tree)),
+        PYTHONHASHSEED=seed,
+        PYTHONDONTWRITEBYTECODE="1",
+    )
     done = subprocess.run(
         [sys.executable, "-m", "kdump_mkinitrd.cli", *args],
         cwd=tree,

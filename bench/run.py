@@ -525,21 +525,23 @@ def part_profile(kver: str) -> dict[str, Any]:
     categories: dict[str, Callable[[str, str], bool]] = {
         "imports": lambda p, f: f == "_find_and_load" and "importlib" in p,
         "module resolution (kmod)": lambda p, f: (
-            p.endswith("builder/kmod.py") and f in ("load", "resolve")
+            p.endswith("builder/hostscan/kmod.py") and f in ("load", "resolve")
         ),
         "ELF resolution (elfdeps)": lambda p, f: (
-            p.endswith("builder/elfdeps.py") and f == "resolve"
+            p.endswith("builder/hostscan/elfdeps.py") and f == "resolve"
         ),
-        "busybox applets": lambda p, f: p.endswith("builder/resolve.py") and f == "find_busybox",
+        "busybox applets": lambda p, f: (
+            p.endswith("builder/image/resolve.py") and f == "find_busybox"
+        ),
         "makedumpfile -v probe": lambda p, f: f == "_makedumpfile_compression",
         "python stage packing": lambda p, f: (
-            p.endswith("builder/pystage.py") and f == "add_python_stage"
+            p.endswith("builder/image/pystage.py") and f == "add_python_stage"
         ),
         "plan entries (read, strip, hash files)": lambda p, f: (
-            p.endswith("builder/plan.py") and f == "entries"
+            p.endswith("builder/image/plan.py") and f == "entries"
         ),
-        "cpio writing": lambda p, f: p.endswith("builder/cpio.py") and f == "write_newc",
-        "compression": lambda p, f: p.endswith("builder/compress.py") and f == "compress",
+        "cpio writing": lambda p, f: p.endswith("builder/image/cpio.py") and f == "write_newc",
+        "compression": lambda p, f: p.endswith("builder/image/compress.py") and f == "compress",
         "atomic write": lambda p, f: p.endswith("builder/output.py") and f == "write_atomic",
     }
     where_time: dict[str, float | None] = {}

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -193,6 +193,64 @@ class ExtraFile:
     dst: str
 
 
+# One dataclass per config section, built from the schema's validated values: the schema
+# stays the one place for keys, types, defaults and errors; tests/test_config.py checks
+# that each class's fields and defaults follow it. Lists become tuples, so a frozen config
+# holds nothing mutable.
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How the image itself is compressed (`compression`)."""
+
+    method: str = "zstd"
+    level: int = 9
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """How the capture kernel saves a dump (`capture`)."""
+
+    stage: str = "python"
+    collector: str = "auto"
+    dump_level: int = 31
+    compression: str = "auto"
+    python: str | None = None
+    hostname: str | None = None
+    min_free: int = 0
+    keep: int = 0
+
+
+@dataclass(frozen=True)
+class CmdlineConfig:
+    """What changes on the capture kernel's command line (`cmdline`)."""
+
+    append: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """How the capture init brings up its interface (`network`)."""
+
+    interface: str | None = None
+    mac: str | None = None
+    dhcp: bool | None = None  # parse settles it: true unless a static address is given
+    address: str | None = None
+    gateway: str | None = None
+    dns: tuple[str, ...] = ()
+    timeout: int = 30
+    vlan: int | None = None
+
+
+_Section = TypeVar("_Section")
+
+
+def _section(kind: type[_Section], values: dict[str, Any]) -> _Section:
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 @dataclass(frozen=True)
 class Config:
     source: str  # the file it came from, or "<defaults>"
@@ -204,13 +262,13 @@ class Config:
     failure_action: str
     final_action: str
     device_timeout: int
-    compression: dict[str, Any]
-    capture: dict[str, Any]
-    cmdline: dict[str, Any]
+    compression: CompressionConfig
+    capture: CaptureConfig
+    cmdline: CmdlineConfig
     busybox: str
     search_path: str
     firmware_root: str
-    network: dict[str, Any] = field(default_factory=dict)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     lines: dict[str, int] = field(default_factory=dict, compare=False)
 
     def line_of(self, key: str) -> str:
@@ -527,13 +585,13 @@ def parse(text: str, source: str) -> Config:
         failure_action=values["failure_action"],
         final_action=values["final_action"],
         device_timeout=values["device_timeout"],
-        compression=values["compression"],
-        capture=values["capture"],
-        cmdline=values["cmdline"],
+        compression=_section(CompressionConfig, values["compression"]),
+        capture=_section(CaptureConfig, values["capture"]),
+        cmdline=_section(CmdlineConfig, values["cmdline"]),
         busybox=values["busybox"],
         search_path=values["search_path"],
         firmware_root=values["firmware_root"],
-        network=values["network"],
+        network=_section(NetworkConfig, values["network"]),
         lines=located.lines,
     )
 

@@ -86,13 +86,13 @@ class Rendered:
 
 
 def capture_settings(config: Config) -> CaptureSettings:
-    collector = "native" if config.capture["collector"] == "native" else "makedumpfile"
-    stage = config.capture["stage"]
+    collector = "native" if config.capture.collector == "native" else "makedumpfile"
+    stage = config.capture.stage
     return CaptureSettings(
-        stage, collector, config.capture["dump_level"],
+        stage, collector, config.capture.dump_level,
         "lzo" if collector == "makedumpfile" else "none",
         "-l" if collector == "makedumpfile" else "",
-        config.capture["hostname"] or "localhost",
+        config.capture.hostname or "localhost",
         "/usr/bin/python3" if stage == "python" else None,
         "/usr/sbin/makedumpfile" if collector == "makedumpfile" else None,
     )  # fmt: skip

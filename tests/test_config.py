@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kdump_mkinitrd.config import load, parse
+from kdump_mkinitrd.config import (
+    CAPTURE_SCHEMA,
+    CMDLINE_SCHEMA,
+    COMPRESSION_SCHEMA,
+    NETWORK_SCHEMA,
+    SCHEMA,
+    CaptureConfig,
+    CmdlineConfig,
+    CompressionConfig,
+    Field,
+    NetworkConfig,
+    load,
+    parse,
+)
 from kdump_mkinitrd.errors import KdumpError
 
 GOOD = """\
@@ -30,7 +46,7 @@ def test_good_config_parses_with_defaults() -> None:
     assert config.kernel_modules == ("virtio_blk", "virtio_pci")
     assert config.failure_action == "poweroff"
     assert config.final_action == "reboot"
-    assert config.compression == {"method": "zstd", "level": 9, "threads": 0}
+    assert dataclasses.asdict(config.compression) == {"method": "zstd", "level": 9, "threads": 0}
     assert [(f.src, f.dst) for f in config.files] == [
         ("/etc/hostname", "/etc/hostname"),
         ("/etc/hosts", "/etc/hosts.copy"),
@@ -155,7 +171,7 @@ def test_devices_the_init_can_find_are_accepted(device: str) -> None:
 
 def test_host_names_that_make_one_folder_are_accepted() -> None:
     for name in ("web1", "web1.example.org", "db_2-a", "h" * 64):
-        assert parse(f"capture: {{hostname: {name}}}\n", "k.yaml").capture["hostname"] == name
+        assert parse(f"capture: {{hostname: {name}}}\n", "k.yaml").capture.hostname == name
 
 
 @pytest.mark.parametrize("text", ["", "targets: []\n", "capture: {stage: static}\n"])
@@ -178,3 +194,43 @@ def test_no_target_refuses_build_and_register(
         assert code == 4 and "no dump target is configured" in err, err
         assert f"add a 'targets' list to {config}" in err and "type: disk" in err
         assert not image.exists()
+
+
+# Each section, its class, its schema, and a config text with what it changes from the defaults.
+SECTIONS = [
+    ("compression", CompressionConfig, COMPRESSION_SCHEMA,
+     "compression: {method: gzip, level: 3}\n", {"method": "gzip", "level": 3}),
+    ("capture", CaptureConfig, CAPTURE_SCHEMA,
+     "capture: {stage: static, keep: 4, hostname: web1}\n",
+     {"stage": "static", "keep": 4, "hostname": "web1"}),
+    ("cmdline", CmdlineConfig, CMDLINE_SCHEMA,
+     "cmdline: {append: [a=1, b], remove: [quiet]}\n",
+     {"append": ("a=1", "b"), "remove": ("quiet",)}),
+    ("network", NetworkConfig, NETWORK_SCHEMA,
+     "targets: [{type: ssh, host: backup}]\nnetwork: {dns: [192.0.2.53]}\n",
+     {"dns": ("192.0.2.53",)}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "kind", "schema", "text", "changes"), SECTIONS,
+                         ids=[s[0] for s in SECTIONS])  # fmt: skip
+def test_sections_are_frozen_dataclasses_that_follow_the_schema(
+    name: str, kind: type[Any], schema: dict[str, Field], text: str, changes: dict[str, Any]
+) -> None:
+    assert SCHEMA[name].schema is schema
+    hints = typing.get_type_hints(kind)
+    fields = dataclasses.fields(kind)
+    assert [f.name for f in fields] == list(schema)
+    for f in fields:
+        spec = schema[f.name]
+        assert isinstance(spec.kind, type) and spec.items in (None, str)  # what sections hold
+        # A list in the schema is a tuple of its items in the frozen section.
+        expected: Any = tuple[str, ...] if spec.kind is list else spec.kind
+        default = tuple(spec.default) if spec.kind is list else spec.default
+        assert hints[f.name] == (expected if default is not None else expected | None), f.name
+        assert f.default == default, f.name
+    section = getattr(parse("", "k.yaml"), name)
+    assert type(section) is kind
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(section, fields[0].name, None)
+    assert getattr(parse(text, "k.yaml"), name) == dataclasses.replace(section, **changes)

@@ -149,7 +149,7 @@ def check_config_runs(data: dict[str, Any], root: Path) -> None:
             continue
         # The dump folder is where the path says, byte for byte, and holds a whole dump.
         base = root / _where(config, i).lstrip("/")
-        hostname = config.capture["hostname"] or "localhost"
+        hostname = config.capture.hostname or "localhost"
         dumps = sorted(p for p in base.glob(f"{hostname}-*") if (p / "vmcore").is_file())
         assert dumps, (target, sorted(os.listdir(root)), run.stdout[-3000:])
         # ssh targets may share a folder: this one's dump is the one its record names.

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ IN_NAMESPACE = textwrap.dedent("""\
     print(json.dumps({
         "paths": [dataclasses.asdict(p) for p in found.network],
         "modules": found.modules,
-        "network": found.config.network,
+        "network": dataclasses.asdict(found.config.network),
     }, default=str))
 """)
 
@@ -189,8 +189,8 @@ def test_default_route_interface_of_this_host() -> None:
     assert all(w.startswith("host-only: driver ") and f"via {interface}" in w for w in whys)
     config = parse(ssh_config(gateway), "kdump.yaml")
     found = hostonly.detect(config)
-    assert found.config.network["mac"] == path.mac
-    assert config.network["mac"] is None  # the loaded config still says what the file said
+    assert found.config.network.mac == path.mac
+    assert config.network.mac is None  # the loaded config still says what the file said
 
 
 def _path(vlan: int | None = None, device: bool = True, interface: str = "eth0") -> NetworkPath:
@@ -220,10 +220,10 @@ def test_detected_nic_fills_only_what_the_config_left_open(
     network: str, paths: list[NetworkPath], expected: dict[str, Any]
 ) -> None:
     config = parse(ssh_config("backup") + network, "kdump.yaml")
-    before = dict(config.network)
+    before = asdict(config.network)
     updated = hostonly.with_detected_nic(config, paths)
-    assert {k: updated.network[k] for k in expected} == expected
-    assert config.network == before
+    assert {k: getattr(updated.network, k) for k in expected} == expected
+    assert asdict(config.network) == before
     assert (updated.text, updated.targets) == (config.text, config.targets)
 
 

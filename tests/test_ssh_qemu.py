@@ -67,7 +67,7 @@ def test_ssh_target_defaults() -> None:
         "/etc/kdump-mkinitrd/ssh/known_hosts",
     )
     assert target.device is None and target.fstype is None and target.client == "openssh"
-    assert config.network["dhcp"] is True
+    assert config.network.dhcp is True
 
 
 def test_ssh_target_paths_match_the_template() -> None:
@@ -130,8 +130,8 @@ def test_static_network_config() -> None:
         "dns: [192.0.2.53]}\n",
         "k.yaml",
     )
-    assert config.network["dhcp"] is False
-    assert config.network["address"] == "192.0.2.10/24"
+    assert config.network.dhcp is False
+    assert config.network.address == "192.0.2.10/24"
 
 
 def test_ssh_setup_pins_the_servers_host_key(tmp_path: Path) -> None:

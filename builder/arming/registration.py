@@ -139,7 +139,7 @@ def register(
         raise KdumpError(f"cannot read {proc_cmdline}: {exc.strerror}") from None
     cmdline = capture_cmdline(
         proc_text, os.uname().machine,
-        append=[*config.cmdline["append"], *append], remove=config.cmdline["remove"],
+        append=[*config.cmdline.append, *append], remove=config.cmdline.remove,
     )  # fmt: skip
     report = build(config, request, if_needed=True)
     suggest = f"{estimate(request.output, None).total_mb}M"

@@ -23,6 +23,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kdump_mkinitrd.config import Config
 from kdump_mkinitrd.errors import KdumpError
@@ -286,24 +287,24 @@ def with_detected_nic(config: Config, paths: list[NetworkPath]) -> Config:
     the loaded config keeps saying what the file said."""
     net = config.network
     chosen = next((p for p in paths if p.interface != "lo"), None)
-    if chosen is None or net.get("interface") or net.get("mac"):
+    if chosen is None or net.interface or net.mac:
         return config
     for other in paths:
         if other.interface != "lo" and (other.parent, other.vlan) != (chosen.parent, chosen.vlan):
             log.warning("host-only: network target %s routes via %s, but the capture init brings "
                         "up one interface: the one for %s, %s", other.server, other.via,
                         chosen.server, chosen.via)  # fmt: skip
-    updates: dict[str, object] = {}
+    updates: dict[str, Any] = {}
     # A virtual interface does not exist in the capture kernel, so its MAC would match nothing.
     if chosen.device is not None and chosen.mac:
         updates["mac"] = chosen.mac
-    if net.get("vlan") is None and chosen.vlan is not None:
+    if net.vlan is None and chosen.vlan is not None:
         updates["vlan"] = chosen.vlan
     if not updates:
         return config
     log.info("host-only: network target %s routes via %s: the capture init uses %s",
              chosen.server, chosen.via, updates)  # fmt: skip
-    return dataclasses.replace(config, network={**net, **updates})
+    return dataclasses.replace(config, network=dataclasses.replace(net, **updates))
 
 
 @dataclass(frozen=True)

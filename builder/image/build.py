@@ -139,7 +139,7 @@ def _detected(found: hostonly.Detection) -> dict[str, Any]:
     """What host-only detection decided, as the manifest records it."""
     return {
         "modules": sorted({name for name, _ in found.modules}),
-        "network": {key: found.config.network.get(key) for key in ("mac", "vlan")},
+        "network": {key: getattr(found.config.network, key) for key in ("mac", "vlan")},
     }
 
 
@@ -245,7 +245,7 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
     check_image(entries)
     lap("plan")
     requested = compress.Compression(
-        config.compression["method"], config.compression["level"], config.compression["threads"]
+        config.compression.method, config.compression.level, config.compression.threads
     )
     method, note = compress.choose(requested, kconfig)
     notes = [note] if note else []

@@ -57,7 +57,7 @@ class Entry:
         if section == "target":
             field, _, value = key.partition("=")
             return any(str(getattr(t, field)) == value for t in targets)
-        return getattr(config, section).get(key) not in (None, "", [], False)
+        return getattr(getattr(config, section), key) not in (None, "", (), False)
 
     def why(self, feature: str) -> str:
         if self.when is None:

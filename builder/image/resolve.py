@@ -79,7 +79,7 @@ def _dump_hostname(name: str) -> str:
 
 
 def capture_settings(config: Config, resolver: ElfResolver, root: Path) -> CaptureSettings:
-    wanted = config.capture["collector"]
+    wanted = config.capture.collector
     found: str | None = None
     if wanted != "native":
         try:
@@ -93,19 +93,19 @@ def capture_settings(config: Config, resolver: ElfResolver, root: Path) -> Captu
     compression = "none"
     if found is not None:
         compression = _makedumpfile_compression(
-            root / found.lstrip("/"), config.capture["compression"]
+            root / found.lstrip("/"), config.capture.compression
         )
-    stage = config.capture["stage"]
+    stage = config.capture.stage
     python = None
     if stage == "python":
-        python = config.capture["python"] or os.path.realpath(sys.executable)
+        python = config.capture.python or os.path.realpath(sys.executable)
     return CaptureSettings(
         stage=stage,
         collector="makedumpfile" if found else "native",
-        dump_level=config.capture["dump_level"],
+        dump_level=config.capture.dump_level,
         compression=compression,
         makedumpfile_flag=MAKEDUMPFILE_FLAGS[compression],
-        hostname=config.capture["hostname"] or _dump_hostname(socket.gethostname()),
+        hostname=config.capture.hostname or _dump_hostname(socket.gethostname()),
         python=python,
         makedumpfile=found,
     )

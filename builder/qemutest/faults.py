@@ -242,7 +242,7 @@ def _second_crash(setup: Setup) -> dict[str, str]:
 
 
 def _foreign_dumps(setup: Setup) -> dict[str, str]:
-    if setup.config.capture["keep"] != 2:
+    if setup.config.capture.keep != 2:
         raise KdumpError("--fault foreign-dumps needs capture.keep: 2 in the config")
     hostname = _hostname(setup.config)
     facts = {"hostname": hostname, "removed": f"{hostname}-2024-01-01-00:00:00"}

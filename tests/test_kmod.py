@@ -469,7 +469,7 @@ def read_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
         calls.append(path)
         return real(path)
 
-    # builder.kmod looks the name up at call time, from its scanning threads too.
+    # kdump_mkinitrd.hostscan.kmod looks the name up at call time, from its scanning threads too.
     monkeypatch.setattr("kdump_mkinitrd.hostscan.kmod.read_modinfo", counting)
     yield calls
 

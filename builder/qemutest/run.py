@@ -73,7 +73,7 @@ failure_action: poweroff
 final_action: poweroff
 device_timeout: 30
 """
-# --target nfs: the same for NFS-Ganesha in a network namespace of its own (builder.nfsserver).
+# --target nfs: the same for NFS-Ganesha in a network namespace of its own (nfsserver.py).
 NFS_CONFIG = """\
 targets:
   - type: nfs

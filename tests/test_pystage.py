@@ -19,6 +19,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -26,9 +27,11 @@ import zstandard
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan.elfdeps import ElfResolver
 from kdump_mkinitrd.image import pystage
+from kdump_mkinitrd.image.assemble import PACKAGE_DIR
 from kdump_mkinitrd.image.cpio import Entry, write_newc
 from kdump_mkinitrd.image.plan import ImagePlan
 from kdump_mkinitrd.image.pystage import PythonStage, add_python_stage, build_zip
+from kdump_mkinitrd.paths import HARNESS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_PYTHON = os.path.realpath(sys.executable)
@@ -338,6 +341,20 @@ def test_subprocess_is_packed_only_when_the_stage_imports_it(tmp_path: Path) -> 
 # --- reproducible output and the cache -----------------------------------------------------
 
 
+@pytest.fixture
+def finder_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The entries the module finder really ran for, in order (not those the cache answered)."""
+    runs: list[str] = []
+    real_run_finder = pystage.run_finder
+
+    def counting(interpreter: str, entry: str, *args: Any) -> dict[str, Any]:
+        runs.append(entry)
+        return real_run_finder(interpreter, entry, *args)
+
+    monkeypatch.setattr(pystage, "run_finder", counting)
+    return runs
+
+
 def test_same_inputs_same_bytes_and_second_run_is_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -367,6 +384,43 @@ def test_changed_stage_source_reruns_the_finder(tmp_path: Path) -> None:
     main.write_text("import base64\n" + main.read_text())
     _, after = pack(HOST_PYTHON, "kstage.main", package_dir, tmp_path / "cache")
     assert "base64" in after.modules
+
+
+def test_capture_stage_cache_follows_its_sources_not_the_harness(
+    tmp_path: Path, finder_runs: list[str]
+) -> None:
+    """Packed from a copy of the package as the build packs it: the stage's own files are in
+    the cache key, the QEMU harness beside them is not."""
+    package_dir = tmp_path / "package"
+    shutil.copytree(PACKAGE_DIR, package_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    harness_file = package_dir / HARNESS_DIR.relative_to(PACKAGE_DIR) / "run.py"
+    stage_file = package_dir / "capture" / "stage.py"
+    first, _ = pack(HOST_PYTHON, "capture.stage", package_dir, tmp_path / "cache")
+    assert finder_runs == ["capture.stage"]
+    harness_file.write_text(harness_file.read_text() + "\n# edited\n")
+    after_harness, _ = pack(HOST_PYTHON, "capture.stage", package_dir, tmp_path / "cache")
+    assert finder_runs == ["capture.stage"]  # from the cache
+    assert snapshot(after_harness) == snapshot(first)
+    stage_file.write_text(stage_file.read_text() + "\n# edited\n")
+    pack(HOST_PYTHON, "capture.stage", package_dir, tmp_path / "cache")
+    assert finder_runs == ["capture.stage", "capture.stage"]
+
+
+def test_changed_finder_reruns_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, finder_runs: list[str]
+) -> None:
+    """The finder's own bytes are in the cache key; a copy outside our package runs as well."""
+    finder = tmp_path / "elsewhere" / "stagefinder.py"
+    finder.parent.mkdir()
+    shutil.copyfile(pystage._FINDER, finder)
+    monkeypatch.setattr(pystage, "_FINDER", finder)
+    package_dir = write_stage(tmp_path / "src")
+    pack(HOST_PYTHON, "kstage.main", package_dir, tmp_path / "cache")
+    pack(HOST_PYTHON, "kstage.main", package_dir, tmp_path / "cache")
+    assert finder_runs == ["kstage.main"]
+    finder.write_text(finder.read_text() + "\n# edited\n")
+    pack(HOST_PYTHON, "kstage.main", package_dir, tmp_path / "cache")
+    assert finder_runs == ["kstage.main", "kstage.main"]
 
 
 def test_zip_is_deflated_because_memory_holds_it_unpacked(tmp_path: Path) -> None:
@@ -429,6 +483,23 @@ def test_stage_importing_a_missing_module_is_named(tmp_path: Path) -> None:
     package_dir = write_stage(tmp_path / "src", "import kdump_no_such_module\n")
     with pytest.raises(KdumpError, match=r"kdump_no_such_module \(imported by kstage\.main\)"):
         pack(HOST_PYTHON, "kstage.main", package_dir, tmp_path / "cache")
+
+
+def test_finder_sees_neither_its_own_directory_nor_the_callers_pythonpath(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run by path, the finder's directory (our package) would lead its sys.path, and the
+    builder's environment may carry a PYTHONPATH: neither is the stage interpreter's."""
+    finder = pystage._FINDER
+    beside = min(p.stem for p in finder.parent.glob("[a-z]*.py") if p != finder)
+    elsewhere = tmp_path / "pythonpath"
+    elsewhere.mkdir()
+    (elsewhere / "kdump_on_pythonpath.py").write_text("X = 1\n")
+    monkeypatch.setenv("PYTHONPATH", str(elsewhere))
+    for module in (beside, "kdump_on_pythonpath"):
+        package_dir = write_stage(tmp_path / module, f"import {module}\n")
+        with pytest.raises(KdumpError, match=rf"{module} \(imported by kstage\.main\)"):
+            pack(HOST_PYTHON, "kstage.main", package_dir, tmp_path / "cache")
 
 
 def test_stage_importing_outside_the_standard_library_is_refused(tmp_path: Path) -> None:

@@ -3,9 +3,10 @@ stage imports and nothing else, and the stage's own code.
 
 Crash-kernel memory is scarce, so the module set is found, not guessed:
 
-* The interpreter that will run in the image runs the finder itself (`_FINDER`, the stdlib
-  `modulefinder` with refinements), so an interpreter of another version is analysed against
-  its own standard library and compiles its own bytecode (its magic number by construction).
+* The interpreter that will run in the image runs the finder itself (`stagefinder`, the
+  stdlib `modulefinder` with refinements), so an interpreter of another version is analysed
+  against its own standard library and compiles its own bytecode (its magic number by
+  construction).
 * `modulefinder` follows every import it sees, including those in functions that never run
   and in `except ImportError:` fallbacks. `exclude` names modules not to follow there, but an
   import is always followed when it is certain to run (module level, outside try blocks that
@@ -52,6 +53,7 @@ from typing import Any
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan.elfdeps import ElfResolver
 from kdump_mkinitrd.hostscan.kmod import default_cache_dir
+from kdump_mkinitrd.image import stagefinder
 from kdump_mkinitrd.image.plan import ImagePlan
 
 # Module names (with their submodules) not followed when standard-library code imports them
@@ -179,7 +181,8 @@ EXTRA_MODULES: tuple[str, ...] = ("encodings.ascii", "encodings.latin_1")
 TEST_SWITCHES_MODULE = "capture.testswitches"
 
 _CACHE_SCHEMA = 2
-_ANSWER = "KDUMP-PYSTAGE-ANSWER "
+# Run as a script by the stage's interpreter; imported here only for its path and protocol.
+_FINDER = Path(stagefinder.__file__)
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _FINDER_TIMEOUT = 600
 
@@ -332,7 +335,7 @@ def find_modules(
 def run_finder(
     interpreter: str, entry: str, package_dir: Path, exclude: Iterable[str]
 ) -> dict[str, Any]:
-    """Run `_FINDER` with the interpreter itself: about half a second with DEFAULT_EXCLUDE,
+    """Run stagefinder with the interpreter itself: about half a second with DEFAULT_EXCLUDE,
     several seconds without, as modulefinder compiles every module it reaches."""
     request = {
         "entry": entry,
@@ -343,7 +346,7 @@ def run_finder(
     # A fixed hash seed and nothing from the caller's environment (PYTHONPATH, PYTHONHOME)
     # keep the analysis and the marshalled bytecode the same from build to build; no debug
     # ranges drops column tables that only caret tracebacks of source lines would use.
-    argv = [interpreter, "-S", "-s", "-X", "no_debug_ranges", "-c", _FINDER]
+    argv = [interpreter, "-S", "-s", "-X", "no_debug_ranges", str(_FINDER)]
     try:
         done = subprocess.run(
             argv,
@@ -356,7 +359,8 @@ def run_finder(
     except (OSError, subprocess.SubprocessError) as exc:
         raise KdumpError(f"cannot run the Python stage interpreter {interpreter}: {exc}") from None
     lines = done.stdout.decode(errors="replace").splitlines()
-    answer = next((line[len(_ANSWER) :] for line in lines if line.startswith(_ANSWER)), None)
+    mark = stagefinder.ANSWER
+    answer = next((line[len(mark) :] for line in lines if line.startswith(mark)), None)
     if answer is None:
         said = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
         raise KdumpError(
@@ -411,7 +415,7 @@ def _cache_key(interpreter: str, entry: str, package_dir: Path, exclude: list[st
     info = os.stat(interpreter)
     material = {
         "schema": _CACHE_SCHEMA,
-        "finder": hashlib.sha256(_FINDER.encode()).hexdigest(),
+        "finder": hashlib.sha256(_FINDER.read_bytes()).hexdigest(),
         "extra": list(EXTRA_MODULES),
         "interpreter": interpreter,
         "interpreter_stat": [info.st_mtime_ns, info.st_size],
@@ -438,335 +442,3 @@ def _load_cache(path: Path, key: str) -> dict[str, Any] | None:
     except OSError:
         return None
     return found
-
-
-# Runs in the stage's interpreter (any Python 3.8+: keep the syntax that old), reading the
-# request as JSON on stdin and printing one answer line.
-_FINDER = r'''
-import ast
-import base64
-import json
-import marshal
-import modulefinder
-import os
-import subprocess
-import sys
-
-import _imp
-
-ANSWER = "KDUMP-PYSTAGE-ANSWER "
-PY_SOURCE = getattr(modulefinder, "_PY_SOURCE", 1)
-# importlib puts the frozen _frozen_importlib(_external) under these names; never read.
-ALIASES = ("importlib._bootstrap", "importlib._bootstrap_external")
-
-
-def answer(obj):
-    sys.stdout.write(ANSWER + json.dumps(obj) + "\n")
-    sys.exit(0)
-
-
-def fail(message):
-    answer({"error": message})
-
-
-if sys.version_info < (3, 8):
-    fail("it is Python %d.%d; the capture stage needs Python 3.8 or newer"
-         % sys.version_info[:2])
-
-from importlib.util import MAGIC_NUMBER  # noqa: E402
-
-request = json.loads(sys.stdin.read())
-entry = request["entry"]
-top = entry.partition(".")[0]
-package_dir = os.path.realpath(request["package_dir"])
-exclude = request["exclude"]
-
-
-def is_stage(name):
-    return name == top or name.startswith(top + ".")
-
-
-def exclusion(name):
-    """The exclude entry covering `name`, or None."""
-    for entry_name in exclude:
-        if name == entry_name or name.startswith(entry_name + "."):
-            return entry_name
-    return None
-
-
-def is_main_block(node):
-    """`if __name__ == "__main__":`, which does not run when the module is imported."""
-    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
-        return False
-    test = node.test
-    if len(test.ops) != 1 or not isinstance(test.ops[0], ast.Eq):
-        return False
-    sides = [test.left, test.comparators[0]]
-    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
-    consts = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
-    return len(names) == 1 and len(consts) == 1
-
-
-def catches_import_error(handler):
-    if handler.type is None:
-        return True
-    types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
-    names = set(t.id for t in types if isinstance(t, ast.Name))
-    return bool(names & set(["ImportError", "ModuleNotFoundError", "Exception", "BaseException"]))
-
-
-def absolute(module, level, name, is_package):
-    if not level:
-        return module or ""
-    parts = name.split(".")
-    base = parts[: len(parts) - level + (1 if is_package else 0)]
-    return ".".join(base + ([module] if module else []))
-
-
-def required_imports(tree, name, is_package):
-    """Every dotted prefix of the names imported whenever the module is imported: at module
-    level (class bodies and if/for/with blocks too), outside functions, outside try blocks
-    whose handlers swallow ImportError, and outside except handlers."""
-    found = set()
-
-    def visit(statements, optional):
-        for node in statements:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            if isinstance(node, ast.Import):
-                if not optional:
-                    found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                if not optional:
-                    base = absolute(node.module, node.level, name, is_package)
-                    found.add(base)
-                    found.update(base + "." + alias.name for alias in node.names)
-            elif isinstance(node, ast.Try) or type(node).__name__ == "TryStar":
-                guarded = optional or any(catches_import_error(h) for h in node.handlers)
-                visit(node.body, guarded)
-                visit(node.orelse, guarded)
-                for handler in node.handlers:
-                    visit(handler.body, True)
-                visit(node.finalbody, optional)
-            else:
-                for field in ("body", "orelse"):
-                    block = getattr(node, field, None)
-                    if isinstance(block, list):
-                        visit(block, optional)
-                for case in getattr(node, "cases", None) or []:
-                    visit(case.body, optional)
-
-    visit(tree.body, False)
-    prefixes = set()
-    for full in found:
-        parts = full.split(".")
-        prefixes.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return prefixes
-
-
-class Finder(modulefinder.ModuleFinder):
-    def __init__(self, path):
-        modulefinder.ModuleFinder.__init__(self, path=path)
-        self.scanning = []
-        self.required = {}
-        self.importer = None
-        self.importers = {}
-        self.refused = set()
-
-    def scan_code(self, co, m):
-        self.scanning.append(m.__name__)
-        try:
-            modulefinder.ModuleFinder.scan_code(self, co, m)
-        finally:
-            self.scanning.pop()
-
-    def _safe_import_hook(self, name, caller, fromlist, level=-1):
-        saved = self.importer
-        self.importer = self.scanning[-1] if self.scanning else None
-        try:
-            # A name refused for one importer may be required by the next: retry it.
-            for refused in self.refused:
-                self.badmodules.pop(refused, None)
-            modulefinder.ModuleFinder._safe_import_hook(self, name, caller, fromlist, level)
-        finally:
-            self.importer = saved
-
-    def find_module(self, name, path, parent=None):
-        fullname = parent.__name__ + "." + name if parent is not None else name
-        if fullname in ALIASES:
-            raise ImportError("aliased by importlib: " + fullname)
-        entry_name = exclusion(fullname)
-        importer = self.importer
-        if entry_name is not None and importer is not None and not is_stage(importer):
-            frozen = _imp.is_frozen(fullname)  # needs no file; only its lazy imports would count
-            if frozen or (
-                exclusion(importer) != entry_name
-                and fullname not in self.required.get(importer, ())
-            ):
-                self.refused.add(fullname)
-                raise ImportError("excluded: " + fullname)
-        return modulefinder.ModuleFinder.find_module(self, name, path, parent)
-
-    def add_module(self, fqname):
-        if fqname not in self.modules:
-            self.importers[fqname] = self.importer
-        return modulefinder.ModuleFinder.add_module(self, fqname)
-
-    def load_module(self, fqname, fp, pathname, file_info):
-        if file_info[2] != PY_SOURCE or fqname == entry:
-            return modulefinder.ModuleFinder.load_module(self, fqname, fp, pathname, file_info)
-        tree = ast.parse(fp.read(), pathname)
-        tree.body = [node for node in tree.body if not is_main_block(node)]
-        is_package = os.path.basename(pathname).startswith("__init__.")
-        self.required[fqname] = required_imports(tree, fqname, is_package)
-        code = compile(tree, pathname, "exec", dont_inherit=True)
-        module = self.add_module(fqname)
-        module.__file__ = pathname
-        module.__code__ = code
-        self.scan_code(code, module)
-        return module
-
-
-def child(script, args=()):
-    argv = [sys.executable, "-S", "-s", "-B", "-X", "utf8", "-c", script] + list(args)
-    done = subprocess.run(argv, stdout=subprocess.PIPE, check=True, cwd="/")
-    return done.stdout.decode().split()
-
-
-LISTING = (
-    "import sys, _imp\n"
-    "before = set(sys.modules)\n"
-    "for name in sys.argv[1:]:\n"
-    "    try:\n"
-    "        __import__(name)\n"
-    "    except ImportError:\n"
-    "        pass\n"
-    "print(' '.join(sorted(n for n in set(sys.modules) - before if n != '__main__'\n"
-    "    and n not in sys.argv[1:] and not _imp.is_builtin(n) and not _imp.is_frozen(n))))\n"
-)
-
-
-def within(path, directory):
-    return os.path.commonpath([path, directory]) == directory
-
-
-def definitely_missing(finder, name):
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        found = finder.modules.get(".".join(parts[:i]))
-        if found is None:
-            continue
-        if found.__path__ is None or found.starimports:
-            return False  # an attribute of a module, or of a package with star imports
-        return parts[i] not in found.globalnames
-    return True
-
-
-def main():
-    default_path = [p for p in sys.path if p]
-    zips = [p for p in default_path if p.endswith(".zip")]
-    zip_path = zips[0] if zips else os.path.join(
-        sys.prefix, "lib", "kdump-python%d%d.zip" % sys.version_info[:2])
-    dirs = [os.path.realpath(p) for p in default_path if os.path.isdir(p)]
-    # What starts before any code runs, under the image's -S -s and UTF-8 settings.
-    startup = child("import sys, _imp\nprint(' '.join(n for n in sys.modules if n != '__main__'"
-                    " and not _imp.is_builtin(n) and not _imp.is_frozen(n)))")
-    finder = Finder([package_dir] + default_path)
-    try:
-        finder.import_hook(entry)
-    except ImportError:
-        fail("entry module %s not found in %s" % (entry, package_dir))
-    entry_file = finder.modules[entry].__file__
-    if not entry_file or not within(os.path.realpath(entry_file), package_dir):
-        fail("entry module %s is not in %s (found %s)" % (entry, package_dir, entry_file))
-    # zipimport reads deflated members with zlib, if the interpreter has it.
-    try:
-        import zlib  # noqa: F401
-        roots = ["zlib"]
-    except ImportError:
-        roots = []
-    # runpy runs -m; frozen since 3.11 but its imports (importlib, types, ...) are not.
-    for root in roots + ["runpy"] + startup + request["extra"]:
-        try:
-            finder.import_hook(root)
-        except ImportError:
-            pass  # a codec this interpreter lacks
-    if "sysconfig" in finder.modules:
-        # sysconfig imports its build-time data by a computed name.
-        import sysconfig
-        try:
-            finder.import_hook(sysconfig._get_sysconfigdata_name())
-        except (AttributeError, ImportError):
-            pass
-    probed = set()
-    while True:
-        compiled = sorted(
-            name for name, module in finder.modules.items()
-            if name not in probed and module.__path__ is None
-            and not (module.__file__ or "").endswith(".py")
-        )
-        if not compiled:
-            break
-        probed.update(compiled)
-        for name in child(LISTING, compiled):
-            if name not in finder.modules:
-                try:
-                    finder.import_hook(name)
-                except ImportError:
-                    continue
-                finder.importers[name] = "a module written in C"
-    problems = []
-    for name, callers in sorted(finder.badmodules.items()):
-        stage_callers = sorted(c for c in callers if is_stage(c))
-        if stage_callers and definitely_missing(finder, name):
-            problems.append("%s (imported by %s)" % (name, ", ".join(stage_callers)))
-    if problems:
-        fail("the stage imports modules this interpreter does not have: " + "; ".join(problems))
-    sources = []
-    extensions = []
-    for name in sorted(finder.modules):
-        module = finder.modules[name]
-        path = module.__file__
-        if not path or _imp.is_frozen(name):
-            continue  # built in, or frozen into the interpreter
-        real = os.path.realpath(path)
-        stage = is_stage(name) and within(real, package_dir)
-        if not stage and not any(within(real, d) for d in dirs):
-            fail("the stage imports %s from %s, which is neither the standard library nor the"
-                 " stage package %s: the capture stage may use the standard library only"
-                 % (name, path, top))
-        importer = finder.importers.get(name)
-        if real.endswith(".py"):
-            arc = name.replace(".", "/") + ("/__init__.py" if module.__path__ else ".py")
-            with open(real, "rb") as handle:
-                source = handle.read()
-            # The whole source, __main__ block included, named as zipimport would name it.
-            code = compile(source, zip_path + "/" + arc, "exec", dont_inherit=True)
-            pyc = MAGIC_NUMBER + bytes(12) + marshal.dumps(code)
-            sources.append({"name": name, "file": path, "arc": arc + "c", "stage": stage,
-                            "importer": importer, "pyc": base64.b64encode(pyc).decode()})
-        elif stage:
-            fail("stage module %s is %s: the stage package must be pure Python" % (name, path))
-        else:
-            extensions.append({"name": name, "file": path, "importer": importer})
-    answer({
-        "version": list(sys.version_info[:3]),
-        "prefix": sys.prefix,
-        "exec_prefix": sys.exec_prefix,
-        "zip_path": zip_path,
-        "pythonpath": zip_path not in default_path,
-        "magic": MAGIC_NUMBER.hex(),
-        "zlib": bool(roots),
-        "startup": startup,
-        "sources": sources,
-        "extensions": extensions,
-    })
-
-
-try:
-    main()
-except SystemExit:
-    raise
-except BaseException as exc:
-    fail("the module finder failed: %s: %s" % (type(exc).__name__, exc))
-'''

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan import kernelfiles
 from kdump_mkinitrd.image.build import BuildRequest, build
 from kdump_mkinitrd.image.inspect_image import report, text
+from kdump_mkinitrd.paths import HARNESS_DIR
 
 DEFAULT_IMAGE_DIR = Path("/var/lib/kdump-mkinitrd")
 SUBCOMMANDS = (
@@ -28,7 +28,6 @@ SUBCOMMANDS = (
 
 
 # The QEMU test harness is not part of an installed kdump-mkinitrd (wheel, make install).
-HARNESS = "kdump_mkinitrd.qemutest"
 NO_HARNESS = (
     "qemu-test needs the QEMU test harness, which runs from a source checkout only (make venv "
     "there); this installation does not include it"
@@ -231,7 +230,9 @@ class _QemuTestHelp(argparse.Action):
 
 
 def _have_harness() -> bool:
-    return importlib.util.find_spec(HARNESS) is not None
+    # Beside this very package: another kdump_mkinitrd on sys.path (an editable checkout in
+    # the same venv) would lend its harness to an installed copy that has none.
+    return HARNESS_DIR.is_dir()
 
 
 def _mkdumprd_style(argv: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ line imports the harness only for `qemu-test`."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -54,7 +55,7 @@ def shipped_files(modules_d: str, templates: str) -> set[str]:
 
 
 def _run(args: Sequence[object], cwd: Path) -> subprocess.CompletedProcess[str]:
-    # The installed copy, not this checkout (which the test's own venv has, editable).
+    # Nothing may put this checkout before an installed copy.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     return subprocess.run(
         [str(a) for a in args],
@@ -65,6 +66,10 @@ def _run(args: Sequence[object], cwd: Path) -> subprocess.CompletedProcess[str]:
         timeout=TIMEOUT,
         check=False,
     )
+
+
+def _kernel_args(kernel: Kernel) -> list[str]:
+    return ["-k", kernel.kver, "--kmoddir", str(kernel.kmoddir), "--kernel", str(kernel.vmlinuz)]
 
 
 def _ok(ran: subprocess.CompletedProcess[str]) -> str:
@@ -81,11 +86,12 @@ def _wheelhouse(tmp: Path) -> Path:
     if not house.is_dir():
         house.parent.mkdir(parents=True, exist_ok=True)
         fetching = Path(tempfile.mkdtemp(dir=house.parent, prefix=".fetching-"))
-        _ok(_run([*PIP, "wheel", "-q", "-w", fetching, *deps], tmp))
         try:
-            fetching.rename(house)
-        except OSError:  # another run got there first
-            shutil.rmtree(fetching)
+            _ok(_run([*PIP, "wheel", "-q", "-w", fetching, *deps], tmp))
+            with contextlib.suppress(OSError):  # another run got there first
+                fetching.rename(house)
+        finally:
+            shutil.rmtree(fetching, ignore_errors=True)
     return house
 
 
@@ -142,14 +148,7 @@ def test_installed_wheel_builds_and_inspects_an_image(
     assert not (site / "kdump_mkinitrd/qemutest").exists()
     command = venv / "bin/kdump-mkinitrd"
     (tmp_path / "kdump.yaml").write_text(CONFIG)
-    kernel: list[str | Path] = [
-        "-k",
-        kernel61.kver,
-        "--kmoddir",
-        kernel61.kmoddir,
-        "--kernel",
-        kernel61.vmlinuz,
-    ]
+    kernel = _kernel_args(kernel61)
     built = _run([command, "build", *kernel, "-c", "kdump.yaml", "-o", "kdump.img"], tmp_path)
     assert built.returncode == 0, built.stderr
     assert "kdump.img:" in built.stdout
@@ -174,14 +173,7 @@ def test_installed_wheel_says_qemu_test_needs_a_checkout(
     venv: Path, kernel61: Kernel, tmp_path: Path
 ) -> None:
     command = venv / "bin/kdump-mkinitrd"
-    kernel: list[str | Path] = [
-        "-k",
-        kernel61.kver,
-        "--kmoddir",
-        kernel61.kmoddir,
-        "--kernel",
-        kernel61.vmlinuz,
-    ]
+    kernel = _kernel_args(kernel61)
     args = [command, "qemu-test", *kernel]
     ran = _run(args, tmp_path)
     assert ran.returncode == 1

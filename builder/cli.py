@@ -6,22 +6,32 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from kdump_mkinitrd import config as config_mod
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan import kernelfiles
 from kdump_mkinitrd.image.build import BuildRequest, build
 from kdump_mkinitrd.image.inspect_image import report, text
-from kdump_mkinitrd.qemutest import faults
+from kdump_mkinitrd.paths import HARNESS_DIR
 
 DEFAULT_IMAGE_DIR = Path("/var/lib/kdump-mkinitrd")
 SUBCOMMANDS = (
     "build", "inspect", "qemu-test", "recover-raw", "register", "unregister", "status", "estimate",
     "ssh-setup", "list-dumps",
 )  # fmt: skip
+
+
+# The QEMU test harness is not part of an installed kdump-mkinitrd (wheel, make install).
+NO_HARNESS = (
+    "qemu-test needs the QEMU test harness, which runs from a source checkout only (make venv "
+    "there); this installation does not include it"
+)
 
 
 def default_output(kver: str) -> Path:
@@ -78,8 +88,11 @@ def parser() -> argparse.ArgumentParser:
         help="image path (default /var/lib/kdump-mkinitrd/kdump-KVER.img)",
     )
     q = sub.add_parser(
-        "qemu-test", help="crash a QEMU guest and check that the image saves the dump"
+        "qemu-test",
+        help="crash a QEMU guest and check that the image saves the dump",
+        add_help=False,
     )
+    q.add_argument("-h", "--help", action=_QemuTestHelp)
     _add_kernel_args(q)
     q.add_argument("--memory", default="1G", help="guest memory (default 1G)")
     q.add_argument(
@@ -96,8 +109,8 @@ def parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--fault",
-        help="make something go wrong on purpose and check the designed outcome: "
-        + ", ".join(faults.FAULTS),
+        help="make something go wrong on purpose and check the designed outcome (the faults "
+        "are listed below)",
     )
     q.add_argument("--timeout", type=float, default=600.0, help="seconds before QEMU is killed")
     q.add_argument(
@@ -188,6 +201,40 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+class _QemuTestHelp(argparse.Action):
+    """qemu-test's -h/--help: the usual help, then the faults. They live in the harness, which
+    is imported only now, so that no other command loads it."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS) -> None:
+        super().__init__(
+            option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+            help="show this help message and the faults, and exit",
+        )  # fmt: skip
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+        values: Any, option_string: str | None = None,
+    ) -> None:  # fmt: skip
+        parser.print_help()
+        if _have_harness():
+            from kdump_mkinitrd.qemutest.faults import FAULTS
+
+            width = shutil.get_terminal_size().columns - 2
+            print("\nfaults (--fault NAME): what must happen")
+            for name, fault in FAULTS.items():
+                print(textwrap.fill(f"{name}: {fault.outcome}", width, initial_indent="  ",
+                                    subsequent_indent="      "))  # fmt: skip
+        else:
+            print(f"\n{NO_HARNESS}.")
+        parser.exit()
+
+
+def _have_harness() -> bool:
+    # Beside this very package: another kdump_mkinitrd on sys.path (an editable checkout in
+    # the same venv) would lend its harness to an installed copy that has none.
+    return HARNESS_DIR.is_dir()
+
+
 def _mkdumprd_style(argv: list[str]) -> list[str]:
     """`kdump-mkinitrd OUTPUT KVER [options]` means `build -o OUTPUT -k KVER [options]`."""
     if len(argv) < 2 or argv[0] in SUBCOMMANDS or argv[0].startswith("-"):
@@ -228,6 +275,8 @@ def _qemu_test(args: argparse.Namespace) -> int:
 
 
 def _run_qemu_test(args: argparse.Namespace) -> int:
+    if not _have_harness():
+        raise KdumpError(NO_HARNESS)
     from kdump_mkinitrd.progress import Progress
     from kdump_mkinitrd.qemutest import run as qemutest
 

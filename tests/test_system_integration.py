@@ -25,6 +25,7 @@ import pytest
 from kdump_mkinitrd import cli, config
 from kdump_mkinitrd.image.inputs import read_record, record_path
 from tests.conftest import Kernel
+from tests.test_packaging import shipped_files
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM = REPO / "system"
@@ -805,27 +806,38 @@ def test_make_install_lays_out_the_tree(tmp_path: Path) -> None:
         "usr/lib/systemd/system/kdump-mkinitrd.service": 0o644,
         "usr/share/man/man8/kdump-mkinitrd.8": 0o644,
         "usr/share/man/man5/kdump-mkinitrd.yaml.5": 0o644,
-        "usr/lib/kdump-mkinitrd/builder/cli.py": 0o644,
+        "usr/lib/kdump-mkinitrd/kdump_mkinitrd/cli.py": 0o644,
         "usr/lib/kdump-mkinitrd/modules.d/base/module.yaml": 0o644,
         "usr/lib/kdump-mkinitrd/templates/init.sh.j2": 0o644,
     }
     assert {name: _mode(dest / name) for name in expected} == expected
+    # As the Makefile's comment lays it out: the package as kdump_mkinitrd (builder/ without the
+    # QEMU test harness), modules.d and templates beside it.
     lib = dest / "usr/lib/kdump-mkinitrd"
-    source_files = {
-        p.relative_to(REPO)
-        for top in ("builder", "modules.d", "templates")
-        for p in (REPO / top).rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
-    }
-    installed = {p.relative_to(lib) for p in lib.rglob("*") if p.is_file()}
-    assert installed == source_files
+    installed = {p.relative_to(lib).as_posix() for p in lib.rglob("*") if p.is_file()}
+    assert installed == shipped_files("modules.d", "templates")
+    assert {p.name for p in lib.iterdir()} == {"kdump_mkinitrd", "modules.d", "templates"}
+    assert not [p for p in dest.rglob("*") if "qemutest" in p.name]
+    # No test server either (the test sshd once lived in the production sshsetup.py).
+    servers = re.compile(r"^class \w*(Server|Sshd)\b|sshd_config|ganesha", re.M)
+    assert not [p for p in lib.rglob("*.py") if servers.search(p.read_text())]
     for path in dest.rglob("*"):
         if path.is_file():
             assert "@BINDIR@" not in path.read_text(errors="replace"), path
             assert "@PKGLIBDIR@" not in path.read_text(errors="replace"), path
-    launcher = (dest / "usr/bin/kdump-mkinitrd").read_text().splitlines()
-    assert launcher[0] == f"#!{sys.executable} -I"
-    assert 'sys.path.insert(0, "/usr/lib/kdump-mkinitrd")' in launcher
+    launcher = (dest / "usr/bin/kdump-mkinitrd").read_text()
+    assert launcher.splitlines()[0] == f"#!{sys.executable} -I"
+    assert 'sys.path.insert(0, "/usr/lib/kdump-mkinitrd")' in launcher.splitlines()
+    # The launcher runs the staged tree once pointed at it. Its qemu-test finds no harness,
+    # which the checkout (in this venv, editable) has: the staged tree is what ran.
+    staged = tmp_path / "kdump-mkinitrd"
+    staged.write_text(launcher.replace('"/usr/lib/kdump-mkinitrd"', repr(str(lib))))
+    staged.chmod(0o755)
+    for args, code in ((["--help"], 0), (["qemu-test", "-k", "6.1.0-1-amd64"], 1)):
+        ran = subprocess.run([str(staged), *args], capture_output=True, text=True,
+                             timeout=TIMEOUT, check=False)  # fmt: skip
+        assert ran.returncode == code, ran.stderr
+    assert ran.stderr.startswith("kdump-mkinitrd: error: qemu-test needs the QEMU test harness")
     unit = _unit_entries((dest / "usr/lib/systemd/system/kdump-mkinitrd.service").read_text())
     assert unit["Service.ExecStart"] == ["/usr/bin/kdump-mkinitrd register"]
     assert (
@@ -883,7 +895,8 @@ def test_installed_command_runs_from_its_own_tree(tmp_path: Path, kernel61: Kern
         ran = run(*args)
         assert ran.returncode == 0, ran.stderr
         assert ran.stdout.startswith("usage: kdump-mkinitrd")
-    # Which `builder` did the launcher import? (The venv also has the source tree, editable.)
+    assert run("qemu-test").stderr.startswith("kdump-mkinitrd: error: qemu-test needs the QEMU")
+    # Which kdump_mkinitrd did the launcher import? (The venv also has the checkout, editable.)
     probe = (
         "import runpy, sys\n"
         f"sys.argv = [{str(command)!r}, '--help']\n"
@@ -891,7 +904,7 @@ def test_installed_command_runs_from_its_own_tree(tmp_path: Path, kernel61: Kern
         f"    runpy.run_path({str(command)!r}, run_name='__main__')\n"
         "except SystemExit:\n"
         "    pass\n"
-        "print(sys.modules['builder'].__file__, file=sys.stderr)\n"
+        "print(sys.modules['kdump_mkinitrd'].__file__, file=sys.stderr)\n"
     )
     where = subprocess.run(
         [sys.executable, "-I", "-c", probe],
@@ -900,7 +913,7 @@ def test_installed_command_runs_from_its_own_tree(tmp_path: Path, kernel61: Kern
         timeout=TIMEOUT,
         check=False,
     )
-    assert where.stderr.strip() == str(prefix / "lib/kdump-mkinitrd/builder/__init__.py")
+    assert where.stderr.strip() == str(prefix / "lib/kdump-mkinitrd/kdump_mkinitrd/__init__.py")
     # A real build with the installed tree: its feature modules and templates are found.
     image = tmp_path / "kdump.img"
     config_file = tmp_path / "kdump.yaml"
@@ -930,4 +943,4 @@ def test_installed_command_runs_from_its_own_tree(tmp_path: Path, kernel61: Kern
     assert str(installed / "templates/init.sh.j2") in recorded["inputs"]
     source_tree = tuple(str(REPO / top) + "/" for top in ("builder", "modules.d", "templates"))
     assert not [name for name in recorded["inputs"] if name.startswith(source_tree)]
-    assert str(installed / "builder/cli.py") in recorded["inputs"]
+    assert str(installed / "kdump_mkinitrd/cli.py") in recorded["inputs"]

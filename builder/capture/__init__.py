@@ -1,1 +1,2 @@
-"""Capture-stage code run inside the kdump initramfs: imports only os, struct, sys, time, errno."""
+"""Capture-stage code run inside the kdump initramfs: it imports only os, struct, sys, time
+and hashlib."""

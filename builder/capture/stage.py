@@ -12,13 +12,13 @@ Imports are kept to os, struct, sys, time and hashlib: every module costs crash-
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
 
 from .dmesg import extract_dmesg
 from .elfdump import write_elf_dump
+from .filedigest import sha256_file
 from .vmcore import Vmcore, VmcoreError
 from .vmcore_json import base_record
 
@@ -87,17 +87,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while chunk := os.read(fd, 4 << 20):
-            digest.update(chunk)
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
 
 
 def _run(argv: list[str]) -> int:
@@ -199,7 +188,7 @@ def capture(args: dict[str, str], console: Console) -> dict[str, object]:
     _fsync_dir(directory)
     lap("dump")
     record["vmcore_size"] = os.stat(final).st_size
-    record["sha256"] = _sha256(final)
+    record["sha256"] = sha256_file(final)
     lap("hash")
     record["timings"] = timings
     # Under its final name only when whole: a record is never half-written JSON.

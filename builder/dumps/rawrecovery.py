@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdump_mkinitrd.capture.filedigest import sha256_file
 from kdump_mkinitrd.capture.vmcore import Vmcore, VmcoreError
 from kdump_mkinitrd.capture.vmcore_json import base_record
 from kdump_mkinitrd.config import DEFAULT_RECOVER_TO, Target
@@ -91,14 +92,6 @@ def _unflatten(device: Path, offset: int, out: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _safe_name(value: str) -> str:
     """A header field as one path component: the header comes from a device, and nothing in
     it may name a folder outside the one the dump is recovered into."""
@@ -140,7 +133,7 @@ def _record(header: RawHeader, device: Path, vmcore: Path) -> dict[str, object]:
     record["dump_level"] = int(level) if level.isdigit() else 0
     record["kernel_release"] = header.fields.get("kernel_release", "")
     record["vmcore_size"] = vmcore.stat().st_size
-    record["sha256"] = _sha256(vmcore)
+    record["sha256"] = sha256_file(vmcore)
     record["crash_time"] = None if flattened else _crash_time(vmcore)
     record["recovered_from"] = str(device)
     return record

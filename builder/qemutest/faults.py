@@ -9,7 +9,6 @@ QEMU) or asked for on the capture kernel's command line, which only the harness 
 from __future__ import annotations
 
 import calendar
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from kdump_mkinitrd.capture.filedigest import sha256_file
 from kdump_mkinitrd.capture.testswitches import KILL_SWITCH, OOM_SWITCH
 from kdump_mkinitrd.capture.vmcore_json import base_record
 from kdump_mkinitrd.config import Config, Target
@@ -124,10 +124,6 @@ FAULTS = {f.name: f for f in (
 )}  # fmt: skip
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _ext4_with(target: Target, disk: Path, seed: Path, fault: Fault) -> None:
     """The target's ext4 made again (same UUID or LABEL, no blocks reserved) with the tree
     `seed` in it: mkfs.ext4 -d copies it in."""
@@ -164,10 +160,10 @@ def _plant(folder: Path, hostname: str | None, when: str) -> str:
         record = base_record("python", hostname, "planted by qemu-test")
         record.update(collector="makedumpfile", format="kdump-compressed", dump_level=31,
                       kernel_release="6.1.0-56-amd64", vmcore_size=vmcore.stat().st_size,
-                      sha256=_digest(vmcore),
+                      sha256=sha256_file(vmcore),
                       crash_time=calendar.timegm(time.strptime(when, STAMP)))  # fmt: skip
         (folder / "vmcore.json").write_text(json.dumps(record, indent=2) + "\n")
-    return _digest(vmcore)
+    return sha256_file(vmcore)
 
 
 @dataclass(frozen=True)
@@ -220,13 +216,13 @@ def _disk_full(setup: Setup) -> dict[str, str]:
     earlier = setup.crash_dir / EARLIER
     earlier.mkdir(parents=True, exist_ok=True, mode=0o700)
     (earlier / "vmcore").write_bytes(os.urandom(2 * 2**20))
-    (earlier / "vmcore.json").write_text(json.dumps({"sha256": _digest(earlier / "vmcore")}))
+    (earlier / "vmcore.json").write_text(json.dumps({"sha256": sha256_file(earlier / "vmcore")}))
     with setup.disk.open("wb") as f:
         f.truncate(40 * 2**20)
     setup.ext4()
     (setup.seed / "filler").write_bytes(b"\xff" * (_free_bytes(setup.disk) - DISK_FULL_ROOM))
     setup.ext4()
-    return {"earlier_sha256": _digest(earlier / "vmcore"), "free": str(_free_bytes(setup.disk))}
+    return {"earlier_sha256": sha256_file(earlier / "vmcore"), "free": str(_free_bytes(setup.disk))}
 
 
 def _second_crash(setup: Setup) -> dict[str, str]:
@@ -305,10 +301,7 @@ def after_crash(fault: Fault, crash: int, disks: list[Path], facts: dict[str, st
 
 def _raw_digest(disk: Path) -> str:
     """The raw target's header, kernel log and first 64 MiB of dump, as bytes."""
-    digest = hashlib.sha256()
-    with disk.open("rb") as f:
-        digest.update(f.read(65 * 2**20))
-    return digest.hexdigest()
+    return sha256_file(disk, limit=65 * 2**20)
 
 
 def _dump_dirs(out: Path, target: int = 0) -> list[Path]:
@@ -345,7 +338,7 @@ def check(fault: Fault, logs: list[str], out: Path, facts: dict[str, str],
                f"{facts['free']} bytes free")  # fmt: skip
         earlier = [d for d in dumps if d.name == EARLIER]
         check_("earlier_dump_intact", bool(earlier) and
-               _digest(earlier[0] / "vmcore") == facts["earlier_sha256"])  # fmt: skip
+               sha256_file(earlier[0] / "vmcore") == facts["earlier_sha256"])  # fmt: skip
         new = [d for d in dumps if d.name != EARLIER]
         check_("new_dump_dir_made", len(new) == 1)
         names = {p.name for p in new[0].iterdir()} if new else set()
@@ -423,7 +416,7 @@ def _check_foreign_dumps(log: str, out: Path, facts: dict[str, str], report: Che
     report.check("this_hosts_oldest_removed", facts["removed"] not in left, str(sorted(left)))
     report.check("the_others_kept", kept <= set(left), str(sorted(kept - set(left))))
     changed = [n for n in kept if n in left and planted[n]
-               and _digest(left[n] / "vmcore") != planted[n]]  # fmt: skip
+               and sha256_file(left[n] / "vmcore") != planted[n]]  # fmt: skip
     report.check("the_others_untouched", not changed, str(changed))
     new = [d for name, d in left.items() if name not in planted]
     saved = len(new) == 1 and (new[0] / "vmcore").is_file()

@@ -8,7 +8,6 @@ and asks makedumpfile, an independent reader, for the same panic line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -26,6 +25,7 @@ from typing import Any
 
 from kdump_mkinitrd import config as config_mod
 from kdump_mkinitrd.arming.sshsetup import ensure_key
+from kdump_mkinitrd.capture.filedigest import sha256_file
 from kdump_mkinitrd.capture.vmcore_json import problems
 from kdump_mkinitrd.config import Config, Target
 from kdump_mkinitrd.dumps import rawrecovery as raw
@@ -342,14 +342,6 @@ def _read_back(options: Options, config: Config, workdir: Path, disks: list[Path
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_dump(dump: Path, report: Report) -> None:
     """Every check the issue names, against one dump directory copied out of the guest."""
     report.dump_dir = str(dump)
@@ -374,7 +366,7 @@ def verify_dump(dump: Path, report: Report) -> None:
     # One schema for every writer (builder/capture/vmcore_json.py).
     report.check("vmcore_json_schema", not problems(record), "; ".join(problems(record)))
     report.check("json_size_matches", record.get("vmcore_size") == report.vmcore_size)
-    report.check("json_sha256_matches", record.get("sha256") == _sha256(vmcore))
+    report.check("json_sha256_matches", record.get("sha256") == sha256_file(vmcore))
     dmesg = dump / "vmcore-dmesg.txt"
     # A static image without makedumpfile copies /proc/vmcore with dd and has no log reader.
     if record.get("collector") != "dd":

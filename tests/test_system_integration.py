@@ -771,6 +771,17 @@ def test_man_pages_cover_the_commands_and_the_config_schema() -> None:
         assert re.search(rf"^\.B {key}$", man5, re.M), f"config key {key} is not documented"
 
 
+def test_man_page_lists_every_fault() -> None:
+    from kdump_mkinitrd.qemutest.faults import FAULTS
+
+    man8 = MAN8.read_text()
+    for fault in FAULTS.values():
+        name = re.escape(fault.name.replace("-", chr(92) + "-"))
+        assert re.search(rf"^\.BR? {name}\b", man8, re.M), (
+            f"--fault {fault.name} is not in the man page"
+        )
+
+
 # ---- make install -------------------------------------------------------------------------
 
 

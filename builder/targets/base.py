@@ -98,8 +98,9 @@ class Target:
         return cls(**{f.name: values[f.name] for f in fields(cls)})
 
     def hostonly_device(self) -> tuple[str, str] | None:
-        """(key, device spec) whose drivers host-only detection finds from sysfs."""
-        return None
+        """(key, device spec) whose drivers host-only detection finds from sysfs: the device
+        of a type that takes one."""
+        return ("device", self.device) if self.device else None
 
     def hostonly_server(self) -> tuple[str, str] | None:
         """(key, host) whose route host-only detection follows to the NIC and its drivers."""

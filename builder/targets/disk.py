@@ -23,6 +23,3 @@ class DiskTarget(Target):
         cls.require(checker, key, values, "fstype", " (ext4, xfs or btrfs)")
         check_device(checker, f"{key}.device", values["device"])
         check_mount_options(checker, f"{key}.mount_options", values["mount_options"])
-
-    def hostonly_device(self) -> tuple[str, str] | None:
-        return ("device", self.device) if self.device else None

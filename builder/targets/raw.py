@@ -29,6 +29,3 @@ class RawTarget(Target):
     def check(cls, checker: Checker, key: str, values: dict[str, Any]) -> None:
         cls.require(checker, key, values, "device")
         check_device(checker, f"{key}.device", values["device"])
-
-    def hostonly_device(self) -> tuple[str, str] | None:
-        return ("device", self.device) if self.device else None

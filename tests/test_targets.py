@@ -60,6 +60,20 @@ def test_every_type_has_its_feature_folder_and_template(name: str) -> None:
     assert ("/lib/kdump/hooks/20-network.sh" in rendered) == target.network
 
 
+def test_feature_modules_serve_the_types_that_use_them(tmp_path: Path) -> None:
+    """network and python-stage name no type: each type lists them in `uses`."""
+    features = discover()
+    for feature in ("network", "python-stage"):
+        users = {n for n, kind in TYPES.items() if feature in kind.uses}
+        assert features[feature].used_by_targets and users
+        config = parse("targets:\n" + "".join(f"  - {EXAMPLES[n]}\n" for n in TYPES), "k.yaml")
+        assert {t.type for t in features[feature].targets(config)} == users
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/module.yaml").write_text("name: mine\nwhen: {used_by_targets: yes please}\n")
+    with pytest.raises(KdumpError, match="'when: used_by_targets' must be true or false"):
+        discover((tmp_path,))
+
+
 def test_foreign_keys_name_the_type_that_takes_them() -> None:
     for name, kind in TYPES.items():
         for key, spec in kind.schema.items():

@@ -215,6 +215,8 @@ def _load(folder: Path) -> Feature:
     when = data.get("when") or {"always": True}
     if not isinstance(when, dict) or set(when) - _WHEN_KEYS:
         raise _fail(manifest, f"'when' takes only {sorted(_WHEN_KEYS)}")
+    if not isinstance(when.get("used_by_targets", False), bool):
+        raise _fail(manifest, "'when: used_by_targets' must be true or false")
     nodes = tuple(_node(manifest, n) for n in data.get("nodes") or [])
     templates = []
     for t in data.get("templates") or []:
@@ -231,7 +233,7 @@ def _load(folder: Path) -> Feature:
         depends=_str_list(manifest, data, "depends"),
         always=bool(when.get("always", False)),
         target_types=_str_list(manifest, when, "target_types"),
-        used_by_targets=when.get("used_by_targets") is True,
+        used_by_targets=when.get("used_by_targets", False),
         when_stage=_str_list(manifest, when, "stage"),
         when_collector=_str_list(manifest, when, "collector"),
         kernel_modules=_entries(manifest, data, "kernel_modules"),

@@ -15,6 +15,7 @@ from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.qemutest.nfsserver import TestNfsServer
 from kdump_mkinitrd.qemutest.run import Options, run_qemu_test
+from kdump_mkinitrd.targets.nfs import NfsTarget
 from tests.conftest import QEMU_TEST_ACTIONS, Kernel, run_qemu_test_for
 
 
@@ -134,6 +135,7 @@ def test_nfs_config_errors_name_the_key(target: str, message: str) -> None:
 def test_nfs_target_fields() -> None:
     config = parse("targets:\n  - {type: nfs, export: 'nas.example:/srv/crash'}\n", "k.yaml")
     target = config.targets[0]
+    assert isinstance(target, NfsTarget)
     assert (target.nfs_server, target.nfs_path, target.path) == (
         "nas.example", "/srv/crash", "/var/crash",
     )  # fmt: skip

@@ -19,6 +19,7 @@ from kdump_mkinitrd.cli import main
 from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.dumps import rawrecovery as raw
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.targets.raw import RawTarget
 from tests.conftest import REPO
 from tests.test_raw_target import HOSTNAME, run_capture, vmcore, work  # noqa: F401
 
@@ -201,4 +202,5 @@ def test_recover_to_is_validated(target: str, message: str) -> None:
 
 def test_recover_to_defaults_to_var_crash() -> None:
     config = parse("targets:\n  - {type: raw, device: /dev/vdb}\n", "raw.yaml")
-    assert config.targets[0].recover_to == "/var/crash"
+    target = config.targets[0]
+    assert isinstance(target, RawTarget) and target.recover_to == "/var/crash"

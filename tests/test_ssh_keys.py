@@ -16,9 +16,10 @@ from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.build import BuildRequest, build
 from kdump_mkinitrd.image.inspect_image import LoadedImage, load_image
 from kdump_mkinitrd.image.render import render
-from kdump_mkinitrd.image.sshkeys import image_files, image_paths, pinned_lines
 from kdump_mkinitrd.paths import MODULES_DIR
 from kdump_mkinitrd.qemutest.sshd import TestServer
+from kdump_mkinitrd.targets import image_files
+from kdump_mkinitrd.targets.sshkeys import image_paths, pinned_lines
 from tests.conftest import Kernel
 
 

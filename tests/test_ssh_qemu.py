@@ -17,8 +17,9 @@ from kdump_mkinitrd.cli import main
 from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.inspect_image import load_image
-from kdump_mkinitrd.image.sshkeys import image_paths
 from kdump_mkinitrd.qemutest.sshd import TestServer
+from kdump_mkinitrd.targets.ssh import SshTarget
+from kdump_mkinitrd.targets.sshkeys import image_paths
 from tests.conftest import Kernel, run_qemu_test_for
 
 CLIENT_PROGRAMS = {"openssh": "ssh", "dropbear": "dbclient"}
@@ -60,6 +61,7 @@ SSH = "targets:\n  - {type: ssh, host: kdump@backup.example, path: /srv/crash}\n
 def test_ssh_target_defaults() -> None:
     config = parse(SSH, "k.yaml")
     target = config.targets[0]
+    assert isinstance(target, SshTarget)
     assert (target.host, target.port, target.path) == ("kdump@backup.example", 22, "/srv/crash")
     # The documented defaults (README, kdump-mkinitrd.yaml(5)), where ssh-setup writes.
     assert (target.identity, target.known_hosts) == (

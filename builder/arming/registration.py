@@ -183,10 +183,7 @@ def status(config_loader: Any) -> tuple[int, dict[str, Any]]:
                                    hostonly=loaded.hostonly)  # fmt: skip
             info["stale_because"] = stale_reasons(config, request)
             manifest = read_manifest(image)
-            info["targets"] = [
-                f"{t.type}:{t.device or ''}{t.path if t.type == 'disk' else ''}"
-                for t in config.targets
-            ]
+            info["targets"] = [t.name for t in config.targets]
             info["image_features"] = [f["name"] for f in manifest.get("features", [])]
         except KdumpError as exc:
             info["stale_because"] = [str(exc)]

@@ -13,8 +13,13 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdump_mkinitrd.config import SSH_IDENTITY, SSH_KNOWN_HOSTS
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.targets.sshkeys import (
+    SSH_IDENTITY,
+    SSH_KNOWN_HOSTS,
+    known_hosts_name,
+    split_destination,
+)
 
 
 @dataclass
@@ -47,16 +52,6 @@ def ensure_key(path: Path, comment: str = "kdump-mkinitrd") -> bool:
         raise KdumpError(f"ssh-keygen could not create {path}: {proc.stderr.strip()}")
     path.chmod(0o600)
     return True
-
-
-def split_destination(destination: str) -> tuple[str | None, str]:
-    user, _, host = destination.rpartition("@")
-    return (user or None), host
-
-
-def known_hosts_name(host: str, port: int) -> str:
-    """How ssh looks a host up in known_hosts: `host`, or `[host]:port` off port 22."""
-    return host if port == 22 else f"[{host}]:{port}"
 
 
 def scan_host_keys(host: str, port: int, timeout: int = 10) -> list[str]:

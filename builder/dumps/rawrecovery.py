@@ -20,10 +20,11 @@ from pathlib import Path
 from kdump_mkinitrd.capture.filedigest import sha256_file
 from kdump_mkinitrd.capture.vmcore import Vmcore, VmcoreError
 from kdump_mkinitrd.capture.vmcore_json import base_record
-from kdump_mkinitrd.config import DEFAULT_RECOVER_TO, Target
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan.hostonly import device_node
 from kdump_mkinitrd.output import fsync_dir, write_atomic
+from kdump_mkinitrd.targets import Target
+from kdump_mkinitrd.targets.raw import RawTarget
 
 MAGIC = "KDUMP-MKINITRD-RAW 1"
 HEADER_SIZE = 4096
@@ -213,10 +214,10 @@ def recover_targets(targets: Iterable[Target], dev: Path = Path("/dev")) -> list
     overwrite a complete dump nobody recovered). Incomplete dumps are left for the admin."""
     done = []
     for target in targets:
-        if target.type != "raw" or not target.device:
+        if not isinstance(target, RawTarget) or not target.device:
             continue
         node = device_node(target.device, dev)
-        parent = Path(target.recover_to or DEFAULT_RECOVER_TO)
+        parent = Path(target.recover_to)
         if not node.exists():
             done.append(Recovery(target.name, True, f"{node} is not there: nothing recovered"))
             continue

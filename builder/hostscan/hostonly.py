@@ -98,16 +98,20 @@ def _block_device(sysdir: Path) -> Path:
 def target_modules(
     config: Config, dev: Path = Path("/dev"), sys_root: Path = Path("/sys")
 ) -> list[tuple[str, str]]:
-    """(module, why) for every local target; a target device missing here is an error."""
+    """(module, why) for every target with a device of its own; a target device missing here
+    is an error."""
     requests = []
     for i, target in enumerate(config.targets):
-        if target.type not in ("disk", "raw") or not target.device:
+        found = target.hostonly_device()
+        if found is None:
             continue
-        node = device_node(target.device, dev)
+        key, device = found
+        where = config.line_of(f"targets[{i}].{key}")
+        node = device_node(device, dev)
         if not node.exists():
             raise KdumpError(
-                f"{config.line_of(f'targets[{i}].device')}: --hostonly: target device "
-                f"{target.device} does not exist on this host ({node} is missing)"
+                f"{where}: --hostonly: target device {device} does not exist on this host "
+                f"({node} is missing)"
             )
         name = node.resolve().name
         sysdir = (sys_root / "class" / "block" / name).resolve()
@@ -115,13 +119,12 @@ def target_modules(
             raise KdumpError(
                 f"--hostonly: {node} ({name}) has no entry under {sys_root}/class/block"
             )
-        where = config.line_of(f"targets[{i}].device")
         stacked = stacked_kind(_block_device(sysdir))
         if stacked:
             # The capture init finds and mounts plain block devices only: assembling a
             # stack (dmsetup, mdadm, cryptsetup) in the capture kernel comes later.
             raise KdumpError(
-                f"{where}: --hostonly: target device {target.device} is {stacked}; "
+                f"{where}: --hostonly: target device {device} is {stacked}; "
                 "targets on device-mapper (LVM, LUKS), md RAID or loop devices are not "
                 "supported yet: dump to a plain disk or partition, a raw partition, nfs or ssh"
             )
@@ -129,12 +132,12 @@ def target_modules(
             # Silence here would give an image that waits device_timeout for a disk it has
             # no driver for.
             raise KdumpError(
-                f"{where}: --hostonly: target device {target.device} ({sysdir}): no driver is "
+                f"{where}: --hostonly: target device {device} ({sysdir}): no driver is "
                 "bound to it or to any device above it in sysfs, so the capture kernel could "
                 "not reach it; build with --no-hostonly and name its drivers in kernel_modules"
             )
-        for module, found in _modules_on_path(sysdir, sys_root):
-            requests.append((module, f"host-only: driver {found} for target {target.device}"))
+        for module, at in _modules_on_path(sysdir, sys_root):
+            requests.append((module, f"host-only: driver {at} for target {device}"))
     return requests
 
 
@@ -159,14 +162,13 @@ class NetworkPath:
 
 
 def network_servers(config: Config) -> list[tuple[str, str]]:
-    """(config key, host) for each network target: the host of an ssh target's user@host, the
-    server of an nfs target's server:/path."""
+    """(config key, host) for each network target: the server its type names (an ssh target's
+    user@host, an nfs target's server:/path)."""
     found = []
     for i, target in enumerate(config.targets):
-        if target.type == "ssh" and target.host:
-            found.append((f"targets[{i}].host", target.host.rpartition("@")[2]))
-        elif target.type == "nfs" and target.export:
-            found.append((f"targets[{i}].export", target.nfs_server))
+        server = target.hostonly_server()
+        if server is not None:
+            found.append((f"targets[{i}].{server[0]}", server[1]))
     return found
 
 

@@ -253,8 +253,9 @@ def assemble(
         add_feature_static(plan, feature, inputs.root)
     for extra in config.files:
         _copy_host_file(plan, inputs.root, extra.src, extra.dst, "config", "config key files")
-    for key in resolution.ssh_keys:
-        plan.file(key.path, "ssh", key.why, data=key.data, mode=0o600, origin=key.origin)
+    for made in resolution.target_files:
+        plan.file(made.path, made.feature, made.why, data=made.data, mode=made.mode,
+                  origin=made.origin)  # fmt: skip
     add_binaries(plan, resolution.busybox, resolution.binaries, inputs.root)
     add_modules(plan, resolution.modules, inputs.kver)
     _add_firmware(plan, resolution)

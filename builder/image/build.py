@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdump_mkinitrd import targets
 from kdump_mkinitrd.config import Config, require_targets
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan import hostonly
@@ -250,7 +251,8 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
     method, note = compress.choose(requested, kconfig)
     notes = [note] if note else []
     if capture.stage == "python" and not any(f.python_stage for f in features):
-        notes.append("no target here runs the Python stage (only disk and nfs targets do), "
+        runners = " and ".join(n for n, t in targets.TYPES.items() if "python-stage" in t.uses)
+        notes.append(f"no target here runs the Python stage (only {runners} targets do), "
                      "so the image has no interpreter")  # fmt: skip
     raw, image = write_image(entries, method, request.output, lap)
     inputs.write_record(

@@ -22,7 +22,7 @@ _KEYS = {
     "name", "description", "depends", "when", "kernel_modules", "binaries", "files",
     "directories", "nodes", "host_symlinks", "templates", "python_stage",
 }  # fmt: skip
-_WHEN_KEYS = {"always", "target_types", "stage", "collector"}
+_WHEN_KEYS = {"always", "target_types", "used_by_targets", "stage", "collector"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class Feature:
     depends: tuple[str, ...]
     always: bool
     target_types: tuple[str, ...]
+    used_by_targets: bool  # serves the targets whose type lists it in `uses` (network)
     when_stage: tuple[str, ...]
     when_collector: tuple[str, ...]
     # Each may hang on a condition; kernel modules may hold `{target.FIELD}` placeholders.
@@ -86,14 +87,18 @@ class Feature:
     python_stage: str | None  # entry module of a Python stage this feature packs
 
     def targets(self, config: Config) -> tuple[Target, ...]:
-        return tuple(t for t in config.targets if t.type in self.target_types)
+        return tuple(
+            t
+            for t in config.targets
+            if t.type in self.target_types or (self.used_by_targets and self.name in t.uses)
+        )
 
     def applies(self, config: Config, stage: str, collector: str) -> bool:
         """`when` keys all have to hold; `always` alone means unconditionally."""
         if self.always:
             return True
         checks = []
-        if self.target_types:
+        if self.target_types or self.used_by_targets:
             checks.append(bool(self.targets(config)))
         if self.when_stage:
             checks.append(stage in self.when_stage)
@@ -210,6 +215,8 @@ def _load(folder: Path) -> Feature:
     when = data.get("when") or {"always": True}
     if not isinstance(when, dict) or set(when) - _WHEN_KEYS:
         raise _fail(manifest, f"'when' takes only {sorted(_WHEN_KEYS)}")
+    if not isinstance(when.get("used_by_targets", False), bool):
+        raise _fail(manifest, "'when: used_by_targets' must be true or false")
     nodes = tuple(_node(manifest, n) for n in data.get("nodes") or [])
     templates = []
     for t in data.get("templates") or []:
@@ -226,6 +233,7 @@ def _load(folder: Path) -> Feature:
         depends=_str_list(manifest, data, "depends"),
         always=bool(when.get("always", False)),
         target_types=_str_list(manifest, when, "target_types"),
+        used_by_targets=when.get("used_by_targets", False),
         when_stage=_str_list(manifest, when, "stage"),
         when_collector=_str_list(manifest, when, "collector"),
         kernel_modules=_entries(manifest, data, "kernel_modules"),

@@ -15,7 +15,7 @@ from kdump_mkinitrd.hostscan.elfdeps import BinaryClosure, ElfResolver
 from kdump_mkinitrd.hostscan.firmware import FirmwareSet, resolve_firmware
 from kdump_mkinitrd.hostscan.kmod import ModuleClosure, ModuleIndex
 from kdump_mkinitrd.image.features import Feature
-from kdump_mkinitrd.image.sshkeys import KeyFile, image_files
+from kdump_mkinitrd.targets import ImageFile, image_files
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Resolution:
     firmware: FirmwareSet
     binaries: dict[str, BinaryClosure]  # by the feature (or "config") that asked
     busybox: Busybox
-    ssh_keys: tuple[KeyFile, ...] = ()
+    target_files: tuple[ImageFile, ...] = ()  # made by the target types from host files
 
 
 def _makedumpfile_compression(binary: Path, wanted: str) -> str:

@@ -27,7 +27,7 @@ from kdump_mkinitrd import config as config_mod
 from kdump_mkinitrd.arming.sshsetup import ensure_key
 from kdump_mkinitrd.capture.filedigest import sha256_file
 from kdump_mkinitrd.capture.vmcore_json import problems
-from kdump_mkinitrd.config import Config, Target
+from kdump_mkinitrd.config import Config
 from kdump_mkinitrd.dumps import rawrecovery as raw
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.build import BuildRequest, build
@@ -37,6 +37,9 @@ from kdump_mkinitrd.qemutest.guest_images import host_root_image, utility_image
 from kdump_mkinitrd.qemutest.nfsserver import TestNfsServer
 from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
 from kdump_mkinitrd.qemutest.sshd import TestServer
+from kdump_mkinitrd.targets import Target
+from kdump_mkinitrd.targets.nfs import NfsTarget
+from kdump_mkinitrd.targets.ssh import SshTarget
 
 PANIC_LINE = "sysrq: Trigger a crash"
 # What a capture kernel wants on its command line (issue: register builds this from the host's).
@@ -470,7 +473,7 @@ def _check_targets(options: Options, config: Config, config_path: Path, servers:
     """Every network target must name the server qemu-test started, so the guest never
     reaches anything else."""
     for i, target in enumerate(config.targets):
-        if target.type in ("disk", "raw"):
+        if not target.network:
             continue
         if target.type != options.target:
             raise KdumpError(
@@ -479,19 +482,16 @@ def _check_targets(options: Options, config: Config, config_path: Path, servers:
                 "or --target nfs"
             )
         if (
-            target.type == "ssh"
+            isinstance(target, SshTarget)
             and servers.ssh is not None
-            and (
-                (target.host or "").rpartition("@")[2] != GUEST_HOST
-                or target.port != servers.ssh.port
-            )
+            and (target.host.rpartition("@")[2] != GUEST_HOST or target.port != servers.ssh.port)
         ):
             raise KdumpError(
                 f"{config_path}: targets[{i}]: qemu-test --target ssh reaches only its own "
                 "server: use host @SSH_HOST@ and port @SSH_PORT@"
             )
         if (
-            target.type == "nfs"
+            isinstance(target, NfsTarget)
             and servers.nfs is not None
             and (target.export != f"{GUEST_HOST}:{servers.nfs.export}")
         ):
@@ -505,9 +505,9 @@ def _check_targets(options: Options, config: Config, config_path: Path, servers:
 
 def _dump_parent(target: Target, out: Path) -> Path:
     """Where a target's dump directories are on the host after the run."""
-    if target.type == "ssh":
+    if isinstance(target, SshTarget):
         return Path(target.path)
-    if target.type == "nfs":  # the test server exports its own folder, root not squashed
+    if isinstance(target, NfsTarget):  # the test server exports its own folder, root not squashed
         return Path(target.nfs_path + target.path)
     return out
 
@@ -553,7 +553,7 @@ def run_qemu_test(options: Options) -> Report:
 
 def _with_machine_drivers(config: Config) -> tuple[Config, list[str]]:
     """The config with the drivers of QEMU's virtual hardware added; which it lacked."""
-    network = any(t.type in config_mod.NETWORK_TARGET_TYPES for t in config.targets)
+    network = any(t.network for t in config.targets)
     wanted = [*MACHINE_DRIVERS, *([MACHINE_NIC_DRIVER] if network else [])]
     added = [name for name in wanted if name not in config.kernel_modules]
     return replace(config, kernel_modules=(*config.kernel_modules, *added)), added
@@ -622,17 +622,18 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
     disks = [workdir / f"target{i}.img" for i in range(len(config.targets))]
     for target, disk in zip(config.targets, disks, strict=True):
         # A network target gets a tiny placeholder so that disk names stay in config order.
-        network_target = target.type in config_mod.NETWORK_TARGET_TYPES
+        network_target = target.network
         _make_disk(disk, target, 1 if network_target else _disk_size_mb(options))
     fault = faults.FAULTS[options.fault] if options.fault else None
     facts = faults.prepare(fault, config, disks, workdir) if fault else {}
     network: tuple[str, ...] = ()
-    if any(t.type in config_mod.NETWORK_TARGET_TYPES for t in config.targets):
+    if any(t.network for t in config.targets):
         network = DEAD_NETWORK if options.fault == "net-down" else NETWORK
     if fault is not None and fault.targets != ("disk",):
         servers.break_for(fault)
         # The log line a fault leaves can depend on the ssh client: "ssh/dropbear".
-        client = config.targets[0].client
+        first = config.targets[0]
+        client = first.client if isinstance(first, SshTarget) else None
         facts |= {
             "target": options.target + (f"/{client}" if client else ""),
             "server_dumps": str(servers.dumps),

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdump_mkinitrd.arming.sshsetup import ensure_key, known_hosts_name
+from kdump_mkinitrd.arming.sshsetup import ensure_key
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.targets.sshkeys import known_hosts_name
 
 SSHD = Path("/usr/sbin/sshd")
 

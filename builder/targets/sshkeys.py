@@ -17,20 +17,30 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kdump_mkinitrd.arming.sshsetup import known_hosts_name, split_destination
-from kdump_mkinitrd.config import SSH_DIR, Config, Target
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.targets.base import ImageFile
+
+if TYPE_CHECKING:
+    from kdump_mkinitrd.config import Config
+    from kdump_mkinitrd.targets.ssh import SshTarget
+
+# Where `ssh-setup` keeps the key and the pinned host keys, and where the image holds them.
+SSH_DIR = "/etc/kdump-mkinitrd/ssh"
+SSH_IDENTITY = f"{SSH_DIR}/id_ed25519"
+SSH_KNOWN_HOSTS = f"{SSH_DIR}/known_hosts"
 
 
-@dataclass(frozen=True)
-class KeyFile:
-    path: str  # in the image
-    data: bytes
-    origin: Path  # the host file it was made from
-    why: str
+def split_destination(destination: str) -> tuple[str | None, str]:
+    user, _, host = destination.rpartition("@")
+    return (user or None), host
+
+
+def known_hosts_name(host: str, port: int) -> str:
+    """How ssh looks a host up in known_hosts: `host`, or `[host]:port` off port 22."""
+    return host if port == 22 else f"[{host}]:{port}"
 
 
 def image_paths(index: int) -> tuple[str, str]:
@@ -118,8 +128,8 @@ def _dropbear_key(config: Config, index: int, source: Path) -> bytes:
         return out.read_bytes()
 
 
-def _target_files(config: Config, index: int, target: Target, root: Path) -> list[KeyFile]:
-    assert target.identity and target.known_hosts and target.port and target.client
+def target_files(config: Config, index: int, target: SshTarget, root: Path) -> list[ImageFile]:
+    """The key and pinned host keys of ssh target `index`, ready for the image (mode 0600)."""
     key_path, hosts_path = image_paths(index)
     identity = root / target.identity.lstrip("/")
     known_hosts = root / target.known_hosts.lstrip("/")
@@ -127,7 +137,7 @@ def _target_files(config: Config, index: int, target: Target, root: Path) -> lis
     if target.client == "dropbear":
         key = _dropbear_key(config, index, identity)
     text = _read(config, index, "known_hosts", known_hosts).decode(errors="replace")
-    _, host = split_destination(target.host or "")
+    _, host = split_destination(target.host)
     lines = pinned_lines(text, host, target.port, target.client)
     if all(line.startswith("@revoked") for line in lines):  # none, or none that trusts
         raise KdumpError(
@@ -138,17 +148,7 @@ def _target_files(config: Config, index: int, target: Target, root: Path) -> lis
         )
     why = f"ssh target {index} ({target.client})"
     return [
-        KeyFile(key_path, key, identity, f"{why}: private key"),
-        KeyFile(hosts_path, "".join(f"{x}\n" for x in lines).encode(), known_hosts,
-                f"{why}: the pinned host keys, nothing else trusted"),
+        ImageFile(target.type, key_path, key, identity, f"{why}: private key", 0o600),
+        ImageFile(target.type, hosts_path, "".join(f"{x}\n" for x in lines).encode(),
+                  known_hosts, f"{why}: the pinned host keys, nothing else trusted", 0o600),
     ]  # fmt: skip
-
-
-def image_files(config: Config, root: Path = Path("/")) -> tuple[KeyFile, ...]:
-    """Every ssh target's key and pinned host keys, ready for the image (mode 0600)."""
-    return tuple(
-        f
-        for i, target in enumerate(config.targets)
-        if target.type == "ssh"
-        for f in _target_files(config, i, target, root)
-    )

@@ -19,6 +19,8 @@ from kdump_mkinitrd.hostscan import kernelfiles
 from kdump_mkinitrd.image.build import BuildRequest, build
 from kdump_mkinitrd.image.inspect_image import report, text
 from kdump_mkinitrd.paths import HARNESS_DIR
+from kdump_mkinitrd.targets.ssh import SSH_CLIENTS
+from kdump_mkinitrd.targets.sshkeys import SSH_IDENTITY, SSH_KNOWN_HOSTS
 
 DEFAULT_IMAGE_DIR = Path("/var/lib/kdump-mkinitrd")
 SUBCOMMANDS = (
@@ -132,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--ssh-client",
-        choices=config_mod.SSH_CLIENTS,
+        choices=SSH_CLIENTS,
         default="openssh",
         help="with --target ssh: the client the image dumps with (fills @SSH_CLIENT@)",
     )
@@ -145,14 +147,14 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument(
         "--key",
         type=Path,
-        default=Path(config_mod.SSH_IDENTITY),
-        help=f"private key (default {config_mod.SSH_IDENTITY}; made if missing)",
+        default=Path(SSH_IDENTITY),
+        help=f"private key (default {SSH_IDENTITY}; made if missing)",
     )
     h.add_argument(
         "--known-hosts",
         type=Path,
-        default=Path(config_mod.SSH_KNOWN_HOSTS),
-        help=f"pinned host keys (default {config_mod.SSH_KNOWN_HOSTS})",
+        default=Path(SSH_KNOWN_HOSTS),
+        help=f"pinned host keys (default {SSH_KNOWN_HOSTS})",
     )
     h.add_argument(
         "--no-install",

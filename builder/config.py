@@ -14,14 +14,8 @@ import yaml
 
 from kdump_mkinitrd import targets
 from kdump_mkinitrd.errors import KdumpError
-from kdump_mkinitrd.schema import Checker, Located
-from kdump_mkinitrd.schema import Field as Field
-from kdump_mkinitrd.targets import Target as Target
-
-# cli.py's ssh-setup and qemu-test options still read these here.
-from kdump_mkinitrd.targets.ssh import SSH_CLIENTS as SSH_CLIENTS
-from kdump_mkinitrd.targets.sshkeys import SSH_IDENTITY as SSH_IDENTITY
-from kdump_mkinitrd.targets.sshkeys import SSH_KNOWN_HOSTS as SSH_KNOWN_HOSTS
+from kdump_mkinitrd.schema import Checker, Field, Located
+from kdump_mkinitrd.targets import Target
 
 DEFAULT_PATH = Path("/etc/kdump-mkinitrd.yaml")
 
@@ -221,7 +215,8 @@ def _check_capture(checker: Checker, capture: dict[str, Any]) -> None:
 def _check_network(checker: Checker, net: dict[str, Any], has_network_target: bool) -> None:
     given = {k for k, v in net.items() if v not in (None, [], NETWORK_SCHEMA[k].default)}
     if given and not has_network_target:
-        raise checker.fail("network", "no target needs the network (ssh, nfs)")
+        needs = ", ".join(targets.network_types())
+        raise checker.fail("network", f"no target needs the network ({needs})")
     if net["interface"] is not None and net["mac"] is not None:
         raise checker.fail("network.mac", "give 'interface' or 'mac', not both")
     if net["interface"] is not None and not _IFNAME.fullmatch(net["interface"]):

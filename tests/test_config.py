@@ -18,12 +18,12 @@ from kdump_mkinitrd.config import (
     CaptureConfig,
     CmdlineConfig,
     CompressionConfig,
-    Field,
     NetworkConfig,
     load,
     parse,
 )
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.schema import Field
 
 GOOD = """\
 targets:

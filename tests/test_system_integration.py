@@ -24,6 +24,7 @@ import pytest
 
 from kdump_mkinitrd import cli, config
 from kdump_mkinitrd.image.inputs import read_record, record_path
+from kdump_mkinitrd.schema import Field
 from tests.conftest import Kernel
 from tests.test_packaging import shipped_files
 
@@ -732,7 +733,7 @@ def test_shell_script_syntax_and_mode(script: Path) -> None:
 # ---- the man pages ------------------------------------------------------------------------
 
 
-def _schema_keys(schema: Mapping[str, config.Field]) -> Iterator[str]:
+def _schema_keys(schema: Mapping[str, Field]) -> Iterator[str]:
     for name, field in schema.items():
         yield name
         nested = field.schema if field.schema is not None else field.items

@@ -13,10 +13,11 @@ from typing import Any
 
 import yaml
 
-from kdump_mkinitrd.config import CAPTURE_SCHEMA, NETWORK_SCHEMA, TARGET_SCHEMA, Config, Target
+from kdump_mkinitrd.config import CAPTURE_SCHEMA, NETWORK_SCHEMA, TARGET_SCHEMA, Config
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.cpio import Kind
 from kdump_mkinitrd.paths import MODULES_DIR, TEMPLATES_DIR
+from kdump_mkinitrd.targets import Target
 
 _KEYS = {
     "name", "description", "depends", "when", "kernel_modules", "binaries", "files",

@@ -22,12 +22,13 @@ from typing import Protocol
 from kdump_mkinitrd.capture.filedigest import sha256_file
 from kdump_mkinitrd.capture.testswitches import KILL_SWITCH, OOM_SWITCH
 from kdump_mkinitrd.capture.vmcore_json import base_record
-from kdump_mkinitrd.config import Config, Target
+from kdump_mkinitrd.config import Config
 from kdump_mkinitrd.dumps import rawrecovery as raw
 from kdump_mkinitrd.dumps.listing import list_dumps
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan.elfdeps import ElfResolver
 from kdump_mkinitrd.image.resolve import capture_settings
+from kdump_mkinitrd.targets import Target
 
 EARLIER = "earlier-2026-01-01-00:00:00"
 # disk-full: what the filesystem has left for the capture; any dump of a guest is larger.

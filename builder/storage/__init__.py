@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.schema import Checker, Field
 from kdump_mkinitrd.storage.base import REGISTERED, Layer
 
@@ -115,7 +116,7 @@ def walk(sysdir: Path) -> Stack:
             if found is None:
                 continue
             if depth >= MAX_DEPTH:
-                raise ValueError(f"storage stacked deeper than {MAX_DEPTH} layers at {whole}")
+                raise KdumpError(f"storage stacked deeper than {MAX_DEPTH} layers at {whole}")
             layer, below = found
             for lower in below:
                 visit(lower, depth + 1)

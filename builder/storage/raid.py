@@ -111,8 +111,10 @@ class RaidLayer(Layer):
             raise checker.fail(key, "a raid layer needs 'uuid' (mdadm's array UUID, as "
                                "`mdadm --detail DEVICE` shows it)")  # fmt: skip
         if not _UUID.fullmatch(uuid):
-            hint = (" (that is the kernel's or a filesystem's form; the array UUID is the one "
-                    "`mdadm --detail DEVICE` shows)" if _DASHED.fullmatch(uuid) else "")  # fmt: skip
+            hint = ""
+            if _DASHED.fullmatch(uuid):
+                hint = (" (that is the kernel's or a filesystem's form; the array UUID is the "
+                        "one `mdadm --detail DEVICE` shows)")  # fmt: skip
             raise checker.fail(
                 f"{key}.uuid",
                 f"expected mdadm's array UUID, 4 groups of 8 hex digits joined by ':'; "

@@ -91,11 +91,11 @@ def test_raid_item_errors_are_located(stack: str, key: str, message: str) -> Non
 
 
 def test_kernel_modules_follow_the_level() -> None:
-    assert RaidLayer(uuid=UUID, level="raid1").kernel_modules() == ("md_mod", "raid1")
-    assert RaidLayer(uuid=UUID, level="raid6").kernel_modules() == ("md_mod", "raid456")
-    assert RaidLayer(uuid=UUID, level="raid10").kernel_modules() == ("md_mod", "raid10")
+    assert RaidLayer(uuid=UUID, level="raid1").kernel_modules() == ("raid1",)
+    assert RaidLayer(uuid=UUID, level="raid6").kernel_modules() == ("raid456",)
+    assert RaidLayer(uuid=UUID, level="raid10").kernel_modules() == ("raid10",)
     # No array with this UUID on this host, and no level given: every level served.
-    assert RaidLayer(uuid=UUID).kernel_modules() == ("md_mod", *ANY_LEVEL)
+    assert RaidLayer(uuid=UUID).kernel_modules() == ANY_LEVEL
 
 
 def _layer(uuid: str, name: str, log: Path, timeout: int = 2) -> tuple[int, str]:
@@ -367,7 +367,7 @@ def test_detection_gives_the_layer_and_its_members(tmp_path: Path) -> None:
         assert sorted(below) == loops
         assert storage.walk(sysdir) == storage.Stack((layer,), tuple(below))
         # A config that names this array, built on this host, packs its personality only.
-        assert RaidLayer(uuid=uuid).kernel_modules() == ("md_mod", "raid1")
+        assert RaidLayer(uuid=uuid).kernel_modules() == ("raid1",)
         # A loop device is none of md's.
         assert RaidLayer.detect(loops[0]) is None
 

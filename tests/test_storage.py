@@ -44,6 +44,14 @@ def test_every_layer_type_has_its_feature_folder_and_shell_function() -> None:
         assert f"kdump_layer_{name}() {{" in hooks[0].src.read_text()
 
 
+def test_a_feature_module_names_known_layer_types(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/module.yaml").write_text("name: mine\nwhen: {layer_types: [lvmm]}\n")
+    with pytest.raises(KdumpError, match=r"'when: layer_types' names no storage layer type: "
+                       r"lvmm \(known: .*lvm"):  # fmt: skip
+        discover((tmp_path,))
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
@@ -170,28 +178,31 @@ def test_image_lvm_conf_is_valid_for_this_lvm(tmp_path: Path) -> None:
         assert setting in merged.replace(" ", ""), setting  # fmt: skip
 
 
-def _run_layer(config_text: str, script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """The rendered capture library and layer hooks under busybox sh, then `script`."""
+def run_layer(
+    config_text: str, script: str, tmp_path: Path, timeout: int = 2
+) -> subprocess.CompletedProcess[str]:
+    """The rendered capture library and layer hooks under busybox sh (DEVICE_TIMEOUT=timeout,
+    the image's lvm.conf), then `script`."""
     rendered = init_sandbox.render_image(parse(config_text, "k.yaml")).files
     (tmp_path / "lvm").mkdir(exist_ok=True)
     (tmp_path / "lvm" / "lvm.conf").write_text(rendered.get("/etc/lvm/lvm.conf", ""))
     hooks = "".join(text for path, text in sorted(rendered.items())
                     if path.startswith("/lib/kdump/hooks/30-"))  # fmt: skip
-    prelude = 'log() { echo "kdump: $*"; }\nDEVICE_TIMEOUT=2\n'
+    prelude = f'log() {{ echo "kdump: $*"; }}\nDEVICE_TIMEOUT={timeout}\n'
     body = f"{prelude}{hooks}\nKDUMP_LVM_SYSTEM_DIR={tmp_path / 'lvm'}\n{script}\n"
     return subprocess.run(["/bin/busybox", "sh", "-c", body], capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+                          timeout=120 + 4 * timeout)  # fmt: skip
 
 
 def test_a_layer_without_its_function_fails_the_target(tmp_path: Path) -> None:
-    run = _run_layer(CONFIG, 'kdump_stack_layer zfs tank/crash; echo "status=$?"', tmp_path)
+    run = run_layer(CONFIG, 'kdump_stack_layer zfs tank/crash; echo "status=$?"', tmp_path)
     assert "kdump: this image has no kdump_layer_zfs: its feature module is missing" in run.stdout
     assert "status=1" in run.stdout
 
 
 def test_lvm_layer_gives_up_on_a_missing_volume_group_in_bounded_time(tmp_path: Path) -> None:
     """No device here holds the VG: the function waits DEVICE_TIMEOUT and says so."""
-    run = _run_layer(CONFIG, 'kdump_stack_layer lvm novg dump; echo "status=$?"', tmp_path)
+    run = run_layer(CONFIG, 'kdump_stack_layer lvm novg dump; echo "status=$?"', tmp_path)
     assert "kdump: lvm: volume group novg not found on any device after 2s" in run.stdout, run
     assert "status=1" in run.stdout
 
@@ -205,7 +216,7 @@ def test_dump_upper_bound_is_the_memory_size_plus_min_free(
         f.truncate(vmcore_mb * 2**20)
     config = CONFIG + f"capture: {{stage: static, min_free: {min_free}}}\n"
     config = config.replace("capture: {stage: static}\n", "")
-    run = _run_layer(config, f"KDUMP_VMCORE={vmcore}\nkdump_dump_upper_mb", tmp_path)
+    run = run_layer(config, f"KDUMP_VMCORE={vmcore}\nkdump_dump_upper_mb", tmp_path)
     assert run.stdout.strip() == str(expected), run
 
 

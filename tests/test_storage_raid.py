@@ -33,7 +33,7 @@ from tests.guest_pytest import passed_count, pytest_in_guest
 
 UUID = "0a1b2c3d:4e5f6071:8293a4b5:c6d7e8f9"
 TEMPLATE = MODULES_DIR / "mdraid" / "mdraid-layer.sh.j2"
-# Without udev (none runs in the guest, nor in the capture kernel) mdadm makes /dev/md/NAME.
+# The tests' own mdadm runs: no udev makes /dev/md/NAME in the guest (the layer says so itself).
 ENV = {**os.environ, "MDADM_NO_UDEV": "1"}
 
 
@@ -109,7 +109,7 @@ def _layer(uuid: str, name: str, log: Path, timeout: int = 2) -> tuple[int, str]
     )
     run = subprocess.run(
         ["busybox", "sh", "-c", script, "sh", uuid, name],
-        env={**ENV, "KDUMP_LOG": str(log)}, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "KDUMP_LOG": str(log)}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     logged = log.read_text() if log.exists() else ""
     log.unlink(missing_ok=True)

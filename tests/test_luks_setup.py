@@ -137,7 +137,8 @@ def test_the_header_names_the_cipher_modules(tmp_path: Path) -> None:
 
 
 def _stack(item: str) -> str:
-    return f"targets:\n  - type: disk\n    device: UUID=1234\n    fstype: ext4\n    stack:\n      - {item}\n"
+    target = "  - type: disk\n    device: UUID=1234\n    fstype: ext4\n"
+    return f"targets:\n{target}    stack:\n      - {item}\n"
 
 
 UUID = "b76ea54a-87bf-483b-acbc-d652ae058b1c"

@@ -17,7 +17,9 @@ from kdump_mkinitrd.cli import main
 from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.cpio import Entry, Member, read_newc, write_newc
+from kdump_mkinitrd.storage.base import Layer
 from kdump_mkinitrd.storage.luks import LuksLayer, cipher_modules, read_header
+from kdump_mkinitrd.targets.disk import DiskTarget
 
 PASSPHRASE = "correct horse"
 
@@ -144,13 +146,19 @@ def _stack(item: str) -> str:
 UUID = "b76ea54a-87bf-483b-acbc-d652ae058b1c"
 
 
+def _layer(item: str) -> Layer:
+    target = parse(_stack(item), "k.yaml").targets[0]
+    assert isinstance(target, DiskTarget)
+    return target.stack[0]
+
+
 def test_config_layer_and_its_errors() -> None:
-    layer = parse(_stack(f"{{type: luks, uuid: {UUID.upper()}}}"), "k.yaml").targets[0].stack[0]
+    layer = _layer(f"{{type: luks, uuid: {UUID.upper()}}}")
     assert isinstance(layer, LuksLayer) and layer.name == f"luks {UUID}"
     assert layer.shell_args(3) == (UUID, "kdump-luks-3", f"/etc/kdump/luks/{UUID}.key")
     assert layer.key_file == f"/etc/kdump-mkinitrd/luks/{UUID}.key"
-    named = parse(_stack(f"{{type: luks, uuid: {UUID}, name: crypt, key_file: /k}}"), "k.yaml")
-    assert named.targets[0].stack[0].shell_args(0)[1] == "crypt"
+    named = _layer(f"{{type: luks, uuid: {UUID}, name: crypt, key_file: /k}}")
+    assert named.shell_args(0)[1:] == ("crypt", f"/etc/kdump/luks/{UUID}.key")
     for item, message in [
         ("{type: luks}", "k.yaml:6: key 'targets[0].stack[0]': a luks layer needs 'uuid'"),
         ("{type: luks, uuid: abcd-1234}", "key 'targets[0].stack[0].uuid': expected a LUKS UUID"),

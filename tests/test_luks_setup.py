@@ -28,17 +28,24 @@ def _cryptsetup(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["cryptsetup", *args], capture_output=True, text=True, timeout=120)
 
 
-def luks_volume(folder: Path, version: int = 2, extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
-    """A LUKS volume in a file with a passphrase keyslot (cheap PBKDF2: only the test's)."""
-    volume, passphrase = folder / f"luks{version}.img", folder / "passphrase"
+PBKDF2 = ("--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000")  # cheap: the test's own
+
+
+def luks_format(device: Path | str, passphrase: Path, *options: str) -> None:
+    """luksFormat with a passphrase keyslot (cheap PBKDF2 unless `options` say otherwise)."""
     passphrase.write_text(PASSPHRASE)
+    made = _cryptsetup("luksFormat", "--batch-mode", *(options or PBKDF2), "--key-file",
+                       str(passphrase), str(device))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+
+
+def luks_volume(folder: Path, version: int = 2, *options: str) -> tuple[Path, Path]:
+    """A LUKS volume in a file."""
+    volume, passphrase = folder / f"luks{version}.img", folder / "passphrase"
     with volume.open("wb") as f:
         f.truncate(24 * 2**20)
-    kdf = ("--pbkdf", "pbkdf2") if version == 2 else ()
-    made = _cryptsetup("luksFormat", "--batch-mode", "--type", f"luks{version}", *kdf,
-                       "--pbkdf-force-iterations", "1000", "--key-file", str(passphrase),
-                       *extra, str(volume))  # fmt: skip
-    assert made.returncode == 0, made.stderr
+    kdf = PBKDF2 if version == 2 else PBKDF2[2:]  # LUKS1 knows only PBKDF2
+    luks_format(volume, passphrase, "--type", f"luks{version}", *kdf, *options)
     return volume, passphrase
 
 
@@ -127,7 +134,7 @@ def test_errors_name_the_device_and_the_cause(
 
 
 def test_the_header_names_the_cipher_modules(tmp_path: Path) -> None:
-    volume, _ = luks_volume(tmp_path, extra=("--cipher", "aes-cbc-essiv:sha256"))
+    volume, _ = luks_volume(tmp_path, 2, "--cipher", "aes-cbc-essiv:sha256")
     header = read_header(volume)
     assert header.cipher == "aes-cbc-essiv:sha256"
     assert cipher_modules(header.cipher) == ("crypto-aes", "crypto-cbc", "crypto-essiv",

@@ -17,6 +17,7 @@ from kdump_mkinitrd.schema import Checker, Field
 
 if TYPE_CHECKING:
     from kdump_mkinitrd.config import Config
+    from kdump_mkinitrd.storage.base import Layer
 
 FSTYPES = ("ext4", "xfs", "btrfs")
 # The feature module (modules.d/network) that brings the capture kernel's network up.
@@ -96,6 +97,11 @@ class Target:
     @classmethod
     def make(cls, values: dict[str, Any]) -> Self:
         return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+    def layers(self) -> tuple[Layer, ...]:
+        """The storage layers under its device, bottom first, that the capture init brings up
+        before it looks for the device (kdump_mkinitrd.storage)."""
+        return ()
 
     def hostonly_device(self) -> tuple[str, str] | None:
         """(key, device spec) whose drivers host-only detection finds from sysfs: the device

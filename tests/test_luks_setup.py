@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kdump_mkinitrd import storage
-from kdump_mkinitrd.arming.registration import luks_mb
+from kdump_mkinitrd.arming.registration import LUKS_OPEN_MB, luks_mb
 from kdump_mkinitrd.cli import main
 from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.errors import KdumpError
@@ -197,11 +197,11 @@ def test_image_files_hold_the_key_and_what_estimate_counts(tmp_path: Path) -> No
     assert json.loads(files[1].data) == {"uuid": uuid, "keyslot": 1, "kdf": "pbkdf2",
                                          "memory_kib": 0}  # fmt: skip
     entries = [Entry(f.path.lstrip("/"), "file", f.mode, f.data) for f in files]
-    assert luks_mb(_members(entries)) == 2
+    assert luks_mb(_members(entries)) == LUKS_OPEN_MB
     # An argon2 keyslot costs its memory: 64 MiB here.
     argon = json.dumps({"uuid": uuid, "keyslot": 2, "kdf": "argon2id", "memory_kib": 65536})
     entries.append(Entry("etc/kdump/luks/other.json", "file", 0o600, argon.encode()))
-    assert luks_mb(_members(entries)) == 66 and luks_mb(_members(entries[:1])) == 0
+    assert luks_mb(_members(entries)) == LUKS_OPEN_MB + 64 and luks_mb(_members(entries[:1])) == 0
     key.unlink()
     with pytest.raises(KdumpError, match=f"luks {uuid}: cannot read the key file {key}"):
         layer.image_files(0, 0, Path("/"))

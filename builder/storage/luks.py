@@ -31,7 +31,7 @@ DEFAULT_CIPHER = "aes-xts-plain64"
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _MAPPER = re.compile(r"[A-Za-z0-9_.+-]{1,127}")
 # device-mapper's uuid of an opened LUKS volume: CRYPT-LUKS2-<UUID without dashes>-<name>.
-_DM_UUID = re.compile(r"CRYPT-LUKS[12]-([0-9a-f]{32})-.*")
+_DM_UUID = re.compile(r"CRYPT-LUKS[12]-([0-9a-fA-F]{32})-.*")
 # Cipher mode templates that are built on another one: the kernel instantiates xts(aes) from
 # ecb(aes), adiantum from nhpoly1305.
 _MODE_NEEDS = {"xts": ("ecb",), "lrw": ("ecb", "gf128mul"), "adiantum": ("nhpoly1305",)}
@@ -255,10 +255,10 @@ class LuksLayer(Layer):
 
     @classmethod
     def detect(cls, sysdir: Path) -> tuple[Self, list[Path]] | None:
-        found = _DM_UUID.fullmatch(_read(sysdir / "dm" / "uuid").lower())
+        found = _DM_UUID.fullmatch(_read(sysdir / "dm" / "uuid"))
         if found is None:
             return None
-        h = found.group(1)
+        h = found.group(1).lower()
         uuid = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
         slaves = sysdir / "slaves"
         below = [s.resolve() for s in sorted(slaves.iterdir())] if slaves.is_dir() else []

@@ -12,14 +12,17 @@ from pathlib import Path
 import pytest
 
 from kdump_mkinitrd import storage
-from kdump_mkinitrd.arming.registration import LUKS_OPEN_MB, luks_mb
+from kdump_mkinitrd.arming.registration import LUKS_OPEN_MB, estimate, luks_mb
 from kdump_mkinitrd.cli import main
 from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.cpio import Entry, Member, read_newc, write_newc
+from kdump_mkinitrd.image.inspect_image import load_image, report
 from kdump_mkinitrd.storage.base import Layer
 from kdump_mkinitrd.storage.luks import LuksLayer, cipher_modules, read_header
 from kdump_mkinitrd.targets.disk import DiskTarget
+from tests.conftest import Kernel
+from tests.test_build import DISK_CONFIG, build_args, write_config
 
 PASSPHRASE = "correct horse"
 
@@ -205,3 +208,35 @@ def test_image_files_hold_the_key_and_what_estimate_counts(tmp_path: Path) -> No
     key.unlink()
     with pytest.raises(KdumpError, match=f"luks {uuid}: cannot read the key file {key}"):
         layer.image_files(0, 0, Path("/"))
+
+
+def test_the_image_holds_the_key_cryptsetup_and_the_cipher_modules(
+    kernel61: Kernel, tmp_path: Path
+) -> None:
+    volume, passphrase = luks_volume(tmp_path)
+    key = tmp_path / "keys" / "capture.key"
+    assert setup(volume, passphrase, key) == 0
+    uuid = read_header(volume).uuid
+    # The volume is a file here, so the build cannot see its header: the default cipher's
+    # modules, and the key derivation luks-setup recorded.
+    stack = f"{{type: luks, uuid: {uuid}, key_file: {key}}}"
+    config = DISK_CONFIG.replace("    fstype: ext4\n", f"    fstype: ext4\n    stack: [{stack}]\n")
+    image = tmp_path / "k.img"
+    assert main(build_args(kernel61, write_config(tmp_path, config), image)) == 0
+    assert image.stat().st_mode & 0o777 == 0o600
+    info = report(image)
+    entries = {e["path"]: e for e in info["entries"]}
+    held = entries[f"/etc/kdump/luks/{uuid}.key"]
+    assert (held["mode"], held["size"]) == ("0600", 64)
+    assert "luks" in info["features"]
+    assert any(path.endswith("/lib/kdump/hooks/30-luks-layer.sh") for path in entries)
+    assert any(path.endswith("/cryptsetup") for path in entries)
+    modules = {m["name"]: m for m in info["kernel_modules"]}
+    assert {"dm_crypt", "xts", "ecb", "algif_skcipher"} <= set(modules), sorted(modules)
+    assert f"luks {uuid}" in str(modules["xts"])
+    loaded = load_image(image)
+    assert luks_mb(loaded.members) == LUKS_OPEN_MB
+    assert estimate(image, None).luks_mb == LUKS_OPEN_MB
+    init = "\n".join(m.data.decode(errors="replace") for m in loaded.members
+                     if "/kdump/hooks/" in m.path)  # fmt: skip
+    assert f"kdump_stack_layer luks {uuid} kdump-luks-0 /etc/kdump/luks/{uuid}.key" in init

@@ -169,6 +169,8 @@ def test_config_layer_and_its_errors() -> None:
     assert layer.key_file == f"/etc/kdump-mkinitrd/luks/{UUID}.key"
     named = _layer(f"{{type: luks, uuid: {UUID}, name: crypt, key_file: /k}}")
     assert named.shell_args(0)[1:] == ("crypt", f"/etc/kdump/luks/{UUID}.key")
+    # What host-only detection finds for this volume agrees with both.
+    assert named == layer == LuksLayer(uuid=UUID, key_file="/elsewhere")
     for item, message in [
         ("{type: luks}", "k.yaml:6: key 'targets[0].stack[0]': a luks layer needs 'uuid'"),
         ("{type: luks, uuid: abcd-1234}", "key 'targets[0].stack[0].uuid': expected a LUKS UUID"),

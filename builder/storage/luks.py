@@ -13,7 +13,7 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -175,8 +175,10 @@ class LuksLayer(Layer):
     }
 
     uuid: str
-    key_file: str
-    mapper: str | None = None  # the config's `name:` (`name` is what logs call a layer)
+    # The storage is the volume: the config's key file and dm name (`name:`; `name` is what
+    # logs call a layer) do not make another layer, so a detected stack agrees with the config.
+    key_file: str = field(compare=False)
+    mapper: str | None = field(default=None, compare=False)
 
     @classmethod
     def check(cls, checker: Checker, key: str, values: dict[str, Any]) -> None:

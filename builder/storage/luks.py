@@ -250,8 +250,10 @@ class LuksLayer(Layer):
         path = image_key_path(self.uuid)
         return (
             ImageFile(FEATURE, path, key, host, f"{self.name}: key file", mode=0o600),
+            # From luks-setup's record when there is one: a new record means a rebuild.
             ImageFile(FEATURE, path.removesuffix(".key") + ".json",
-                      (json.dumps(info, indent=1) + "\n").encode(), host,
+                      (json.dumps(info, indent=1) + "\n").encode(),
+                      record_path(host) if record_path(host).exists() else host,
                       f"{self.name}: its keyslot and key derivation", mode=0o600),
         )  # fmt: skip
 

@@ -63,6 +63,7 @@ class Target:
     # `python-stage` for a type that saves through kdump_capture_on (which runs the stage).
     uses: ClassVar[frozenset[str]] = frozenset()
     article: ClassVar[str] = "a"  # "an ssh target"
+    takes_stack: ClassVar[bool] = False  # storage layers under its device (`stack`)
 
     device: str | None
     fstype: str | None
@@ -102,6 +103,14 @@ class Target:
         """The storage layers under its device, bottom first, that the capture init brings up
         before it looks for the device (kdump_mkinitrd.storage)."""
         return ()
+
+    def layers_given(self) -> bool:
+        """Whether the config names its layers; else host-only detection may replace them."""
+        return False
+
+    def with_layers(self, layers: tuple[Layer, ...]) -> Self:
+        """A copy on these layers (what host-only detection found), for a type that takes them."""
+        raise TypeError(f"{self.type} targets take no storage layers")
 
     def hostonly_device(self) -> tuple[str, str] | None:
         """(key, device spec) whose drivers host-only detection finds from sysfs: the device

@@ -5,6 +5,7 @@ before it waits for the device. Template: modules.d/disk/."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
@@ -59,6 +60,7 @@ class DiskTarget(Target):
     }
     takes: ClassVar[frozenset[str]] = frozenset({"device", "fstype", "path", "mount_options"})
     uses: ClassVar[frozenset[str]] = frozenset({"python-stage"})
+    takes_stack: ClassVar[bool] = True
 
     stack: tuple[Layer, ...] = ()
     # Whether the config wrote `stack` (an empty list too); else it was inferred from the
@@ -101,6 +103,12 @@ class DiskTarget(Target):
 
     def layers(self) -> tuple[Layer, ...]:
         return self.stack
+
+    def layers_given(self) -> bool:
+        return self.stack_given
+
+    def with_layers(self, layers: tuple[Layer, ...]) -> Self:
+        return dataclasses.replace(self, stack=layers)
 
     def image_files(self, config: Config, index: int, root: Path) -> list[ImageFile]:
         return [f for i, layer in enumerate(self.stack) for f in layer.image_files(index, i, root)]

@@ -148,14 +148,15 @@ def remove(device: Path, key_file: Path | None = None) -> str:
     record = read_record(path) or {}
     slot = f"slot {record['keyslot']}" if "keyslot" in record else None
     tool = cryptsetup()
-    # Which slot the key opens now (the record may be stale); exit 2: it opens none.
+    # Whether the key still opens a keyslot (it may have been killed by hand); 2: none.
     test = subprocess.run(
-        [tool, "open", "--test-passphrase", "--verbose", "--key-file", str(path), str(device)],
+        [tool, "open", "--test-passphrase", "--key-file", str(path), str(device)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if test.returncode == 0:
+        # On the terminal: for the volume's last keyslot cryptsetup asks first.
         _cryptsetup(["luksRemoveKey", "--key-file", str(path), str(device)], device,
-                    "cryptsetup luksRemoveKey")  # fmt: skip
+                    "cryptsetup luksRemoveKey", interactive=True)  # fmt: skip
         done = f"removed the keyslot {path} opened" + (f" ({slot})" if slot is not None else "")
     elif test.returncode == 2:
         done = f"{path} opened no keyslot of {device} any more"

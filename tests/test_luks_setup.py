@@ -111,6 +111,13 @@ def test_remove_takes_the_keyslot_and_the_key_file_away(
     assert set(read_header(volume).keyslots) == {0}
     assert not key.exists() and not (tmp_path / "keys" / "capture.key.json").exists()
     assert not opens(volume, kept) and opens(volume, passphrase)
+    # A keyslot killed by hand: --remove still clears the key file away.
+    assert setup(volume, passphrase, key) == 0
+    killed = _cryptsetup("luksKillSlot", "--key-file", str(passphrase), str(volume), "1")
+    assert killed.returncode == 0, killed.stderr
+    assert main(["luks-setup", str(volume), "--key-file", str(key), "--remove"]) == 0
+    assert f"{key} opened no keyslot of {volume} any more" in capsys.readouterr().out
+    assert not key.exists() and set(read_header(volume).keyslots) == {0}
 
 
 def test_errors_name_the_device_and_the_cause(

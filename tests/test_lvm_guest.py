@@ -279,7 +279,8 @@ def test_lvm_tests_pass_in_a_guest(kernel61: Kernel, tmp_path: Path) -> None:
         disk = tmp_path / f"{serial}.img"
         with disk.open("wb") as f:
             f.truncate(DISK_MB * 2**20)
-        extra += ["-drive", f"file={disk},if=virtio,format=raw,serial={serial}"]
+        extra += ["-drive", f"file={disk},if=none,id={serial},format=raw",
+                  "-device", f"virtio-blk-pci,drive={serial},serial={serial}"]  # fmt: skip
     modules = ["dm_mod", "dm_thin_pool", "virtio_blk"]
     log = pytest_in_guest(kernel61, tmp_path, ["tests/test_lvm_guest.py"], modules, extra)
     assert passed_count(log) == [str(GUEST_TESTS)], log[-4000:]

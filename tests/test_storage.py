@@ -44,6 +44,14 @@ def test_every_layer_type_has_its_feature_folder_and_shell_function() -> None:
         assert f"kdump_layer_{name}() {{" in hooks[0].src.read_text()
 
 
+def test_a_feature_module_names_known_layer_types(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/module.yaml").write_text("name: mine\nwhen: {layer_types: [lvmm]}\n")
+    with pytest.raises(KdumpError, match=r"'when: layer_types' names no storage layer type: "
+                       r"lvmm \(known: .*lvm"):  # fmt: skip
+        discover((tmp_path,))
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdump_mkinitrd import config as config_mod
+from kdump_mkinitrd.arming import lukssetup
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan import kernelfiles
 from kdump_mkinitrd.image.build import BuildRequest, build
@@ -25,7 +26,7 @@ from kdump_mkinitrd.targets.sshkeys import SSH_IDENTITY, SSH_KNOWN_HOSTS
 DEFAULT_IMAGE_DIR = Path("/var/lib/kdump-mkinitrd")
 SUBCOMMANDS = (
     "build", "inspect", "qemu-test", "recover-raw", "register", "unregister", "status", "estimate",
-    "ssh-setup", "list-dumps",
+    "ssh-setup", "luks-setup", "list-dumps",
 )  # fmt: skip
 
 
@@ -168,6 +169,7 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="extra ssh -o option for the login that installs the key (repeatable)",
     )
+    lukssetup.add_parser(sub)
     g = sub.add_parser("register", help="build if needed, then load the capture kernel (kexec)")
     _add_kernel_args(g)
     g.add_argument(
@@ -442,6 +444,7 @@ def _estimate(args: argparse.Namespace) -> int:
             f"crashkernel={result.total_mb}M needed: kernel floor {result.floor_mb}M + image "
             f"{result.image_mb}M + unpacked {result.unpacked_mb}M + Python stage "
             f"{result.python_mb}M + working {result.working_mb}M"
+            + (f" + LUKS key derivation {result.luks_mb}M" if result.luks_mb else "")
         )
         if result.reserved_mb is not None:
             verdict = "enough" if result.enough else "NOT enough"
@@ -494,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             "status": _status,
             "estimate": _estimate,
             "ssh-setup": _ssh_setup,
+            "luks-setup": lukssetup.command,
         }
         return commands[args.command](args)
     except KdumpError as exc:

@@ -11,15 +11,17 @@ KERNEL_612 := 6.12.117+deb12-amd64
 KERNELS := $(KERNEL_61) $(KERNEL_612)
 DEBS := python3-venv busybox-static kexec-tools makedumpfile qemu-system-x86 cpio \
 	e2fsprogs xfsprogs btrfs-progs fdisk libarchive-tools zstd xz-utils kmod \
-	openssh-client openssh-server dropbear-bin nfs-ganesha nfs-ganesha-vfs rpcbind crash
+	openssh-client openssh-server dropbear-bin nfs-ganesha nfs-ganesha-vfs rpcbind crash \
+	lvm2 mdadm cryptsetup-bin
 # What only the tests need, so that none of them skips on a fresh machine: gcc and libc6-dev
 # build the resolver's RPATH/RUNPATH/$ORIGIN fixtures and fake old-glibc roots, gdb reads the
 # collector's ELF output, Debian's java is a real DT_RPATH $ORIGIN program for the resolver, groff
 # renders the man pages, systemd brings kernel-install and systemd-analyze, iproute2 the network
-# tests' `ip`, mdadm the md RAID refusal, binutils' objcopy and systemd-boot-efi's stub a real
-# UKI.
+# tests' `ip`, binutils' objcopy and systemd-boot-efi's stub a real UKI, thin-provisioning-tools
+# the guests' thin pools. lvm2, mdadm and cryptsetup-bin (in DEBS: images pack them for stacked
+# targets) also build the stacks the tests capture onto.
 TEST_DEBS := gcc libc6-dev gdb openjdk-17-jre-headless groff-base systemd iproute2 \
-	binutils systemd-boot-efi mdadm
+	binutils systemd-boot-efi thin-provisioning-tools
 
 export KDUMP_TEST_KERNEL_CACHE := $(abspath $(KERNEL_CACHE))
 

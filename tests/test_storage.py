@@ -56,8 +56,8 @@ def test_a_feature_module_names_known_layer_types(tmp_path: Path) -> None:
     [
         ("    stack: [{type: lvm, vg: crashvg}]\n",
          "k.yaml:5: key 'targets[0].stack[0]': an lvm layer needs 'lv'"),
-        ("    stack:\n      - type: lvm\n        vg: crashvg\n        lv: dump\n        colour: x\n",
-         "k.yaml:9: key 'targets[0].stack[0].colour': unknown key"),
+        ("    stack:\n      - type: lvm\n        vg: crashvg\n        lv: dump\n        tint: x\n",
+         "k.yaml:9: key 'targets[0].stack[0].tint': unknown key"),
         ("    stack:\n      - type: lvm\n        vg: crashvg\n        lv: dump\n        uuid: x\n",
          "k.yaml:9: key 'targets[0].stack[0].uuid': only luks and raid layers take this key"),
         ("    stack: [{type: lvm, vg: -crash, lv: dump}]\n",

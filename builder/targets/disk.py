@@ -1,21 +1,61 @@
 """disk targets: a local filesystem (ext4, xfs or btrfs) found by UUID=, LABEL=, PARTUUID= or a
-/dev path; the dump goes into a fresh folder under `path`. Template: modules.d/disk/."""
+/dev path; the dump goes into a fresh folder under `path`. Optional `stack`: the storage layers
+under the filesystem, bottom first (kdump_mkinitrd.storage), which the capture init brings up
+before it waits for the device. Template: modules.d/disk/."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-from kdump_mkinitrd.schema import Checker
+# Only the module: storage imports targets.base, so its names are looked up at call time.
+from kdump_mkinitrd import storage
+from kdump_mkinitrd.schema import Checker, Field
 from kdump_mkinitrd.targets.base import Target, check_device, check_mount_options, register
+
+if TYPE_CHECKING:
+    from kdump_mkinitrd.storage.base import Layer
+
+# Folders udev and the kernel make under /dev: /dev/NAME/X there is no volume group's LV.
+_NOT_VGS = frozenset({
+    "block", "bsg", "bus", "char", "cpu", "disk", "dma_heap", "dri", "fd", "hugepages", "input",
+    "mapper", "md", "mqueue", "net", "pts", "serial", "shm", "snd", "usb", "vfio", "vhost-net",
+    "xen", "zvol",
+})  # fmt: skip
+
+
+def lvm_of_device(device: str) -> tuple[str, str] | None:
+    """(VG, LV) that a /dev/VG/LV or /dev/mapper/VG-LV device names; None for anything else."""
+    from kdump_mkinitrd.storage.lvm import split_dm_name, valid_name
+
+    parts = device.split("/")
+    if len(parts) != 4 or parts[:1] != [""] or parts[1] != "dev":
+        return None
+    folder, name = parts[2], parts[3]
+    if folder == "mapper":
+        found = split_dm_name(name)
+    elif folder not in _NOT_VGS:
+        found = (folder, name)
+    else:
+        return None
+    return found if found and valid_name(found[0]) and valid_name(found[1]) else None
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
 class DiskTarget(Target):
     type: ClassVar[str] = "disk"
+    schema: ClassVar[dict[str, Field]] = {
+        # Items are checked against the layer types' schema in `check`: a list of mappings.
+        "stack": Field(list, items=dict),
+    }
     takes: ClassVar[frozenset[str]] = frozenset({"device", "fstype", "path", "mount_options"})
     uses: ClassVar[frozenset[str]] = frozenset({"python-stage"})
+
+    stack: tuple[Layer, ...] = ()
+    # Whether the config wrote `stack` (an empty list too); else it was inferred from the
+    # device's name, and host-only detection may replace it with what it finds.
+    stack_given: bool = False
 
     @classmethod
     def check(cls, checker: Checker, key: str, values: dict[str, Any]) -> None:
@@ -23,3 +63,40 @@ class DiskTarget(Target):
         cls.require(checker, key, values, "fstype", " (ext4, xfs or btrfs)")
         check_device(checker, f"{key}.device", values["device"])
         check_mount_options(checker, f"{key}.mount_options", values["mount_options"])
+        if values["stack"] is None:
+            return
+        values["stack"] = [
+            storage.item(checker, f"{key}.stack[{i}]", layer)
+            for i, layer in enumerate(values["stack"])
+        ]
+        made = [storage.make(v) for v in values["stack"]]
+        for i, layer in enumerate(made):
+            if layer in made[:i]:
+                raise checker.fail(f"{key}.stack[{i}]", f"{layer.name} is in this stack twice")
+        named = inferred_stack(values["device"])
+        if named and made and made[-1].type == "lvm" and made[-1] != named[0]:
+            raise checker.fail(
+                f"{key}.stack[{len(made) - 1}]",
+                f"the device {values['device']} "
+                f"is {named[0].name}, but the top layer is {made[-1].name}",
+            )
+
+    @classmethod
+    def make(cls, values: dict[str, Any]) -> Self:
+        given = values["stack"] is not None
+        if given:
+            stack = tuple(storage.make(v) for v in values["stack"])
+        else:
+            stack = inferred_stack(values["device"])
+        common = {k: values[k] for k in ("device", "fstype", "path", "mount_options")}
+        return cls(**common, stack=stack, stack_given=given)
+
+
+def inferred_stack(device: str | None) -> tuple[Layer, ...]:
+    """The stack a target without `stack` has: the LV that a /dev/VG/LV or /dev/mapper/VG-LV
+    device names, else none."""
+    named = lvm_of_device(device) if device else None
+    if named is None:
+        return ()
+    values = {**dict.fromkeys(storage.schema()), "type": "lvm", "vg": named[0], "lv": named[1]}
+    return (storage.make(values),)

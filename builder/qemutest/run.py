@@ -236,7 +236,11 @@ def _first_stage_with_kexec_tools(options: Options, first: Path, image: Path) ->
 
 
 def _first_stage_with_register(
-    options: Options, first: Path, image: Path, config_path: Path, network: bool,
+    options: Options,
+    first: Path,
+    image: Path,
+    config_path: Path,
+    network: bool,
     prepare: tuple[str, ...] = (),
 ) -> tuple[str, ...]:
     """The guest runs this very installation of kdump-mkinitrd from the host's root (9p);
@@ -382,7 +386,8 @@ def _storage_config(options: Options, workdir: Path, fault: faults.Fault | None)
     path = workdir / "kdump.yaml"
     key_file = workdir / "luks" / f"{layout.luks_uuid}.key"
     hostonly = options.first_stage == "hostonly"
-    path.write_text(layouts.config_text(layout, key_file, hostonly, bool(fault and fault.next_target)))
+    fallback = bool(fault and fault.next_target)
+    path.write_text(layouts.config_text(layout, key_file, hostonly, fallback))
     return path
 
 

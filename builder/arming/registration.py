@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from kdump_mkinitrd.arming.kexec import crash_status, load_crash_kernel, unload_
 from kdump_mkinitrd.config import Config, require_targets
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.build import BuildRequest, build, stale_reasons
+from kdump_mkinitrd.image.cpio import Member
 from kdump_mkinitrd.image.inspect_image import load_image, read_manifest
 from kdump_mkinitrd.output import write_atomic
 
@@ -40,6 +42,11 @@ KERNEL_FLOOR_MB = 88
 PYTHON_PEAK_MB = 8
 WORKING_MB = 8
 STEP_MB = 8
+# Opening a LUKS volume: cryptsetup's own heap and the keyslot's split key material (PBKDF2
+# needs nothing more), plus an argon2 keyslot's memory cost, read from the header at build
+# time into the image (kdump_mkinitrd.storage.luks). Volumes are opened one after another.
+LUKS_OPEN_MB = 2
+LUKS_RECORDS = re.compile(r"etc/kdump/luks/[^/]+\.json")
 
 
 def state_dir() -> Path:
@@ -79,6 +86,7 @@ class Estimate:
     working_mb: int
     total_mb: int
     reserved_mb: int | None
+    luks_mb: int = 0  # the key derivation of the LUKS keyslots the capture opens
 
     @property
     def enough(self) -> bool | None:
@@ -93,11 +101,22 @@ def estimate(image: Path, reserved_bytes: int | None) -> Estimate:
     unpacked = loaded.unpacked_size / 2**20
     features = {f["name"] for f in loaded.manifest.get("features", [])}
     python = PYTHON_PEAK_MB if "python-stage" in features else 0
-    total = KERNEL_FLOOR_MB + size + unpacked + python + WORKING_MB
+    luks = luks_mb(loaded.members)
+    total = KERNEL_FLOOR_MB + size + unpacked + python + WORKING_MB + luks
     rounded = int(math.ceil(total / STEP_MB) * STEP_MB)
     reserved = None if reserved_bytes is None else reserved_bytes // 2**20
     return Estimate(round(size, 2), round(unpacked, 2), python, KERNEL_FLOOR_MB, WORKING_MB,
-                    rounded, reserved)  # fmt: skip
+                    rounded, reserved, luks)  # fmt: skip
+
+
+def luks_mb(members: list[Member]) -> int:
+    """The memory the dearest LUKS keyslot the image opens needs; 0 without LUKS."""
+    costs = []
+    for m in members:
+        if LUKS_RECORDS.fullmatch(m.path):
+            memory = json.loads(m.data).get("memory_kib") or 0
+            costs.append(LUKS_OPEN_MB + math.ceil(int(memory) / 1024))
+    return max(costs, default=0)
 
 
 def register(

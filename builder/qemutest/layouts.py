@@ -13,6 +13,7 @@ the UUIDs below.
 
 from __future__ import annotations
 
+import json
 import secrets
 import shlex
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 
 from kdump_mkinitrd.config import Config
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.storage.luks import record_path
 from kdump_mkinitrd.targets import Target
 
 VG, LV, POOL, ARRAY = "kdumpvg", "dump", "pool", "kdumpmd"
@@ -143,9 +145,22 @@ def check_config(layout: Layout, config: Config, config_path: Path) -> Target:
     return target
 
 
+# The admin's keyslot costs little to derive under TCG; the kdump keyslot is added as
+# luks-setup adds one (PBKDF2, SHA-256), with a fixed iteration count instead of luks-setup's
+# timed one: TCG's timing means nothing.
+LUKS_FORMAT = ("cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "argon2id",
+               "--pbkdf-memory", "65536", "--pbkdf-force-iterations", "4",
+               "--pbkdf-parallel", "1", "--uuid")  # fmt: skip
+KDUMP_KEYSLOT = 1
+KDUMP_KDF = {"type": "pbkdf2", "hash": "sha256", "iterations": 1000, "memory_kib": 0}
+ADD_KDUMP_KEY = ("cryptsetup", "luksAddKey", "-q", "--key-slot", str(KDUMP_KEYSLOT),
+                 "--pbkdf", "pbkdf2", "--hash", "sha256",
+                 "--pbkdf-force-iterations", str(KDUMP_KDF["iterations"]))  # fmt: skip
+
+
 def luks_key_file(layout: Layout, target: Target, workdir: Path) -> Path | None:
     """The kdump key file the LUKS layer uses: the config's, made here when it does not exist
-    yet (64 random bytes, 0600, as luks-setup makes one)."""
+    yet (64 random bytes, 0600, and luks-setup's record of the keyslot it opens)."""
     if "luks" not in layout.layers:
         return None
     luks = next((s for s in _value(target, "stack") or () if _value(s, "type") == "luks"), None)
@@ -155,6 +170,16 @@ def luks_key_file(layout: Layout, target: Target, workdir: Path) -> Path | None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.write_bytes(secrets.token_bytes(64))
         path.chmod(0o600)
+        record = {
+            "uuid": layout.luks_uuid,
+            "version": 2,
+            "keyslot": KDUMP_KEYSLOT,
+            "kdf": KDUMP_KDF,
+            "key_file": str(path),
+            "tool": "kdump-mkinitrd qemu-test",
+        }
+        record_path(path).write_text(json.dumps(record, indent=1) + "\n")
+        record_path(path).chmod(0o600)
     return path
 
 
@@ -240,51 +265,11 @@ def write_scripts(
             device = f"/dev/{VG}/{LV}"
         else:
             assert key_file is not None and passphrase is not None
-            # Slot 0: the admin's passphrase, with a key derivation cheap enough for TCG.
-            build.append(
-                _q(
-                    "cryptsetup",
-                    "luksFormat",
-                    "-q",
-                    "--type",
-                    "luks2",
-                    "--uuid",
-                    layout.luks_uuid,
-                    "--pbkdf",
-                    "argon2id",
-                    "--pbkdf-memory",
-                    "65536",
-                    "--pbkdf-force-iterations",
-                    "4",
-                    "--pbkdf-parallel",
-                    "1",
-                    "--key-file",
-                    passphrase,
-                )
-                + " "
-                + device
-            )
-            # Slot 1: the kdump key file with a derivation that fits crash memory, as
-            # luks-setup adds it.
-            build.append(
-                _q(
-                    "cryptsetup",
-                    "luksAddKey",
-                    "-q",
-                    "--key-slot",
-                    "1",
-                    "--pbkdf",
-                    "pbkdf2",
-                    "--pbkdf-force-iterations",
-                    "1000",
-                    "--key-file",
-                    passphrase,
-                )
-                + f" {device} "
-                + _q(key_file)
-            )
+            # Slot 0: the admin's passphrase; slot 1: the kdump key file, as luks-setup adds it.
+            build.append(f"{_q(*LUKS_FORMAT, layout.luks_uuid, '--key-file', passphrase)} {device}")
+            build.append(f"{_q(*ADD_KDUMP_KEY, '--key-file', passphrase)} {device} {_q(key_file)}")
             if fault == "luks-bad-key":  # after the image was built with the key file in it
-                build.append(_q("cryptsetup", "luksKillSlot", "-q") + f" {device} 1")
+                build.append(f"cryptsetup luksKillSlot -q {device} {KDUMP_KEYSLOT}")
             build.append(_q("cryptsetup", "open", "--key-file", passphrase) + f" {device} "
                          + LUKS_NAME)  # fmt: skip
             up.append(_q("cryptsetup", "open", "--readonly", "--key-file", passphrase)

@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdump_mkinitrd import __version__
+from kdump_mkinitrd import __version__, storage
 from kdump_mkinitrd.config import Config
 from kdump_mkinitrd.image.features import discover, select
 from kdump_mkinitrd.image.pystage import PythonStage
@@ -108,7 +108,7 @@ def render_image(config: Config) -> Rendered:
         python = PythonStage(command[0], "/usr", "/usr/lib/python311.zip", (), (), command)
     context = {"version": __version__, "kver": KVER, "config": config, "capture": capture,
                "python": python, "features": [f.name for f in features], "modules": [],
-               "load_list": LOAD_LIST}  # fmt: skip
+               "load_list": LOAD_LIST, "layers": storage.shell_calls(config.targets)}  # fmt: skip
     files, shell = {}, []
     for feature in features:
         local = dict(context, feature=feature, targets=feature.targets(config))

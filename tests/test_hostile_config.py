@@ -15,6 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kdump_mkinitrd import storage
 from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.render import render
@@ -60,7 +61,8 @@ def render_hooks(device: str, path: str, options: str, hostname: str) -> str:
     capture = CaptureSettings(
         "static", "makedumpfile", 31, "lzo", "-l", hostname, None, "/usr/bin/makedumpfile"
     )
-    context = {"config": config, "capture": capture, "python": None, "kver": "6.1.0-test"}
+    context = {"config": config, "capture": capture, "python": None, "kver": "6.1.0-test",
+               "layers": storage.shell_calls(config.targets)}  # fmt: skip
     parts = []
     for folder, name in (("capture", "capture-lib.sh.j2"), ("disk", "disk-target.sh.j2"),
                          ("raw", "raw-target.sh.j2")):  # fmt: skip

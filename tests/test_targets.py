@@ -79,7 +79,8 @@ def test_foreign_keys_name_the_type_that_takes_them() -> None:
         for key, spec in kind.schema.items():
             other = "raw" if name != "raw" else "disk"
             # A value its Field takes, so that only the type can refuse it.
-            value = spec.choices[0] if spec.choices else 1 if spec.kind is int else "/x"
+            value = (spec.choices[0] if spec.choices else 1 if spec.kind is int
+                     else "[]" if spec.kind is list else "/x")  # fmt: skip
             text = f"targets:\n  - {EXAMPLES[other][:-1]}, {key}: {value}}}\n"
             with pytest.raises(KdumpError) as err:
                 parse(text, "k.yaml")

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdump_mkinitrd import storage
 from kdump_mkinitrd.config import Config
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.storage import Layer
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +97,56 @@ def _block_device(sysdir: Path) -> Path:
     return sysdir.parent if (sysdir / "partition").exists() else sysdir
 
 
-def target_modules(
+@dataclass(frozen=True)
+class DeviceStack:
+    """What host-only detection found under one target's device."""
+
+    key: str  # the config key of the device: targets[0].device
+    layers: tuple[Layer, ...]  # bottom first; () for a plain disk or partition
+    devices: tuple[Path, ...]  # the sysfs dirs of the disks (or partitions) at the bottom
+
+    def record(self) -> dict[str, Any]:
+        """As the manifest keeps it: a layer's every field (a PV added, a member replaced, a
+        keyslot gone changes it) and each bottom device's place in the device tree."""
+        return {
+            "key": self.key,
+            "names": [x.name for x in self.layers],
+            "layers": [{"type": x.type, **_plain(dataclasses.asdict(x))} for x in self.layers],
+            "devices": [str(d) for d in self.devices],
+        }
+
+
+def _plain(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, int | str | None) else str(v) for k, v in fields.items()}
+
+
+def _refuse_stacked(where: str, device: str, bottom: Path, stack: storage.Stack) -> None:
+    """A device at the bottom of the walk that is itself virtual: no layer type handles it."""
+    stacked = stacked_kind(_block_device(bottom))
+    if not stacked:
+        return
+    # The capture init brings up only what kdump_mkinitrd.storage has a layer type for.
+    under = f" under {', '.join(x.name for x in reversed(stack.layers))}" if stack.layers else ""
+    raise KdumpError(
+        f"{where}: --hostonly: target device {device} is {'on ' if under else ''}{stacked}"
+        f"{under}; storage layers of types {', '.join(storage.TYPES)} are supported, this "
+        "kind is not supported yet: dump to a plain disk or partition, a raw partition, nfs "
+        "or ssh"
+    )
+
+
+def target_stacks(
     config: Config, dev: Path = Path("/dev"), sys_root: Path = Path("/sys")
-) -> list[tuple[str, str]]:
-    """(module, why) for every target with a device of its own; a target device missing here
-    is an error."""
-    requests = []
+) -> list[DeviceStack]:
+    """For every target with a device of its own, the storage stack under it, walked down
+    through each layer type's `detect` to the disks; a target device missing here is an
+    error, and so is a virtual device no layer type handles."""
+    found = []
     for i, target in enumerate(config.targets):
-        found = target.hostonly_device()
-        if found is None:
+        spec = target.hostonly_device()
+        if spec is None:
             continue
-        key, device = found
+        key, device = spec
         where = config.line_of(f"targets[{i}].{key}")
         node = device_node(device, dev)
         if not node.exists():
@@ -119,26 +160,83 @@ def target_modules(
             raise KdumpError(
                 f"--hostonly: {node} ({name}) has no entry under {sys_root}/class/block"
             )
-        stacked = stacked_kind(_block_device(sysdir))
-        if stacked:
-            # The capture init finds and mounts plain block devices only: assembling a
-            # stack (dmsetup, mdadm, cryptsetup) in the capture kernel comes later.
+        stack = storage.walk(sysdir)
+        for bottom in stack.devices:
+            _refuse_stacked(where, device, bottom, stack)
+        if stack.layers and not target.takes_stack:
             raise KdumpError(
-                f"{where}: --hostonly: target device {device} is {stacked}; "
-                "targets on device-mapper (LVM, LUKS), md RAID or loop devices are not "
-                "supported yet: dump to a plain disk or partition, a raw partition, nfs or ssh"
+                f"{where}: --hostonly: target device {device} is on "
+                f"{', '.join(x.name for x in reversed(stack.layers))}; {target.article} "
+                f"{target.type} target cannot bring storage layers up, a disk target can"
             )
-        if not _drivers_on_path(sysdir, sys_root):
-            # Silence here would give an image that waits device_timeout for a disk it has
-            # no driver for.
-            raise KdumpError(
-                f"{where}: --hostonly: target device {device} ({sysdir}): no driver is "
-                "bound to it or to any device above it in sysfs, so the capture kernel could "
-                "not reach it; build with --no-hostonly and name its drivers in kernel_modules"
-            )
-        for module, at in _modules_on_path(sysdir, sys_root):
-            requests.append((module, f"host-only: driver {at} for target {device}"))
+        found.append(DeviceStack(f"targets[{i}].{key}", stack.layers, stack.devices))
+    return found
+
+
+def stack_modules(config: Config, stacks: list[DeviceStack],
+                  sys_root: Path = Path("/sys")) -> list[tuple[str, str]]:  # fmt: skip
+    """(module, why) for the drivers above every disk at the bottom of every stack."""
+    requests = []
+    for stack in stacks:
+        where = config.line_of(stack.key)
+        device = _spec_of(config, stack.key)
+        under = f" under {stack.layers[-1].name}" if stack.layers else ""
+        for bottom in stack.devices:
+            if not _drivers_on_path(bottom, sys_root):
+                # Silence here would give an image that waits device_timeout for a disk it
+                # has no driver for.
+                raise KdumpError(
+                    f"{where}: --hostonly: target device {device} ({bottom}{under}): no driver "
+                    "is bound to it or to any device above it in sysfs, so the capture kernel "
+                    "could not reach it; build with --no-hostonly and name its drivers in "
+                    "kernel_modules"
+                )
+            for module, at in _modules_on_path(bottom, sys_root):
+                requests.append((module, f"host-only: driver {at} for target {device}{under}"))
     return requests
+
+
+def _spec_of(config: Config, key: str) -> str:
+    index = int(key[len("targets[") : key.index("]")])
+    spec = config.targets[index].hostonly_device()
+    return spec[1] if spec else key
+
+
+def target_modules(
+    config: Config, dev: Path = Path("/dev"), sys_root: Path = Path("/sys")
+) -> list[tuple[str, str]]:
+    """(module, why) for every target with a device of its own."""
+    return stack_modules(config, target_stacks(config, dev, sys_root), sys_root)
+
+
+def with_detected_stacks(config: Config, stacks: list[DeviceStack]) -> Config:
+    """The config with each target's stack as detected: a stack the file gives must name the
+    same layers (by name: the file may add what sysfs cannot know, such as a key file); one
+    inferred from the device's name gives way to what is really there."""
+    changed = list(config.targets)
+    for stack in stacks:
+        index = int(stack.key[len("targets[") : stack.key.index("]")])
+        target = config.targets[index]
+        if not target.takes_stack:
+            continue
+        have = target.layers()
+        if target.layers_given():
+            names, found = [x.name for x in have], [x.name for x in stack.layers]
+            if sorted(names) != sorted(found) or names[-1:] != found[-1:]:
+                key = f"targets[{index}].stack"
+                raise KdumpError(
+                    f"{config.line_of(key)}: --hostonly: key '{key}' names "
+                    f"[{', '.join(names)}], but under {_spec_of(config, stack.key)} this host "
+                    f"has [{', '.join(found) or 'no storage layers'}] (bottom first)"
+                )
+            continue
+        if have != stack.layers:
+            log.info("host-only: target %s is on %s", _spec_of(config, stack.key),
+                     ", ".join(x.name for x in stack.layers) or "no storage layers")  # fmt: skip
+            changed[index] = target.with_layers(stack.layers)
+    if changed == list(config.targets):
+        return config
+    return dataclasses.replace(config, targets=tuple(changed))
 
 
 @dataclass(frozen=True)
@@ -311,11 +409,13 @@ def with_detected_nic(config: Config, paths: list[NetworkPath]) -> Config:
 
 @dataclass(frozen=True)
 class Detection:
-    """What host-only detection found: the modules, and the config the image is built from."""
+    """What host-only detection found: the modules, the storage stacks under the targets'
+    devices, and the config the image is built from (with those stacks and the NIC)."""
 
     config: Config
     modules: list[tuple[str, str]]
     network: tuple[NetworkPath, ...]
+    stacks: tuple[DeviceStack, ...] = ()
 
 
 def detect(
@@ -324,10 +424,12 @@ def detect(
     sys_root: Path = Path("/sys"),
     proc_net: Path = Path("/proc/net"),
 ) -> Detection:
-    """Drivers for every target, local and network, and the NIC the capture init should pick
-    when the config leaves it open."""
-    modules = target_modules(config, dev, sys_root)
+    """Drivers for every target, local and network, the stacks under local targets, and the
+    NIC the capture init should pick when the config leaves it open."""
+    stacks = target_stacks(config, dev, sys_root)
+    modules = stack_modules(config, stacks, sys_root)
     paths = network_paths(config, sys_root, proc_net)
     for path in paths:
         modules += network_modules(path)
-    return Detection(with_detected_nic(config, paths), modules, tuple(paths))
+    config = with_detected_stacks(config, stacks)
+    return Detection(with_detected_nic(config, paths), modules, tuple(paths), tuple(stacks))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdump_mkinitrd import __version__
+from kdump_mkinitrd import __version__, storage
 from kdump_mkinitrd.config import Config
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan.elfdeps import BinaryClosure, ElfResolver
@@ -187,6 +187,8 @@ def template_context(
         "features": [f.name for f in features],
         "modules": resolution.modules.modules,
         "load_list": LOAD_LIST_PATH,
+        # Per target: its storage layers with the words for kdump_stack_layer.
+        "layers": storage.shell_calls(config.targets),
     }
 
 

@@ -141,7 +141,20 @@ def _detected(found: hostonly.Detection) -> dict[str, Any]:
     return {
         "modules": sorted({name for name, _ in found.modules}),
         "network": {key: getattr(found.config.network, key) for key in ("mac", "vlan")},
+        "stacks": [stack.record() for stack in found.stacks],
     }
+
+
+def _stacks(records: list[dict[str, Any]]) -> str:
+    """The recorded stacks in a line: key, layers top down, disks at the bottom."""
+    return (
+        "; ".join(
+            f"{r.get('key')}: {' on '.join(r.get('names', [])[::-1]) or 'plain'} over "
+            + ", ".join(d.rsplit("/", 1)[-1] for d in r.get("devices", []))
+            for r in records
+        )
+        or "none"
+    )
 
 
 def _hardware_moved(config: Config, recorded: dict[str, Any]) -> list[str]:
@@ -162,6 +175,10 @@ def _hardware_moved(config: Config, recorded: dict[str, Any]) -> list[str]:
     if gone or new:
         reasons.append("host-only detection finds other drivers now: "
                        + ", ".join([f"+{m}" for m in new] + [f"-{m}" for m in gone]))  # fmt: skip
+    if was.get("stacks", []) != now["stacks"]:
+        before = _stacks(was.get("stacks", []))
+        reasons.append(f"host-only detection finds other storage under the targets now: "
+                       f"{_stacks(now['stacks'])}; was {before}")  # fmt: skip
     if was.get("network") != now["network"]:
         reasons.append(f"host-only detection picks another NIC now: {now['network']}, "
                        f"was {was.get('network')}")  # fmt: skip

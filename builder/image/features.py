@@ -17,13 +17,14 @@ from kdump_mkinitrd.config import CAPTURE_SCHEMA, NETWORK_SCHEMA, TARGET_SCHEMA,
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.cpio import Kind
 from kdump_mkinitrd.paths import MODULES_DIR, TEMPLATES_DIR
+from kdump_mkinitrd.storage import Layer
 from kdump_mkinitrd.targets import Target
 
 _KEYS = {
     "name", "description", "depends", "when", "kernel_modules", "binaries", "files",
     "directories", "nodes", "host_symlinks", "templates", "python_stage",
 }  # fmt: skip
-_WHEN_KEYS = {"always", "target_types", "used_by_targets", "stage", "collector"}
+_WHEN_KEYS = {"always", "target_types", "used_by_targets", "layer_types", "stage", "collector"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class Feature:
     always: bool
     target_types: tuple[str, ...]
     used_by_targets: bool  # serves the targets whose type lists it in `uses` (network)
+    layer_types: tuple[str, ...]  # serves the disk targets with a storage layer of these types
     when_stage: tuple[str, ...]
     when_collector: tuple[str, ...]
     # Each may hang on a condition; kernel modules may hold `{target.FIELD}` placeholders.
@@ -91,15 +93,31 @@ class Feature:
         return tuple(
             t
             for t in config.targets
-            if t.type in self.target_types or (self.used_by_targets and self.name in t.uses)
+            if t.type in self.target_types
+            or (self.used_by_targets and self.name in t.uses)
+            or any(layer.type in self.layer_types for layer in t.layers())
         )
+
+    def layers(self, config: Config) -> tuple[Layer, ...]:
+        """The storage layers this feature brings up, each once, in config order."""
+        found: list[Layer] = []
+        for target in config.targets:
+            found += [x for x in target.layers() if x.type in self.layer_types and x not in found]
+        return tuple(found)
+
+    def _why(self, entry: Entry, config: Config) -> str:
+        """An entry's reason; a layer feature's names the layers that want it, which is what
+        `inspect` shows beside each program and module ("feature lvm for lvm crashvg/dump")."""
+        layers = self.layers(config)
+        named = f" for {', '.join(x.name for x in layers)}" if layers else ""
+        return entry.why(self.name) + named
 
     def applies(self, config: Config, stage: str, collector: str) -> bool:
         """`when` keys all have to hold; `always` alone means unconditionally."""
         if self.always:
             return True
         checks = []
-        if self.target_types or self.used_by_targets:
+        if self.target_types or self.used_by_targets or self.layer_types:
             checks.append(bool(self.targets(config)))
         if self.when_stage:
             checks.append(stage in self.when_stage)
@@ -116,18 +134,18 @@ class Feature:
             if not entry.wanted(config, targets):
                 continue
             if "{" not in entry.name:
-                out.append((entry.name, entry.why(self.name)))
+                out.append((entry.name, self._why(entry, config)))
                 continue
             for target in targets:
                 value = entry.name.format_map({"target": target})
                 if value and value != "None":
-                    out.append((value, entry.why(self.name)))
+                    out.append((value, self._why(entry, config)))
         return out
 
     def binary_requests(self, config: Config) -> list[tuple[str, str]]:
         """(program, why) for the entries whose condition holds."""
         targets = self.targets(config)
-        return [(e.name, e.why(self.name)) for e in self.binaries if e.wanted(config, targets)]
+        return [(e.name, self._why(e, config)) for e in self.binaries if e.wanted(config, targets)]
 
 
 def _mode(value: object, default: int) -> int:
@@ -235,6 +253,7 @@ def _load(folder: Path) -> Feature:
         always=bool(when.get("always", False)),
         target_types=_str_list(manifest, when, "target_types"),
         used_by_targets=when.get("used_by_targets", False),
+        layer_types=_str_list(manifest, when, "layer_types"),
         when_stage=_str_list(manifest, when, "stage"),
         when_collector=_str_list(manifest, when, "collector"),
         kernel_modules=_entries(manifest, data, "kernel_modules"),

@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdump_mkinitrd import storage
 from kdump_mkinitrd.config import Config
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan.elfdeps import BinaryClosure, ElfResolver
@@ -113,6 +114,7 @@ def capture_settings(config: Config, resolver: ElfResolver, root: Path) -> Captu
 
 def module_requests(config: Config, features: list[Feature]) -> list[tuple[str, str]]:
     requests = [request for f in features for request in f.kernel_module_requests(config)]
+    requests += storage.kernel_module_requests(config.targets)
     requests += [(name, "config key kernel_modules") for name in config.kernel_modules]
     return requests
 

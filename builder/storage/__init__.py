@@ -11,10 +11,13 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdump_mkinitrd.schema import Checker, Field
 from kdump_mkinitrd.storage.base import REGISTERED, Layer
+
+if TYPE_CHECKING:
+    from kdump_mkinitrd.targets.base import Target
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -56,6 +59,26 @@ def item(checker: Checker, key: str, data: Any) -> dict[str, Any]:
 
 def make(values: dict[str, Any]) -> Layer:
     return TYPES[values["type"]].make(values)
+
+
+def shell_calls(targets: tuple[Target, ...]) -> list[list[tuple[Layer, tuple[str, ...]]]]:
+    """For each target, its layers bottom first with the words the capture init passes to
+    `kdump_layer_TYPE`; layers are numbered across the whole image (Layer.shell_args)."""
+    calls: list[list[tuple[Layer, tuple[str, ...]]]] = []
+    index = 0
+    for target in targets:
+        calls.append([])
+        for layer in target.layers():
+            calls[-1].append((layer, layer.shell_args(index)))
+            index += 1
+    return calls
+
+
+def kernel_module_requests(targets: tuple[Target, ...]) -> list[tuple[str, str]]:
+    """(module, why) for what each layer instance needs beyond its feature module's."""
+    return [(module, f"feature {layer.feature} for {layer.name}")
+            for target in targets for layer in target.layers()
+            for module in layer.kernel_modules()]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -101,4 +124,7 @@ def detect_stack(device_sysdir: Path) -> tuple[Layer, ...]:
     return walk(device_sysdir).layers
 
 
-__all__ = ["TYPES", "Layer", "Stack", "check", "detect_stack", "item", "make", "schema", "walk"]
+__all__ = [
+    "TYPES", "Layer", "Stack", "check", "detect_stack", "item", "kernel_module_requests", "make",
+    "schema", "shell_calls", "walk",
+]  # fmt: skip

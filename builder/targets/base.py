@@ -17,6 +17,7 @@ from kdump_mkinitrd.schema import Checker, Field
 
 if TYPE_CHECKING:
     from kdump_mkinitrd.config import Config
+    from kdump_mkinitrd.storage.base import Layer
 
 FSTYPES = ("ext4", "xfs", "btrfs")
 # The feature module (modules.d/network) that brings the capture kernel's network up.
@@ -62,6 +63,7 @@ class Target:
     # `python-stage` for a type that saves through kdump_capture_on (which runs the stage).
     uses: ClassVar[frozenset[str]] = frozenset()
     article: ClassVar[str] = "a"  # "an ssh target"
+    takes_stack: ClassVar[bool] = False  # storage layers under its device (`stack`)
 
     device: str | None
     fstype: str | None
@@ -96,6 +98,19 @@ class Target:
     @classmethod
     def make(cls, values: dict[str, Any]) -> Self:
         return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+    def layers(self) -> tuple[Layer, ...]:
+        """The storage layers under its device, bottom first, that the capture init brings up
+        before it looks for the device (kdump_mkinitrd.storage)."""
+        return ()
+
+    def layers_given(self) -> bool:
+        """Whether the config names its layers; else host-only detection may replace them."""
+        return False
+
+    def with_layers(self, layers: tuple[Layer, ...]) -> Self:
+        """A copy on these layers (what host-only detection found), for a type that takes them."""
+        raise TypeError(f"{self.type} targets take no storage layers")
 
     def hostonly_device(self) -> tuple[str, str] | None:
         """(key, device spec) whose drivers host-only detection finds from sysfs: the device

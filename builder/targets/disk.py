@@ -5,15 +5,24 @@ before it waits for the device. Template: modules.d/disk/."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 # Only the module: storage imports targets.base, so its names are looked up at call time.
 from kdump_mkinitrd import storage
 from kdump_mkinitrd.schema import Checker, Field
-from kdump_mkinitrd.targets.base import Target, check_device, check_mount_options, register
+from kdump_mkinitrd.targets.base import (
+    ImageFile,
+    Target,
+    check_device,
+    check_mount_options,
+    register,
+)
 
 if TYPE_CHECKING:
+    from kdump_mkinitrd.config import Config
     from kdump_mkinitrd.storage.base import Layer
 
 # Folders udev and the kernel make under /dev: /dev/NAME/X there is no volume group's LV.
@@ -51,6 +60,7 @@ class DiskTarget(Target):
     }
     takes: ClassVar[frozenset[str]] = frozenset({"device", "fstype", "path", "mount_options"})
     uses: ClassVar[frozenset[str]] = frozenset({"python-stage"})
+    takes_stack: ClassVar[bool] = True
 
     stack: tuple[Layer, ...] = ()
     # Whether the config wrote `stack` (an empty list too); else it was inferred from the
@@ -90,6 +100,18 @@ class DiskTarget(Target):
             stack = inferred_stack(values["device"])
         common = {k: values[k] for k in ("device", "fstype", "path", "mount_options")}
         return cls(**common, stack=stack, stack_given=given)
+
+    def layers(self) -> tuple[Layer, ...]:
+        return self.stack
+
+    def layers_given(self) -> bool:
+        return self.stack_given
+
+    def with_layers(self, layers: tuple[Layer, ...]) -> Self:
+        return dataclasses.replace(self, stack=layers)
+
+    def image_files(self, config: Config, index: int, root: Path) -> list[ImageFile]:
+        return [f for i, layer in enumerate(self.stack) for f in layer.image_files(index, i, root)]
 
 
 def inferred_stack(device: str | None) -> tuple[Layer, ...]:

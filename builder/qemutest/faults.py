@@ -135,14 +135,14 @@ FAULTS = {f.name: f for f in (
     Fault("pv-missing", "a PV of the target's volume group is gone at crash time: the LV is "
           "not activated, logged; the next target (a plain disk) takes the dump",
           layouts=("lvm", "lvm-thin", "luks-on-lvm"), drop_member=True, next_target=True,
-          logged=(("*", "lvm:"),)),
+          logged=(("*", "of its PVs"),)),
     Fault("luks-bad-key", "the kdump keyslot was removed after the image was built: the "
           "volume does not open, logged; the next target takes the dump",
           layouts=("luks", "luks-on-lvm"), next_target=True,
           logged=(("*", "the key file no longer opens"),)),
     Fault("thin-pool-full", "the thin pool has less free space than the dump may take: the "
           "target is refused before anything is written, logged; the next target takes it",
-          layouts=("lvm-thin",), next_target=True, logged=(("*", "thin pool"),)),
+          layouts=("lvm-thin",), next_target=True, logged=(("*", "the dump may need up to"),)),
 )}  # fmt: skip
 
 

@@ -100,6 +100,7 @@ MKFS = {
     "xfs": ["mkfs.xfs", "-q", "-f"],
     "btrfs": ["mkfs.btrfs", "-q", "-f"],
 }
+LETTERS = "abcdefghijklmnop"  # the guest's virtio disks: /dev/vda, /dev/vdb...
 
 
 @dataclass
@@ -324,7 +325,6 @@ def _capture_boot(
 def _read_back(options: Options, config: Config, workdir: Path, disks: list[Path]) -> Path:
     """Boot once more to tar the disk targets' dump directories onto a scratch disk."""
     readable = [(t, d) for t, d in zip(config.targets, disks, strict=True) if t.type == "disk"]
-    letters = "abcdefghijklmnop"
     scratch = workdir / "read-back.tar"
     with scratch.open("wb") as f:
         f.truncate((_disk_size_mb(options) + 64) * 2**20)
@@ -334,12 +334,12 @@ def _read_back(options: Options, config: Config, workdir: Path, disks: list[Path
                 "index": disks.index(d),
                 "fstype": t.fstype,
                 "path": t.path,
-                "device": f"/dev/vd{letters[disks.index(d)]}"
+                "device": f"/dev/vd{LETTERS[disks.index(d)]}"
                 + ("1" if (t.device or "").startswith("PARTUUID=") else ""),
             }
             for t, d in readable
         ],
-        "out_device": f"/dev/vd{letters[len(disks)]}",
+        "out_device": f"/dev/vd{LETTERS[len(disks)]}",
     }
     fstypes = sorted({t.fstype for t, _ in readable if t.fstype})
     image = workdir / "read-back.img"
@@ -363,9 +363,6 @@ def _read_back(options: Options, config: Config, workdir: Path, disks: list[Path
         tar.extractall(out, filter="tar")
     scratch.unlink()
     return out
-
-
-LETTERS = "abcdefghijklmnop"
 
 
 @dataclass(frozen=True)

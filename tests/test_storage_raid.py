@@ -248,8 +248,9 @@ def test_assembles_only_the_array_asked_for_and_starts_no_resync(tmp_path: Path)
         _with_file("/dev/md/wanted", tmp_path / "mnt", "on the mirror")
         _sh("mdadm", "--stop", "/dev/md/wanted")
         # The other array is mid-resync when it stops: dirty, as an array is after a crash.
+        other_members = [arrays.loop(), arrays.loop()]
         with _slow_resync():
-            other = arrays.create("other", "1", [arrays.loop(), arrays.loop()])
+            other = arrays.create("other", "1", other_members)
             _sh("mdadm", "--stop", "/dev/md/other")
         assert arrays.running() == {}
 
@@ -275,7 +276,15 @@ def test_assembles_only_the_array_asked_for_and_starts_no_resync(tmp_path: Path)
             os.fsync(dev.fileno())
         assert (sysdir / "array_state").read_text().strip() in ("active", "clean")
         assert (sysdir / "sync_action").read_text().strip() == "frozen"
-        assert "resync" not in Path("/proc/mdstat").read_text()
+        # mdstat says resync=PENDING: due, and not running.
+        assert (sysdir / "sync_completed").read_text().strip() == "none"
+        _sh("mdadm", "--stop", "/dev/md/kdump-md-2")
+
+        # Dirty and a mirror gone, as the raid-degraded fault leaves it: RAID1 still starts.
+        arrays.detach(other_members[1])
+        status, logged = _layer(other, "kdump-md-3", log)
+        assert status == 0, logged
+        assert "raid1) is DEGRADED: 1 of 2 members missing or failed" in logged
 
 
 def test_degraded_array_still_starts(tmp_path: Path) -> None:
@@ -329,14 +338,17 @@ def test_raid5_with_a_member_missing_starts_unless_dirty(tmp_path: Path) -> None
         _sh("mdadm", "--stop", "/dev/md/r5")
 
         # Dirty and degraded, RAID5's parity may not match its data: md will not start it
-        # (mdadm says why), and the layer fails with the members free again.
+        # (mdadm says why), and the layer fails with the members free again. (--force: a
+        # resync of every member, not mdadm's usual rebuild of the last one, which stays
+        # clean.)
         members = [arrays.loop(), arrays.loop(), arrays.loop()]
         with _slow_resync():
-            dirty = arrays.create("dirty5", "5", members)
+            dirty = arrays.create("dirty5", "5", members, "--force")
             _sh("mdadm", "--stop", "/dev/md/dirty5")
+        assert re.search(r"^ +State : active$", _sh("mdadm", "--examine", members[0]), re.M)
         arrays.detach(members[2])
         status, logged = _layer(dirty, "d5", log)
-        assert status == 1
+        assert status == 1, logged
         assert f"raid {dirty}: mdadm cannot start the array: " in logged
         assert arrays.running() == {}
 

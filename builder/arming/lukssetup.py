@@ -77,12 +77,18 @@ def _write_key(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _cryptsetup(args: list[str], device: Path, what: str) -> None:
-    """Run cryptsetup with the terminal, so it can ask for a passphrase itself."""
-    proc = subprocess.run([cryptsetup(), *args], stderr=subprocess.PIPE, text=True, check=False)
+def _cryptsetup(args: list[str], device: Path, what: str, interactive: bool = False) -> None:
+    """Run cryptsetup; `interactive`: on the terminal, so it can ask for a passphrase."""
+    proc = subprocess.run(
+        [cryptsetup(), *args], capture_output=not interactive, text=True, check=False
+    )
     if proc.returncode != 0:
-        reason = proc.stderr.strip() or f"exit status {proc.returncode}"
-        raise KdumpError(f"{_where(device)}: {what} failed: {reason}")
+        said = " ".join(f"{proc.stdout or ''} {proc.stderr or ''}".split())
+        # cryptsetup's exit status 2: no keyslot took the passphrase or key given.
+        why = "the existing passphrase or key was not accepted; " if proc.returncode == 2 else ""
+        reason = said or ("see cryptsetup's message above" if interactive else "no message")
+        raise KdumpError(f"{_where(device)}: {what} failed (exit status {proc.returncode}): "
+                         f"{why}{reason}")  # fmt: skip
 
 
 def setup(
@@ -99,7 +105,8 @@ def setup(
     if unlock_key_file is not None:
         args += ["--key-file", str(unlock_key_file)]
     try:
-        _cryptsetup([*args, str(device), str(path)], device, "cryptsetup luksAddKey")
+        _cryptsetup([*args, str(device), str(path)], device, "cryptsetup luksAddKey",
+                    interactive=unlock_key_file is None)  # fmt: skip
     except BaseException:
         path.unlink()  # no keyslot opens it: nothing may think it does
         raise

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from kdump_mkinitrd import storage
 from kdump_mkinitrd.config import CAPTURE_SCHEMA, NETWORK_SCHEMA, TARGET_SCHEMA, Config
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.cpio import Kind
@@ -236,6 +237,11 @@ def _load(folder: Path) -> Feature:
         raise _fail(manifest, f"'when' takes only {sorted(_WHEN_KEYS)}")
     if not isinstance(when.get("used_by_targets", False), bool):
         raise _fail(manifest, "'when: used_by_targets' must be true or false")
+    unknown = set(_str_list(manifest, when, "layer_types")) - set(storage.TYPES)
+    if unknown:
+        known = ", ".join(storage.TYPES)
+        raise _fail(manifest, "'when: layer_types' names no storage layer type: "
+                    f"{', '.join(sorted(unknown))} (known: {known})")  # fmt: skip
     nodes = tuple(_node(manifest, n) for n in data.get("nodes") or [])
     templates = []
     for t in data.get("templates") or []:

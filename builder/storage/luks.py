@@ -13,7 +13,7 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -31,7 +31,7 @@ DEFAULT_CIPHER = "aes-xts-plain64"
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _MAPPER = re.compile(r"[A-Za-z0-9_.+-]{1,127}")
 # device-mapper's uuid of an opened LUKS volume: CRYPT-LUKS2-<UUID without dashes>-<name>.
-_DM_UUID = re.compile(r"CRYPT-LUKS[12]-([0-9a-f]{32})-.*")
+_DM_UUID = re.compile(r"CRYPT-LUKS[12]-([0-9a-fA-F]{32})-.*")
 # Cipher mode templates that are built on another one: the kernel instantiates xts(aes) from
 # ecb(aes), adiantum from nhpoly1305.
 _MODE_NEEDS = {"xts": ("ecb",), "lrw": ("ecb", "gf128mul"), "adiantum": ("nhpoly1305",)}
@@ -175,8 +175,10 @@ class LuksLayer(Layer):
     }
 
     uuid: str
-    key_file: str
-    mapper: str | None = None  # the config's `name:` (`name` is what logs call a layer)
+    # The storage is the volume: the config's key file and dm name (`name:`; `name` is what
+    # logs call a layer) do not make another layer, so a detected stack agrees with the config.
+    key_file: str = field(compare=False)
+    mapper: str | None = field(default=None, compare=False)
 
     @classmethod
     def check(cls, checker: Checker, key: str, values: dict[str, Any]) -> None:
@@ -248,17 +250,19 @@ class LuksLayer(Layer):
         path = image_key_path(self.uuid)
         return (
             ImageFile(FEATURE, path, key, host, f"{self.name}: key file", mode=0o600),
+            # From luks-setup's record when there is one: a new record means a rebuild.
             ImageFile(FEATURE, path.removesuffix(".key") + ".json",
-                      (json.dumps(info, indent=1) + "\n").encode(), host,
+                      (json.dumps(info, indent=1) + "\n").encode(),
+                      record_path(host) if record_path(host).exists() else host,
                       f"{self.name}: its keyslot and key derivation", mode=0o600),
         )  # fmt: skip
 
     @classmethod
     def detect(cls, sysdir: Path) -> tuple[Self, list[Path]] | None:
-        found = _DM_UUID.fullmatch(_read(sysdir / "dm" / "uuid").lower())
+        found = _DM_UUID.fullmatch(_read(sysdir / "dm" / "uuid"))
         if found is None:
             return None
-        h = found.group(1)
+        h = found.group(1).lower()
         uuid = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
         slaves = sysdir / "slaves"
         below = [s.resolve() for s in sorted(slaves.iterdir())] if slaves.is_dir() else []

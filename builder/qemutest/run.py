@@ -196,12 +196,16 @@ def _mkfs_command(target: Target) -> list[str]:
     return cmd
 
 
-def _make_disk(path: Path, target: Target, size_mb: int, blank: bool = False) -> None:
-    """A sparse disk image formatted as the target says: with its UUID or LABEL, or inside a
-    GPT partition carrying its PARTUUID; `blank`: left empty."""
+def _blank_disk(path: Path, size_mb: int) -> None:
     with path.open("wb") as disk:
         disk.truncate(size_mb * 2**20)
-    if blank or target.type != "disk" or target.fstype is None:
+
+
+def _make_disk(path: Path, target: Target, size_mb: int) -> None:
+    """A sparse disk image formatted as the target says: with its UUID or LABEL, or inside a
+    GPT partition carrying its PARTUUID."""
+    _blank_disk(path, size_mb)
+    if target.type != "disk" or target.fstype is None:
         return
     cmd = _mkfs_command(target)
     device = target.device or ""
@@ -423,8 +427,7 @@ def _read_back_storage(options: Options, workdir: Path, disks: list[Path],
     """A guest with the host's lvm, mdadm and cryptsetup opens the stack read-only and tars
     every disk target's dump folder onto a scratch disk."""
     scratch = workdir / "read-back.tar"
-    with scratch.open("wb") as f:
-        f.truncate((_disk_size_mb(options) + 64) * 2**20)
+    _blank_disk(scratch, _disk_size_mb(options) + 64)
     image = workdir / "read-back.img"
     extra = host_root_image(
         image, options.kver, options.kmoddir, [["sh", str(storage.scripts.read_back)]],
@@ -756,10 +759,10 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
         disks = target_disks
     else:  # blank members: the first guest builds the stack on them
         for member in storage.members:
-            _make_disk(member, config.targets[0], _disk_size_mb(options), blank=True)
+            _blank_disk(member, _disk_size_mb(options))
         disks = [*storage.members, *target_disks[1:]]
     for target, disk in zip(config.targets, target_disks, strict=True):
-        if storage is not None and disk in storage.members:
+        if storage is not None and disk == storage.members[0]:
             continue
         # A network target gets a tiny placeholder so that disk names stay in config order.
         network_target = target.network

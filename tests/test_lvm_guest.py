@@ -46,10 +46,13 @@ class Lvm:
         conf = SETUP_CONF.replace("LOCKS", str(self.dir / "locks"))
         (self.dir / "lvm.conf").write_text(conf)
 
-    def __call__(self, *args: str) -> str:
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, LVM_SYSTEM_DIR=str(self.dir), LVM_SUPPRESS_FD_WARNINGS="1")
-        run = subprocess.run(["lvm", *args], env=env, capture_output=True, text=True,
-                             timeout=120)  # fmt: skip
+        return subprocess.run(["lvm", *args], env=env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+
+    def __call__(self, *args: str) -> str:
+        run = self.run(*args)
         assert run.returncode == 0, run
         return run.stdout.strip()
 
@@ -87,10 +90,16 @@ def lvm(tmp_path: Path) -> Iterator[Lvm]:
     (tmp_path / "capture").mkdir()
     tool = Lvm(disks, tmp_path)
     yield tool
-    # Top volumes first: a pass removes what nothing else holds open.
+    ours = ("kdumpvg", "othervg")
+    for vg in ours:
+        tool.run("vgchange", "-q", "-an", vg)
+    # What lvm could not take down (a VG whose PV a test wiped): top volumes first, a pass
+    # removes what nothing else holds open; then lvm's /dev/VG links.
     for _ in range(4):
-        for name in sorted(n for n in active() if n.startswith(("kdumpvg-", "othervg-"))):
+        for name in sorted(n for n in active() if n.startswith(tuple(f"{vg}-" for vg in ours))):
             subprocess.run(["dmsetup", "remove", name], capture_output=True, timeout=60)
+    for vg in ours:
+        shutil.rmtree(f"/dev/{vg}", ignore_errors=True)
     for disk in disks:
         with open(disk, "r+b") as f:
             f.write(bytes(2**20))

@@ -101,7 +101,9 @@ def _block_device(sysdir: Path) -> Path:
 class DeviceStack:
     """What host-only detection found under one target's device."""
 
+    index: int  # the target's, in config.targets
     key: str  # the config key of the device: targets[0].device
+    device: str  # as the config gives it
     layers: tuple[Layer, ...]  # bottom first; () for a plain disk or partition
     devices: tuple[Path, ...]  # the sysfs dirs of the disks (or partitions) at the bottom
 
@@ -156,6 +158,10 @@ def target_stacks(
             )
         name = node.resolve().name
         sysdir = (sys_root / "class" / "block" / name).resolve()
+        if not sysdir.exists() and node.is_block_device():
+            # Without udev, /dev/mapper/VG-LV is a node of its own, not a link to ../dm-N.
+            rdev = node.stat().st_rdev
+            sysdir = (sys_root / "dev" / "block" / f"{os.major(rdev)}:{os.minor(rdev)}").resolve()
         if not sysdir.exists():
             raise KdumpError(
                 f"--hostonly: {node} ({name}) has no entry under {sys_root}/class/block"
@@ -169,7 +175,7 @@ def target_stacks(
                 f"{', '.join(x.name for x in reversed(stack.layers))}; {target.article} "
                 f"{target.type} target cannot bring storage layers up, a disk target can"
             )
-        found.append(DeviceStack(f"targets[{i}].{key}", stack.layers, stack.devices))
+        found.append(DeviceStack(i, f"targets[{i}].{key}", device, stack.layers, stack.devices))
     return found
 
 
@@ -178,8 +184,7 @@ def stack_modules(config: Config, stacks: list[DeviceStack],
     """(module, why) for the drivers above every disk at the bottom of every stack."""
     requests = []
     for stack in stacks:
-        where = config.line_of(stack.key)
-        device = _spec_of(config, stack.key)
+        where, device = config.line_of(stack.key), stack.device
         under = f" under {stack.layers[-1].name}" if stack.layers else ""
         for bottom in stack.devices:
             if not _drivers_on_path(bottom, sys_root):
@@ -196,26 +201,13 @@ def stack_modules(config: Config, stacks: list[DeviceStack],
     return requests
 
 
-def _spec_of(config: Config, key: str) -> str:
-    index = int(key[len("targets[") : key.index("]")])
-    spec = config.targets[index].hostonly_device()
-    return spec[1] if spec else key
-
-
-def target_modules(
-    config: Config, dev: Path = Path("/dev"), sys_root: Path = Path("/sys")
-) -> list[tuple[str, str]]:
-    """(module, why) for every target with a device of its own."""
-    return stack_modules(config, target_stacks(config, dev, sys_root), sys_root)
-
-
 def with_detected_stacks(config: Config, stacks: list[DeviceStack]) -> Config:
     """The config with each target's stack as detected: a stack the file gives must name the
     same layers (by name: the file may add what sysfs cannot know, such as a key file); one
     inferred from the device's name gives way to what is really there."""
     changed = list(config.targets)
     for stack in stacks:
-        index = int(stack.key[len("targets[") : stack.key.index("]")])
+        index = stack.index
         target = config.targets[index]
         if not target.takes_stack:
             continue
@@ -226,12 +218,12 @@ def with_detected_stacks(config: Config, stacks: list[DeviceStack]) -> Config:
                 key = f"targets[{index}].stack"
                 raise KdumpError(
                     f"{config.line_of(key)}: --hostonly: key '{key}' names "
-                    f"[{', '.join(names)}], but under {_spec_of(config, stack.key)} this host "
+                    f"[{', '.join(names)}], but under {stack.device} this host "
                     f"has [{', '.join(found) or 'no storage layers'}] (bottom first)"
                 )
             continue
         if have != stack.layers:
-            log.info("host-only: target %s is on %s", _spec_of(config, stack.key),
+            log.info("host-only: target %s is on %s", stack.device,
                      ", ".join(x.name for x in stack.layers) or "no storage layers")  # fmt: skip
             changed[index] = target.with_layers(stack.layers)
     if changed == list(config.targets):

@@ -117,14 +117,17 @@ def _value(layer: object, key: str) -> Any:
     return getattr(layer, key, None)
 
 
-def check_config(layout: Layout, config: Config, config_path: Path) -> Target:
+def check_config(layout: Layout, config: Config, config_path: Path, hostonly: bool) -> Target:
     """The config's first target must be the layout's: a disk target with its stack, named
-    with the documented names. Returns it."""
+    with the documented names (host-only: or with no stack, which detection then finds).
+    Returns it."""
     where = f"{config_path}: targets[0]"
     target = config.targets[0] if config.targets else None
     if target is None or target.type != "disk":
         raise KdumpError(f"{where}: --storage {layout.name} needs a disk target first")
     found = list(_value(target, "stack") or ())
+    if hostonly and not found:
+        return target
     wanted = layout.stack(None)
     found_types = [str(_value(layer, "type")) for layer in found]
     if found_types != [item["type"] for item in wanted]:

@@ -397,7 +397,8 @@ def _storage(options: Options, config: Config, config_path: Path, workdir: Path,
     """Checks the config against the layout and writes the guests' scripts; returns them and
     each target's disk (the stacked target's: its first member)."""
     layout = layouts.LAYOUTS[options.storage or ""]
-    stacked = layouts.check_config(layout, config, config_path)
+    hostonly = options.first_stage == "hostonly"
+    stacked = layouts.check_config(layout, config, config_path, hostonly)
     if fault is not None and fault.next_target and len(config.targets) < 2:
         raise KdumpError(f"{config_path}: --fault {fault.name} needs a second target to take "
                          "the dump")  # fmt: skip
@@ -417,7 +418,7 @@ def _storage(options: Options, config: Config, config_path: Path, workdir: Path,
         [(letter[d], t.fstype or "", t.path or "") for t, d in zip(config.targets[1:], others,
                                                                     strict=True)],
         f"/dev/vd{LETTERS[len(members) + len(others)]}", stacked.path or "",
-        keep_up=options.first_stage == "hostonly",
+        keep_up=hostonly,
     )  # fmt: skip
     return Storage(layout, members, scripts), [members[0], *others]
 

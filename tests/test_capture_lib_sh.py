@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from kdump_mkinitrd import storage
 from kdump_mkinitrd.capture.vmcore_json import problems
 from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.image.pystage import PythonStage
@@ -68,7 +69,8 @@ def capture_hooks(
         "python" if python else "static", collector, dump_level, "lzo" if flag else "none", flag,
         hostname, None, MAKEDUMPFILE if collector == "makedumpfile" else None,
     )  # fmt: skip
-    context = {"config": config, "capture": capture, "python": python, "kver": "6.1.0-test"}
+    context = {"config": config, "capture": capture, "python": python, "kver": "6.1.0-test",
+               "layers": storage.shell_calls(config.targets)}  # fmt: skip
     parts = [render(MODULES_DIR / "capture" / "capture-lib.sh.j2", context)]
     if "disk" in modules:
         parts.append(render(MODULES_DIR / "disk" / "disk-target.sh.j2", context))

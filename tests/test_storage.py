@@ -4,7 +4,6 @@ the rendered capture code that brings a layer up. Real LVM volumes: tests/test_l
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -106,10 +105,6 @@ def test_lvm_layer_is_inferred_from_the_device_name(
     target = parse(_disk("", device), "k.yaml").targets[0]
     layers = (LvmLayer(vg=expected[0], lv=expected[1]),) if expected else ()
     assert target.layers() == layers and not target.layers_given()
-    if expected:
-        assert LvmLayer(vg=expected[0], lv=expected[1]).dm_name == device.split("/")[-1] or (
-            device.split("/")[2] != "mapper"
-        )
 
 
 def test_given_stack_wins_and_an_empty_one_turns_inference_off() -> None:
@@ -241,7 +236,6 @@ def test_inspect_names_the_layer_that_asked(
     capsys.readouterr()
     assert main(["inspect", str(image)]) == 0
     assert f"dm_mod: requested as 'dm_mod' by {why}" in capsys.readouterr().out
-    assert json.loads(json.dumps(info))  # the report stays JSON
 
 
 def test_storage_package_ships() -> None:

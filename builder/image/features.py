@@ -18,7 +18,6 @@ from kdump_mkinitrd.config import CAPTURE_SCHEMA, NETWORK_SCHEMA, TARGET_SCHEMA,
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.cpio import Kind
 from kdump_mkinitrd.paths import MODULES_DIR, TEMPLATES_DIR
-from kdump_mkinitrd.storage import Layer
 from kdump_mkinitrd.targets import Target
 
 _KEYS = {
@@ -99,9 +98,9 @@ class Feature:
             or any(layer.type in self.layer_types for layer in t.layers())
         )
 
-    def layers(self, config: Config) -> tuple[Layer, ...]:
+    def layers(self, config: Config) -> tuple[storage.Layer, ...]:
         """The storage layers this feature brings up, each once, in config order."""
-        found: list[Layer] = []
+        found: list[storage.Layer] = []
         for target in config.targets:
             found += [x for x in target.layers() if x.type in self.layer_types and x not in found]
         return tuple(found)

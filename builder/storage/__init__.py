@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.schema import Checker, Field
 from kdump_mkinitrd.storage.base import REGISTERED, Layer
 
@@ -61,6 +62,16 @@ def make(values: dict[str, Any]) -> Layer:
     return TYPES[values["type"]].make(values)
 
 
+def infer(device: str | None) -> tuple[Layer, ...]:
+    """The stack of a disk target without `stack`: the layer its device path names (a
+    /dev/VG/LV or /dev/mapper/VG-LV names an LV), else none."""
+    for kind in TYPES.values():
+        layer = kind.from_device(device) if device else None
+        if layer is not None:
+            return (layer,)
+    return ()
+
+
 def shell_calls(targets: tuple[Target, ...]) -> list[list[tuple[Layer, tuple[str, ...]]]]:
     """For each target, its layers bottom first with the words the capture init passes to
     `kdump_layer_TYPE`; layers are numbered across the whole image (Layer.shell_args)."""
@@ -105,7 +116,7 @@ def walk(sysdir: Path) -> Stack:
             if found is None:
                 continue
             if depth >= MAX_DEPTH:
-                raise ValueError(f"storage stacked deeper than {MAX_DEPTH} layers at {whole}")
+                raise KdumpError(f"storage stacked deeper than {MAX_DEPTH} layers at {whole}")
             layer, below = found
             for lower in below:
                 visit(lower, depth + 1)
@@ -125,6 +136,6 @@ def detect_stack(device_sysdir: Path) -> tuple[Layer, ...]:
 
 
 __all__ = [
-    "TYPES", "Layer", "Stack", "check", "detect_stack", "item", "kernel_module_requests", "make",
-    "schema", "shell_calls", "walk",
+    "TYPES", "Layer", "Stack", "check", "detect_stack", "infer", "item",
+    "kernel_module_requests", "make", "schema", "shell_calls", "walk",
 ]  # fmt: skip

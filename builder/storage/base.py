@@ -55,6 +55,12 @@ class Layer:
         return ()
 
     @classmethod
+    def from_device(cls, device: str) -> Self | None:
+        """The layer a target's device path names by itself (/dev/VG/LV: that LV), so that
+        the target needs no `stack`; None when it names none of this type."""
+        return None
+
+    @classmethod
     def detect(cls, sysdir: Path) -> tuple[Self, list[Path]] | None:
         """The layer whose device is `sysdir` (/sys/class/block/NAME, resolved, of a whole
         block device), and the sysfs dirs of the devices just below it (LVM: its PVs, past

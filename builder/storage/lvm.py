@@ -25,6 +25,14 @@ _RESERVED_LV = re.compile(
 _DM_UUID = re.compile(r"LVM-([A-Za-z0-9]{32})([A-Za-z0-9]{32})(-.+)?")
 
 
+# Folders udev and the kernel make under /dev: /dev/NAME/X there is no volume group's LV.
+_NOT_VGS = frozenset({
+    "block", "bsg", "bus", "char", "cpu", "disk", "dma_heap", "dri", "fd", "hugepages", "input",
+    "mapper", "md", "mqueue", "net", "pts", "serial", "shm", "snd", "usb", "vfio", "vhost-net",
+    "xen", "zvol",
+})  # fmt: skip
+
+
 def split_dm_name(name: str) -> tuple[str, str] | None:
     """(VG, LV) from a device-mapper name LVM made (/dev/mapper/VG-LV): a '-' inside either
     name is doubled; the first single '-' from the left separates them (lvm's own rule)."""
@@ -103,6 +111,16 @@ class LvmLayer(Layer):
 
     def shell_args(self, index: int) -> tuple[str, ...]:
         return (self.vg, self.lv)
+
+    @classmethod
+    def from_device(cls, device: str) -> Self | None:
+        parts = device.split("/")
+        if len(parts) != 4 or parts[:2] != ["", "dev"] or parts[2] in _NOT_VGS - {"mapper"}:
+            return None
+        names = split_dm_name(parts[3]) if parts[2] == "mapper" else (parts[2], parts[3])
+        if names is None or not (valid_name(names[0]) and valid_name(names[1])):
+            return None
+        return cls(vg=names[0], lv=names[1])
 
     @classmethod
     def detect(cls, sysdir: Path) -> tuple[Self, list[Path]] | None:

@@ -25,30 +25,6 @@ if TYPE_CHECKING:
     from kdump_mkinitrd.config import Config
     from kdump_mkinitrd.storage.base import Layer
 
-# Folders udev and the kernel make under /dev: /dev/NAME/X there is no volume group's LV.
-_NOT_VGS = frozenset({
-    "block", "bsg", "bus", "char", "cpu", "disk", "dma_heap", "dri", "fd", "hugepages", "input",
-    "mapper", "md", "mqueue", "net", "pts", "serial", "shm", "snd", "usb", "vfio", "vhost-net",
-    "xen", "zvol",
-})  # fmt: skip
-
-
-def lvm_of_device(device: str) -> tuple[str, str] | None:
-    """(VG, LV) that a /dev/VG/LV or /dev/mapper/VG-LV device names; None for anything else."""
-    from kdump_mkinitrd.storage.lvm import split_dm_name, valid_name
-
-    parts = device.split("/")
-    if len(parts) != 4 or parts[:1] != [""] or parts[1] != "dev":
-        return None
-    folder, name = parts[2], parts[3]
-    if folder == "mapper":
-        found = split_dm_name(name)
-    elif folder not in _NOT_VGS:
-        found = (folder, name)
-    else:
-        return None
-    return found if found and valid_name(found[0]) and valid_name(found[1]) else None
-
 
 @register
 @dataclass(frozen=True, kw_only=True)
@@ -83,8 +59,8 @@ class DiskTarget(Target):
         for i, layer in enumerate(made):
             if layer in made[:i]:
                 raise checker.fail(f"{key}.stack[{i}]", f"{layer.name} is in this stack twice")
-        named = inferred_stack(values["device"])
-        if named and made and made[-1].type == "lvm" and made[-1] != named[0]:
+        named = storage.infer(values["device"])
+        if named and made and made[-1].type == named[0].type and made[-1] != named[0]:
             raise checker.fail(
                 f"{key}.stack[{len(made) - 1}]",
                 f"the device {values['device']} "
@@ -97,7 +73,7 @@ class DiskTarget(Target):
         if given:
             stack = tuple(storage.make(v) for v in values["stack"])
         else:
-            stack = inferred_stack(values["device"])
+            stack = storage.infer(values["device"])
         common = {k: values[k] for k in ("device", "fstype", "path", "mount_options")}
         return cls(**common, stack=stack, stack_given=given)
 
@@ -112,13 +88,3 @@ class DiskTarget(Target):
 
     def image_files(self, config: Config, index: int, root: Path) -> list[ImageFile]:
         return [f for i, layer in enumerate(self.stack) for f in layer.image_files(index, i, root)]
-
-
-def inferred_stack(device: str | None) -> tuple[Layer, ...]:
-    """The stack a target without `stack` has: the LV that a /dev/VG/LV or /dev/mapper/VG-LV
-    device names, else none."""
-    named = lvm_of_device(device) if device else None
-    if named is None:
-        return ()
-    values = {**dict.fromkeys(storage.schema()), "type": "lvm", "vg": named[0], "lv": named[1]}
-    return (storage.make(values),)

@@ -22,6 +22,8 @@ import pytest
 from kdump_mkinitrd import storage
 from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan import hostonly
+from kdump_mkinitrd.image import build
 from kdump_mkinitrd.image.render import render
 from kdump_mkinitrd.paths import MODULES_DIR
 from kdump_mkinitrd.storage.raid import ANY_LEVEL, RaidLayer
@@ -31,7 +33,7 @@ from tests.guest_pytest import passed_count, pytest_in_guest
 
 UUID = "0a1b2c3d:4e5f6071:8293a4b5:c6d7e8f9"
 TEMPLATE = MODULES_DIR / "mdraid" / "mdraid-layer.sh.j2"
-# Without udev (none runs in the guest, nor in the capture kernel) mdadm makes /dev/md/NAME.
+# The tests' own mdadm runs: no udev makes /dev/md/NAME in the guest (the layer says so itself).
 ENV = {**os.environ, "MDADM_NO_UDEV": "1"}
 
 
@@ -91,11 +93,11 @@ def test_raid_item_errors_are_located(stack: str, key: str, message: str) -> Non
 
 
 def test_kernel_modules_follow_the_level() -> None:
-    assert RaidLayer(uuid=UUID, level="raid1").kernel_modules() == ("md_mod", "raid1")
-    assert RaidLayer(uuid=UUID, level="raid6").kernel_modules() == ("md_mod", "raid456")
-    assert RaidLayer(uuid=UUID, level="raid10").kernel_modules() == ("md_mod", "raid10")
+    assert RaidLayer(uuid=UUID, level="raid1").kernel_modules() == ("raid1",)
+    assert RaidLayer(uuid=UUID, level="raid6").kernel_modules() == ("raid456",)
+    assert RaidLayer(uuid=UUID, level="raid10").kernel_modules() == ("raid10",)
     # No array with this UUID on this host, and no level given: every level served.
-    assert RaidLayer(uuid=UUID).kernel_modules() == ("md_mod", *ANY_LEVEL)
+    assert RaidLayer(uuid=UUID).kernel_modules() == ANY_LEVEL
 
 
 def _layer(uuid: str, name: str, log: Path, timeout: int = 2) -> tuple[int, str]:
@@ -107,7 +109,7 @@ def _layer(uuid: str, name: str, log: Path, timeout: int = 2) -> tuple[int, str]
     )
     run = subprocess.run(
         ["busybox", "sh", "-c", script, "sh", uuid, name],
-        env={**ENV, "KDUMP_LOG": str(log)}, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "KDUMP_LOG": str(log)}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     logged = log.read_text() if log.exists() else ""
     log.unlink(missing_ok=True)
@@ -349,7 +351,8 @@ def test_raid5_with_a_member_missing_starts_unless_dirty(tmp_path: Path) -> None
         arrays.detach(members[2])
         status, logged = _layer(dirty, "d5", log)
         assert status == 1, logged
-        assert f"raid {dirty}: mdadm cannot start the array: " in logged
+        assert f"raid {dirty}: mdadm cannot start the array (exit status " in logged
+        assert "not clean" in logged, logged  # mdadm's reason, in the same line
         assert arrays.running() == {}
 
 
@@ -367,7 +370,7 @@ def test_detection_gives_the_layer_and_its_members(tmp_path: Path) -> None:
         assert sorted(below) == loops
         assert storage.walk(sysdir) == storage.Stack((layer,), tuple(below))
         # A config that names this array, built on this host, packs its personality only.
-        assert RaidLayer(uuid=uuid).kernel_modules() == ("md_mod", "raid1")
+        assert RaidLayer(uuid=uuid).kernel_modules() == ("raid1",)
         # A loop device is none of md's.
         assert RaidLayer.detect(loops[0]) is None
 
@@ -380,14 +383,75 @@ def test_detection_gives_the_layer_and_its_members(tmp_path: Path) -> None:
         assert found is not None and found[0].uuid == old
 
 
-TESTS = 16  # every one in this file but the guest's own
+SERIALS = ("kdump-raid-0", "kdump-raid-1")
+
+
+def _our_disks() -> list[str]:
+    """The guest's virtio disks made for this file, by serial: no other disk is touched."""
+    found = {p.read_text().strip(): p.parent.name for p in Path("/sys/block").glob("vd*/serial")}
+    return [f"/dev/{found[s]}" for s in SERIALS if s in found]
+
+
+def _sys(device: str) -> Path:
+    return (Path("/sys/class/block") / Path(device).name).resolve()
+
+
+def test_hostonly_walks_from_a_filesystem_on_an_array_to_its_disks(tmp_path: Path) -> None:
+    disks = _our_disks()
+    if len(disks) != len(SERIALS):
+        pytest.skip("needs the virtio disks kdump-raid-0 and -1 (the guest test has them)")
+    with _arrays(tmp_path) as arrays:
+        uuid = arrays.create("kdumpmd", "1", disks, "--assume-clean")
+        _sh("mkfs.ext4", "-q", "-F", "/dev/md/kdumpmd")
+        fs = _sh("blkid", "-o", "value", "-s", "UUID", "/dev/md/kdumpmd").strip()
+        config = parse(f"targets: [{{type: disk, device: UUID={fs}, fstype: ext4}}]\n", "k.yaml")
+        found = hostonly.detect(config)
+        (layer,) = found.config.targets[0].layers()
+        assert layer == RaidLayer(uuid=uuid)
+        # The capture makes /dev/md/kdumpmd too, and packs raid1 only.
+        assert (layer.md_name, layer.kernel_modules()) == ("kdumpmd", ("raid1",))
+        assert found.stacks[0].devices == tuple(_sys(d) for d in disks)
+        if Path("/sys/module/virtio_blk/initstate").exists():
+            whys = [why for name, why in found.modules if name == "virtio_blk"]
+            assert whys and all(w.endswith(f" under raid {uuid}") for w in whys), found.modules
+        # A member replaced means another image: `build --if-needed` sees the change.
+        recorded = {"hostonly_detected": build._detected(found)}
+        assert build._hardware_moved(config, recorded) == []
+        _sh("mdadm", "/dev/md/kdumpmd", "--fail", disks[1], "--remove", disks[1])
+        names = [Path(d).name for d in disks]
+        assert build._hardware_moved(config, recorded) == [
+            "host-only detection finds other storage under the targets now: targets[0].device: "
+            f"raid {uuid} over {names[0]}; was targets[0].device: raid {uuid} over "
+            f"{names[0]}, {names[1]}"
+        ]
+        # A stack the config gives must name the array that is there.
+        wrong = (
+            f"targets:\n  - type: disk\n    device: UUID={fs}\n    fstype: ext4\n"
+            f"    stack: [{{type: raid, uuid: '{UUID}'}}]\n"
+        )
+        with pytest.raises(KdumpError) as err:
+            hostonly.detect(parse(wrong, "k.yaml"))
+        assert str(err.value) == (
+            f"k.yaml:5: --hostonly: key 'targets[0].stack' names [raid {UUID}], but under "
+            f"UUID={fs} this host has [raid {uuid}] (bottom first)"
+        )
+
+
+TESTS = 17  # every one in this file but the guest's own
 
 
 @pytest.mark.qemu
 def test_raid_tests_pass_under_a_debian_kernel(kernel61: Kernel, tmp_path: Path) -> None:
+    extra: list[str] = []
+    for serial in SERIALS:
+        disk = tmp_path / f"{serial}.img"
+        with disk.open("wb") as f:
+            f.truncate(32 * 2**20)
+        extra += ["-drive", f"file={disk},if=none,id={serial},format=raw",
+                  "-device", f"virtio-blk-pci,drive={serial},serial={serial}"]  # fmt: skip
     log = pytest_in_guest(
         kernel61, tmp_path, ["tests/test_storage_raid.py"],
-        modules=["md_mod", "raid1", "raid456", "loop", "ext4"],
+        modules=["md_mod", "raid1", "raid456", "loop", "ext4", "virtio_blk"], extra=extra,
     )  # fmt: skip
     # Every test ran and passed: none skipped for want of md in this kernel.
     assert passed_count(log) == [str(TESTS)], log[-4000:]

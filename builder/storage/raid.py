@@ -139,9 +139,9 @@ class RaidLayer(Layer):
         return (self.uuid, self.md_name or f"kdump-md-{index}")
 
     def kernel_modules(self) -> tuple[str, ...]:
-        level = self.level or host_level(self.uuid)
-        personality = PERSONALITIES.get(level or "")
-        return ("md_mod", *((personality,) if personality else ANY_LEVEL))
+        """The personality for its level (md_mod comes with the feature module)."""
+        personality = PERSONALITIES.get(self.level or host_level(self.uuid) or "")
+        return (personality,) if personality else ANY_LEVEL
 
     @classmethod
     def detect(cls, sysdir: Path) -> tuple[Self, list[Path]] | None:

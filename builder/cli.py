@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdump_mkinitrd import config as config_mod
+from kdump_mkinitrd.arming import lukssetup
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan import kernelfiles
 from kdump_mkinitrd.image.build import BuildRequest, build
@@ -168,7 +169,7 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="extra ssh -o option for the login that installs the key (repeatable)",
     )
-    _add_luks_setup(sub)
+    lukssetup.add_parser(sub)
     g = sub.add_parser("register", help="build if needed, then load the capture kernel (kexec)")
     _add_kernel_args(g)
     g.add_argument(
@@ -339,49 +340,6 @@ def _ssh_setup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_luks_setup(sub: Any) -> None:
-    from kdump_mkinitrd.arming.lukssetup import ITER_TIME_MS
-
-    p = sub.add_parser(
-        "luks-setup",
-        help="add a LUKS keyslot for the capture kernel (PBKDF2, fits crash memory) and its "
-        "key file",
-    )
-    p.add_argument("device", type=Path, help="the LUKS volume's device")
-    p.add_argument(
-        "--key-file",
-        type=Path,
-        help="the new key file (default /etc/kdump-mkinitrd/luks/LUKS-UUID.key; never overwritten)",
-    )
-    p.add_argument(
-        "--unlock-key-file",
-        type=Path,
-        help="an existing key that authorises the new keyslot (default: cryptsetup asks for a "
-        "passphrase)",
-    )
-    p.add_argument("--iter-time", type=int, default=ITER_TIME_MS, help=argparse.SUPPRESS)
-    p.add_argument(
-        "--remove",
-        action="store_true",
-        help="remove the keyslot the key file opens, then the key file and its record",
-    )
-
-
-def _luks_setup(args: argparse.Namespace) -> int:
-    from kdump_mkinitrd.arming import lukssetup
-
-    if args.remove:
-        print(lukssetup.remove(args.device, args.key_file))
-        return 0
-    result = lukssetup.setup(args.device, args.key_file, args.unlock_key_file, args.iter_time)
-    print(f"added keyslot {result.keyslot} ({result.kdf['type']}) to LUKS{result.luks_version} "
-          f"{result.uuid} on {result.device}")  # fmt: skip
-    print(f"key file: {result.key_file} (0600); record: {result.record}")
-    print(f"config: stack: [{{type: luks, uuid: {result.uuid}}}]; remove it again with "
-          f"kdump-mkinitrd luks-setup --remove {result.device}")  # fmt: skip
-    return 0
-
-
 def _request(args: argparse.Namespace, output: Path | None, hostonly: bool) -> BuildRequest:
     kver = args.kver or os.uname().release
     kmoddir = args.kmoddir or Path("/lib/modules") / kver
@@ -546,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             "status": _status,
             "estimate": _estimate,
             "ssh-setup": _ssh_setup,
-            "luks-setup": _luks_setup,
+            "luks-setup": lukssetup.command,
         }
         return commands[args.command](args)
     except KdumpError as exc:

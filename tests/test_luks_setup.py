@@ -19,7 +19,7 @@ from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.cpio import Entry, Member, read_newc, write_newc
 from kdump_mkinitrd.image.inspect_image import load_image, report
 from kdump_mkinitrd.storage.base import Layer
-from kdump_mkinitrd.storage.luks import LuksLayer, cipher_modules, read_header
+from kdump_mkinitrd.storage.luks import LuksLayer, active_keyslots, cipher_modules, read_header
 from kdump_mkinitrd.targets.disk import DiskTarget
 from tests.conftest import Kernel
 from tests.test_build import DISK_CONFIG, build_args, write_config
@@ -81,6 +81,7 @@ def test_setup_adds_a_pbkdf2_keyslot_and_a_private_key_file(
     assert key.stat().st_mode & 0o777 == 0o600 and key.stat().st_size == 64
     assert key.parent.stat().st_mode & 0o777 == 0o700
     assert opens(volume, key, slot) and not opens(volume, key, 0)
+    assert active_keyslots(volume) == (0, 1) and active_keyslots(tmp_path / "none") == ()
     assert f"added keyslot 1 (pbkdf2) to LUKS{version} {header.uuid}" in capsys.readouterr().out
 
 
@@ -110,6 +111,13 @@ def test_remove_takes_the_keyslot_and_the_key_file_away(
     assert set(read_header(volume).keyslots) == {0}
     assert not key.exists() and not (tmp_path / "keys" / "capture.key.json").exists()
     assert not opens(volume, kept) and opens(volume, passphrase)
+    # A keyslot killed by hand: --remove still clears the key file away.
+    assert setup(volume, passphrase, key) == 0
+    killed = _cryptsetup("luksKillSlot", "--key-file", str(passphrase), str(volume), "1")
+    assert killed.returncode == 0, killed.stderr
+    assert main(["luks-setup", str(volume), "--key-file", str(key), "--remove"]) == 0
+    assert f"{key} opened no keyslot of {volume} any more" in capsys.readouterr().out
+    assert not key.exists() and set(read_header(volume).keyslots) == {0}
 
 
 def test_errors_name_the_device_and_the_cause(

@@ -15,15 +15,18 @@ itself, on the terminal, or read from --unlock-key-file. A key file is never ove
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.storage.luks import (
+    KEY_DIR,
     Header,
     cryptsetup,
     default_key_file,
@@ -145,14 +148,15 @@ def remove(device: Path, key_file: Path | None = None) -> str:
     record = read_record(path) or {}
     slot = f"slot {record['keyslot']}" if "keyslot" in record else None
     tool = cryptsetup()
-    # Which slot the key opens now (the record may be stale); exit 2: it opens none.
+    # Whether the key still opens a keyslot (it may have been killed by hand); 2: none.
     test = subprocess.run(
-        [tool, "open", "--test-passphrase", "--verbose", "--key-file", str(path), str(device)],
+        [tool, "open", "--test-passphrase", "--key-file", str(path), str(device)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if test.returncode == 0:
+        # On the terminal: for the volume's last keyslot cryptsetup asks first.
         _cryptsetup(["luksRemoveKey", "--key-file", str(path), str(device)], device,
-                    "cryptsetup luksRemoveKey")  # fmt: skip
+                    "cryptsetup luksRemoveKey", interactive=True)  # fmt: skip
         done = f"removed the keyslot {path} opened" + (f" ({slot})" if slot is not None else "")
     elif test.returncode == 2:
         done = f"{path} opened no keyslot of {device} any more"
@@ -161,3 +165,46 @@ def remove(device: Path, key_file: Path | None = None) -> str:
     path.unlink()
     record_path(path).unlink(missing_ok=True)
     return f"{done}; deleted {path} and its record"
+
+
+def add_parser(sub: Any) -> None:
+    """The `luks-setup` subcommand, on the command line's subparsers."""
+    p = sub.add_parser(
+        "luks-setup",
+        help="add a LUKS keyslot for the capture kernel (PBKDF2, fits crash memory) and its "
+        "key file",
+    )
+    p.add_argument("device", type=Path, help="the LUKS volume's device")
+    p.add_argument(
+        "--key-file",
+        type=Path,
+        metavar="PATH",
+        help=f"the new key file (default {KEY_DIR}/LUKS-UUID.key; never overwritten)",
+    )
+    p.add_argument(
+        "--unlock-key-file",
+        type=Path,
+        metavar="PATH",
+        help="an existing key that authorises the new keyslot (default: cryptsetup asks for a "
+        "passphrase)",
+    )
+    p.add_argument("--iter-time", type=int, default=ITER_TIME_MS, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--remove",
+        action="store_true",
+        help="remove the keyslot the key file opens, then the key file and its record",
+    )
+
+
+def command(args: argparse.Namespace) -> int:
+    if args.remove:
+        print(remove(args.device, args.key_file))
+        return 0
+    result = setup(args.device, args.key_file, args.unlock_key_file, args.iter_time)
+    print(f"added keyslot {result.keyslot} ({result.kdf['type']}) to LUKS{result.luks_version} "
+          f"{result.uuid} on {result.device}")  # fmt: skip
+    print(f"key file: {result.key_file} (0600); record: {result.record}")
+    flag = "" if args.key_file is None else f" --key-file {result.key_file}"
+    print(f"config: stack: [{{type: luks, uuid: {result.uuid}}}]; remove it again with "
+          f"kdump-mkinitrd luks-setup --remove{flag} {result.device}")  # fmt: skip
+    return 0

@@ -146,6 +146,14 @@ def find_device(uuid: str) -> Path | None:
     return Path(found) if proc.returncode == 0 and found else None
 
 
+def active_keyslots(device: Path) -> tuple[int, ...]:
+    """The header's keyslots; () when it cannot be read here."""
+    try:
+        return tuple(sorted(read_header(device).keyslots))
+    except KdumpError:
+        return ()
+
+
 def read_record(key_file: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(record_path(key_file).read_text())
@@ -179,6 +187,9 @@ class LuksLayer(Layer):
     # logs call a layer) do not make another layer, so a detected stack agrees with the config.
     key_file: str = field(compare=False)
     mapper: str | None = field(default=None, compare=False)
+    # Host-only detection's record of the header's keyslots: one removed or added changes the
+    # record, so `build --if-needed` rebuilds (and finds a recorded keyslot gone).
+    keyslots: tuple[int, ...] = field(default=(), compare=False)
 
     @classmethod
     def check(cls, checker: Checker, key: str, values: dict[str, Any]) -> None:
@@ -267,4 +278,5 @@ class LuksLayer(Layer):
         slaves = sysdir / "slaves"
         below = [s.resolve() for s in sorted(slaves.iterdir())] if slaves.is_dir() else []
         # Identity is the UUID: the host's dm name and key file are not the stack's.
-        return cls(uuid=uuid, key_file=default_key_file(uuid)), below
+        slots = active_keyslots(Path("/dev", below[0].name)) if len(below) == 1 else ()
+        return cls(uuid=uuid, key_file=default_key_file(uuid), keyslots=slots), below

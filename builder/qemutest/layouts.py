@@ -28,8 +28,8 @@ from kdump_mkinitrd.targets import Target
 VG, LV, POOL, ARRAY = "kdumpvg", "dump", "pool", "kdumpmd"
 # The name the harness's own guests open the LUKS volume as (the capture picks its own).
 LUKS_NAME = "kdumptestluks"
-# What each member disk holds, so that guest memory fits unfiltered on the stacked filesystem
-# (run._disk_size_mb) whatever layers cost; thin: the pool's size when it must be too small.
+# The thin pool: most of the VG (two member disks, each as large as a plain target's), or,
+# for thin-pool-full, enough for mkfs (under 2 MiB) and far less than any dump's estimate.
 FULL_POOL = "90%FREE"
 TINY_POOL = "32M"
 THIN_VIRTUAL = "2G"
@@ -114,7 +114,7 @@ def config_text(layout: Layout, key_file: Path, hostonly: bool, fallback: bool) 
 
 
 def _value(layer: object, key: str) -> Any:
-    return getattr(layer, key, None)
+    return getattr(layer, key, None)  # each layer type has its own fields
 
 
 def check_config(layout: Layout, config: Config, config_path: Path, hostonly: bool) -> Target:
@@ -125,11 +125,11 @@ def check_config(layout: Layout, config: Config, config_path: Path, hostonly: bo
     target = config.targets[0] if config.targets else None
     if target is None or target.type != "disk":
         raise KdumpError(f"{where}: --storage {layout.name} needs a disk target first")
-    found = list(_value(target, "stack") or ())
+    found = list(target.layers())
     if hostonly and not found:
         return target
     wanted = layout.stack(None)
-    found_types = [str(_value(layer, "type")) for layer in found]
+    found_types = [layer.type for layer in found]
     if found_types != [item["type"] for item in wanted]:
         raise KdumpError(
             f"{where}.stack: --storage {layout.name} builds "
@@ -166,7 +166,7 @@ def luks_key_file(layout: Layout, target: Target, workdir: Path) -> Path | None:
     yet (64 random bytes, 0600, and luks-setup's record of the keyslot it opens)."""
     if "luks" not in layout.layers:
         return None
-    luks = next((s for s in _value(target, "stack") or () if _value(s, "type") == "luks"), None)
+    luks = next((layer for layer in target.layers() if layer.type == "luks"), None)
     key = _value(luks, "key_file") if luks is not None else None
     path = Path(key) if key else workdir / "luks" / f"{layout.luks_uuid}.key"
     if not path.exists():

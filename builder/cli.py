@@ -199,6 +199,12 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recover-raw", help="write a dump from a raw target out as a directory")
     r.add_argument("device", type=Path)
     r.add_argument("directory", type=Path)
+    q.add_argument(
+        "--storage",
+        metavar="LAYOUT",
+        help="a disk target on stacked storage, built in the first guest: lvm, lvm-thin, "
+        "raid1, luks, luks-on-lvm, lvm-on-raid1 (README: the layouts' fixed names)",
+    )
     i = sub.add_parser("inspect", help="list an image's contents and why each piece is there")
     i.add_argument("image", type=Path)
     i.add_argument("--json", action="store_true")
@@ -304,6 +310,7 @@ def _run_qemu_test(args: argparse.Namespace) -> int:
         fault=args.fault,
         target=args.target,
         ssh_client=args.ssh_client,
+        storage=args.storage,
         # Minutes of work: say what is going on, unless stdout is for a program.
         progress=Progress(sys.stderr if args.verbose or not args.json else None),
     )

@@ -220,7 +220,6 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
 
     capture = capture_settings(config, ElfResolver(request.root, config.search_path), request.root)
     feature_dirs = _feature_dirs(request)
-    features = select(discover(request.modules_dirs), config, capture.stage, capture.collector)
     detected: list[tuple[str, str]] = []
     found = None
     if request.hostonly:
@@ -228,6 +227,8 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         # detection found filled in where the file left it open.
         found = hostonly.detect(config)
         config, detected = found.config, found.modules
+    # After detection: the storage layers it found select their feature modules too.
+    features = select(discover(request.modules_dirs), config, capture.stage, capture.collector)
     resolution = resolve(
         config,
         features,

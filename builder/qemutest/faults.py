@@ -58,6 +58,12 @@ class Fault:
     # What the capture log must show, by --target, or --target/client where the ssh clients
     # word it differently ("*": the same for all).
     logged: tuple[tuple[str, str], ...] = ()
+    # Stacked storage (--storage): the layouts it works with; the second member disk loses its
+    # backend as the guest crashes (QEMU's drive_del: the capture kernel sees no sectors); a
+    # second, plain target must take the dump.
+    layouts: tuple[str, ...] = ()
+    drop_member: bool = False
+    next_target: bool = False
 
     def phrase(self, target: str) -> str:
         said = dict(self.logged)
@@ -122,6 +128,21 @@ FAULTS = {f.name: f for f in (
           "nothing complete is left on the server", targets=("nfs", "ssh"), cut_network=True,
           logged=(("ssh", "Timeout, server"), ("ssh/dropbear", "Keepalive timeout"),
                   ("nfs", "no longer answers: giving it up"))),
+    Fault("raid-degraded", "one RAID1 member is gone at crash time (QEMU's drive_del as the "
+          "guest crashes): the array is started degraded and takes the dump",
+          layouts=("raid1", "lvm-on-raid1"), drop_member=True,
+          logged=(("*", "is DEGRADED"),)),
+    Fault("pv-missing", "a PV of the target's volume group is gone at crash time: the LV is "
+          "not activated, logged; the next target (a plain disk) takes the dump",
+          layouts=("lvm", "lvm-thin", "luks-on-lvm"), drop_member=True, next_target=True,
+          logged=(("*", "of its PVs"),)),
+    Fault("luks-bad-key", "the kdump keyslot was removed after the image was built: the "
+          "volume does not open, logged; the next target takes the dump",
+          layouts=("luks", "luks-on-lvm"), next_target=True,
+          logged=(("*", "the key file no longer opens"),)),
+    Fault("thin-pool-full", "the thin pool has less free space than the dump may take: the "
+          "target is refused before anything is written, logged; the next target takes it",
+          layouts=("lvm-thin",), next_target=True, logged=(("*", "the dump may need up to"),)),
 )}  # fmt: skip
 
 
@@ -327,6 +348,8 @@ def check(fault: Fault, logs: list[str], out: Path, facts: dict[str, str],
     failed = "kdump: running failure_action" in log
     if fault.targets != ("disk",):
         return _check_network_fault(fault, log, out, facts, report)
+    if fault.layouts:
+        return _check_storage_fault(fault, log, out, report)
     if fault.name in ("no-target", "wrong-fs"):
         phrase = "not found after" if fault.name == "no-target" else "cannot mount"
         check_("failure_logged", phrase in log, f"no {phrase!r} line")
@@ -491,3 +514,33 @@ def _check_network_fault(
     else:
         report.check("nothing_written_on_the_server", not written, str(written))
     return dump
+
+
+def _check_storage_fault(fault: Fault, log: str, out: Path, report: Checks) -> Path | None:
+    phrase = fault.phrase("disk")
+    said = [line for line in log.splitlines() if "kdump: " in line and phrase in line]
+    report.check("failure_logged" if fault.next_target else "degraded_logged", bool(said),
+                 f"no kdump: line with {phrase!r}")  # fmt: skip
+    if fault.drop_member:
+        # Its backend gone, the disk shows the capture kernel no sectors at all.
+        report.check("member_gone_in_the_capture_kernel",
+                     "[vdb] 0 512-byte logical blocks" in log, "vdb still had sectors")  # fmt: skip
+    if not fault.next_target:
+        report.check("dump_saved_on_the_degraded_array", "kdump: dump saved to target 0" in log)
+        read_back = (out.parent / "read-back.log").read_text(errors="replace")
+        # The member the capture could not use is stale now: the read-back starts without it.
+        report.check("member_stale_after_the_capture", "started with 1 drive (out of 2)"
+                     in read_back, "the read-back assembled both members")  # fmt: skip
+        states = _states(out)
+        report.check("degraded_array_holds_a_complete_dump", states == ["complete"], str(states))
+        dumps = _dump_dirs(out)
+        return dumps[0] if len(dumps) == 1 else None
+    report.check("target_gave_up_logged", "target 0 could not take the dump" in log)
+    written = sorted(str(p.relative_to(out)) for p in (out / "t0").rglob("vmcore*")) \
+        if (out / "t0").is_dir() else []  # fmt: skip
+    report.check("nothing_written_on_the_stacked_target", not written, str(written))
+    report.check("next_target_saved_the_dump", "kdump: dump saved to target 1" in log)
+    states = _states(out, 1)
+    report.check("next_target_holds_a_complete_dump", states == ["complete"], str(states))
+    later = _dump_dirs(out, 1)
+    return later[0] if len(later) == 1 else None

@@ -32,7 +32,7 @@ from kdump_mkinitrd.dumps import rawrecovery as raw
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.build import BuildRequest, build
 from kdump_mkinitrd.progress import Progress
-from kdump_mkinitrd.qemutest import faults, guest_traffic
+from kdump_mkinitrd.qemutest import faults, guest_traffic, layouts
 from kdump_mkinitrd.qemutest.guest_images import host_root_image, utility_image
 from kdump_mkinitrd.qemutest.nfsserver import TestNfsServer
 from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
@@ -100,6 +100,7 @@ MKFS = {
     "xfs": ["mkfs.xfs", "-q", "-f"],
     "btrfs": ["mkfs.btrfs", "-q", "-f"],
 }
+LETTERS = "abcdefghijklmnop"  # the guest's virtio disks: /dev/vda, /dev/vdb...
 
 
 @dataclass
@@ -122,6 +123,7 @@ class Options:
     target: str = "disk"
     nfs_protocols: str = "3, 4"  # what the test NFS server offers
     ssh_client: str = "openssh"  # the client that @SSH_CLIENT@ names
+    storage: str | None = None  # a layout from kdump_mkinitrd.qemutest.layouts.LAYOUTS
     progress: Progress = field(default_factory=Progress)  # silent unless given a stream
 
 
@@ -180,13 +182,9 @@ def _default_config(workdir: Path) -> Path:
     return path
 
 
-def _make_disk(path: Path, target: Target, size_mb: int) -> None:
-    """A sparse disk image formatted as the target says: with its UUID or LABEL, or inside a
-    GPT partition carrying its PARTUUID."""
-    with path.open("wb") as disk:
-        disk.truncate(size_mb * 2**20)
-    if target.type != "disk" or target.fstype is None:
-        return
+def _mkfs_command(target: Target) -> list[str]:
+    """mkfs for the target's filesystem with its UUID or LABEL, without the device."""
+    assert target.fstype is not None
     cmd = list(MKFS[target.fstype])
     device = target.device or ""
     if device.startswith("UUID="):
@@ -195,6 +193,22 @@ def _make_disk(path: Path, target: Target, size_mb: int) -> None:
         cmd += [*flag, value]
     elif device.startswith("LABEL="):
         cmd += ["-L", device[6:]]
+    return cmd
+
+
+def _blank_disk(path: Path, size_mb: int) -> None:
+    with path.open("wb") as disk:
+        disk.truncate(size_mb * 2**20)
+
+
+def _make_disk(path: Path, target: Target, size_mb: int) -> None:
+    """A sparse disk image formatted as the target says: with its UUID or LABEL, or inside a
+    GPT partition carrying its PARTUUID."""
+    _blank_disk(path, size_mb)
+    if target.type != "disk" or target.fstype is None:
+        return
+    cmd = _mkfs_command(target)
+    device = target.device or ""
     if not device.startswith("PARTUUID="):
         subprocess.run([*cmd, str(path)], check=True, capture_output=True)
         return
@@ -227,9 +241,15 @@ def _first_stage_with_kexec_tools(options: Options, first: Path, image: Path) ->
 
 
 def _first_stage_with_register(
-    options: Options, first: Path, image: Path, config_path: Path, network: bool
+    options: Options,
+    first: Path,
+    image: Path,
+    config_path: Path,
+    network: bool,
+    prepare: tuple[str, ...] = (),
 ) -> tuple[str, ...]:
-    """The guest runs this very installation of kdump-mkinitrd from the host's root (9p)."""
+    """The guest runs this very installation of kdump-mkinitrd from the host's root (9p);
+    `prepare`, a command run first (--storage: build the stack on the blank disks)."""
     command = [
         sys.executable, "-m", "kdump_mkinitrd.cli", "register", "-k", options.kver,
         "--kmoddir", str(options.kmoddir.resolve()),
@@ -246,13 +266,15 @@ def _first_stage_with_register(
     # `status` must then say: loaded, and the image up to date (exit 0), or the guest stops.
     status = [sys.executable, "-m", "kdump_mkinitrd.cli", "status"]
     return host_root_image(
-        first, options.kver, options.kmoddir, [command, status], crash=True, network=network,
+        first, options.kver, options.kmoddir, [*([prepare] if prepare else []), command, status],
+        crash=True, network=network,
         # Not /tmp: configs and work directories often live there on the host.
         writable=["/run"],
         environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",
                      "XDG_CACHE_HOME=/run/cache", "PYTHONDONTWRITEBYTECODE=1",
                      "KDUMP_MKINITRD_STATE_DIR=/run/kdump-mkinitrd"],
-        modules=["virtio_blk", *(["virtio_net"] if network else [])],
+        modules=["virtio_blk", *(["virtio_net"] if network else []),
+                 *(layouts.GUEST_MODULES if prepare else [])],
     )  # fmt: skip
 
 
@@ -270,12 +292,15 @@ def _capture_boot(
     wrapper: tuple[str, ...] = (),
     on_line: Callable[[str], None] | None = None,
     machine: tuple[str, ...] = (),
+    prepare: tuple[str, ...] = (),
 ) -> tuple[str, float]:
     first = workdir / "first-stage.img"
     if options.first_stage == "kexec-tools":
         extra = _first_stage_with_kexec_tools(options, first, image)
     else:
-        extra = _first_stage_with_register(options, first, image, config_path, bool(network))
+        extra = _first_stage_with_register(
+            options, first, image, config_path, bool(network), prepare
+        )
     if network:
         # Proof of where the guest sent packets.
         network += guest_traffic.recording(workdir / Path(serial_log).with_suffix(".pcap"))
@@ -304,7 +329,6 @@ def _capture_boot(
 def _read_back(options: Options, config: Config, workdir: Path, disks: list[Path]) -> Path:
     """Boot once more to tar the disk targets' dump directories onto a scratch disk."""
     readable = [(t, d) for t, d in zip(config.targets, disks, strict=True) if t.type == "disk"]
-    letters = "abcdefghijklmnop"
     scratch = workdir / "read-back.tar"
     with scratch.open("wb") as f:
         f.truncate((_disk_size_mb(options) + 64) * 2**20)
@@ -314,12 +338,12 @@ def _read_back(options: Options, config: Config, workdir: Path, disks: list[Path
                 "index": disks.index(d),
                 "fstype": t.fstype,
                 "path": t.path,
-                "device": f"/dev/vd{letters[disks.index(d)]}"
+                "device": f"/dev/vd{LETTERS[disks.index(d)]}"
                 + ("1" if (t.device or "").startswith("PARTUUID=") else ""),
             }
             for t, d in readable
         ],
-        "out_device": f"/dev/vd{letters[len(disks)]}",
+        "out_device": f"/dev/vd{LETTERS[len(disks)]}",
     }
     fstypes = sorted({t.fstype for t, _ in readable if t.fstype})
     image = workdir / "read-back.img"
@@ -343,6 +367,82 @@ def _read_back(options: Options, config: Config, workdir: Path, disks: list[Path
         tar.extractall(out, filter="tar")
     scratch.unlink()
     return out
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A --storage run: the layout, the disks under its stack, and the guests' scripts."""
+
+    layout: layouts.Layout
+    members: list[Path]
+    scripts: layouts.Scripts
+
+
+def _storage_config(options: Options, workdir: Path, fault: faults.Fault | None) -> Path:
+    """The config qemu-test writes for --storage (with a plain second disk when the fault
+    needs the next target), or the -c one."""
+    if options.config is not None:
+        return options.config.resolve()
+    layout = layouts.LAYOUTS[options.storage or ""]
+    path = workdir / "kdump.yaml"
+    key_file = workdir / "luks" / f"{layout.luks_uuid}.key"
+    hostonly = options.first_stage == "hostonly"
+    fallback = bool(fault and fault.next_target)
+    path.write_text(layouts.config_text(layout, key_file, hostonly, fallback))
+    return path
+
+
+def _storage(options: Options, config: Config, config_path: Path, workdir: Path,
+             fault: faults.Fault | None) -> tuple[Storage, list[Path]]:  # fmt: skip
+    """Checks the config against the layout and writes the guests' scripts; returns them and
+    each target's disk (the stacked target's: its first member)."""
+    layout = layouts.LAYOUTS[options.storage or ""]
+    hostonly = options.first_stage == "hostonly"
+    stacked = layouts.check_config(layout, config, config_path, hostonly)
+    if fault is not None and fault.next_target and len(config.targets) < 2:
+        raise KdumpError(f"{config_path}: --fault {fault.name} needs a second target to take "
+                         "the dump")  # fmt: skip
+    if any(t.type != "disk" for t in config.targets[1:]):
+        raise KdumpError(f"{config_path}: with --storage, the targets after the stacked one "
+                         "must be disk targets")  # fmt: skip
+    key_file = layouts.luks_key_file(layout, stacked, workdir)
+    members = [workdir / f"member{i}.img" for i in range(layout.members)]
+    others = [workdir / f"target{i}.img" for i in range(1, len(config.targets))]
+    mkfs = _mkfs_command(stacked)
+    if stacked.fstype == "ext4":  # write little: the thin pool may be small on purpose
+        mkfs += ["-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"]
+    letter = {disk: f"/dev/vd{LETTERS[n]}" for n, disk in enumerate([*members, *others])}
+    scripts = layouts.write_scripts(
+        layout, workdir, [letter[m] for m in members], mkfs, key_file,
+        fault.name if fault else None,
+        [(letter[d], t.fstype or "", t.path or "") for t, d in zip(config.targets[1:], others,
+                                                                    strict=True)],
+        f"/dev/vd{LETTERS[len(members) + len(others)]}", stacked.path or "",
+        keep_up=hostonly,
+    )  # fmt: skip
+    return Storage(layout, members, scripts), [members[0], *others]
+
+
+def _read_back_storage(options: Options, workdir: Path, disks: list[Path],
+                       storage: Storage) -> None:  # fmt: skip
+    """A guest with the host's lvm, mdadm and cryptsetup opens the stack read-only and tars
+    every disk target's dump folder onto a scratch disk."""
+    scratch = workdir / "read-back.tar"
+    _blank_disk(scratch, _disk_size_mb(options) + 64)
+    image = workdir / "read-back.img"
+    extra = host_root_image(
+        image, options.kver, options.kmoddir, [["sh", str(storage.scripts.read_back)]],
+        crash=False, writable=["/run"], environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+        modules=["virtio_blk", "ext4", "xfs", "btrfs", *layouts.GUEST_MODULES],
+    )  # fmt: skip
+    result = run(Boot(kernel=options.kernel, initrd=image, cmdline="console=ttyS0 panic=-1",
+                      serial_log=workdir / "read-back.log", disks=(*disks, scratch),
+                      accel=default_accel(), timeout=300, extra=extra))  # fmt: skip
+    if "kdump-test: read-back done" not in result.log:
+        raise KdumpError(f"the read-back boot failed; see {workdir / 'read-back.log'}")
+    with tarfile.open(scratch) as tar:
+        tar.extractall(workdir / "dumps", filter="tar")
+    scratch.unlink()
 
 
 def verify_dump(dump: Path, report: Report) -> None:
@@ -536,6 +636,10 @@ def run_qemu_test(options: Options) -> Report:
             raise KdumpError(f"--fault {options.fault} needs {wanted}")
         append = f"{options.append} {faults.FAULTS[options.fault].append}".strip()
         options = replace(options, append=append)
+    _check_storage(options)
+    if options.storage and options.first_stage == "kexec-tools":
+        # The stack is built by the first guest, from the host's tools: register's way.
+        options = replace(options, first_stage="register")
     workdir = (
         options.keep or Path(tempfile.mkdtemp(prefix="kdump-qemu-test-", dir="/var/tmp"))
     ).resolve()
@@ -549,6 +653,22 @@ def run_qemu_test(options: Options) -> Report:
         return _run(options, workdir, servers)
     finally:
         servers.stop()
+
+
+def _check_storage(options: Options) -> None:
+    fault = faults.FAULTS[options.fault] if options.fault else None
+    if fault is not None and fault.layouts and options.storage not in fault.layouts:
+        wanted = " or ".join(f"--storage {name}" for name in fault.layouts)
+        raise KdumpError(f"--fault {fault.name} needs {wanted}")
+    if options.storage is None:
+        return
+    if options.storage not in layouts.LAYOUTS:
+        raise KdumpError(f"unknown storage layout {options.storage!r}; known: "
+                         f"{', '.join(layouts.LAYOUTS)}")  # fmt: skip
+    if fault is not None and not fault.layouts:
+        raise KdumpError(f"--fault {fault.name} works on plain disks, not with --storage")
+    if options.target != "disk":
+        raise KdumpError("--storage makes local disks only: it takes no --target ssh or nfs")
 
 
 def _with_machine_drivers(config: Config) -> tuple[Config, list[str]]:
@@ -583,10 +703,20 @@ def _written(disk: Path, allocated: int) -> bool:
     return disk.stat().st_blocks * 512 >= allocated
 
 
+def _logged(log: Path, marker: str) -> bool:
+    try:
+        return marker in log.read_text(errors="replace")
+    except FileNotFoundError:
+        return False
+
+
 def _breakage(
     fault: faults.Fault, servers: Servers, disks: list[Path], facts: dict[str, str]
 ) -> tuple[Callable[[], bool] | None, str]:
     """When, during the crash boot, QEMU's monitor breaks what the fault breaks, and how."""
+    if fault.drop_member:  # the second member disk fails every request from the crash on
+        serial = disks[0].parent / "serial.log"
+        return partial(_logged, serial, "kdump-test: crashing now"), "drive_del virtio1"
     if fault.cut_network:  # the NIC's link goes down once the server holds part of the dump
         return partial(_streaming, servers.dumps), "set_link n0 off"
     if fault.cut_disk:  # the first disk fails every request once part of the dump is on it
@@ -604,12 +734,18 @@ def _recover_raw_targets(config: Config, disks: list[Path], out: Path, report: R
 def _run(options: Options, workdir: Path, servers: Servers) -> Report:
     progress = options.progress
     report = Report(workdir=str(workdir), serial_log=str(workdir / "serial.log"))
+    fault = faults.FAULTS[options.fault] if options.fault else None
     if servers.ssh or servers.nfs:
         config_path = _server_config(options, workdir, servers)
+    elif options.storage:
+        config_path = _storage_config(options, workdir, fault)
     else:
         config_path = (options.config or _default_config(workdir)).resolve()
     config = config_mod.load(config_path)
     _check_targets(options, config, config_path, servers)
+    storage = None
+    if options.storage:  # before the build: it makes the LUKS key file the image holds
+        storage, target_disks = _storage(options, config, config_path, workdir, fault)
     image = workdir / "capture.img"
     progress.phase("building the capture image")
     start = time.monotonic()
@@ -619,12 +755,19 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
     built = build(config, request)
     report.timings["build"] = time.monotonic() - start
     report.image_size = built.size
-    disks = [workdir / f"target{i}.img" for i in range(len(config.targets))]
-    for target, disk in zip(config.targets, disks, strict=True):
+    if storage is None:
+        target_disks = [workdir / f"target{i}.img" for i in range(len(config.targets))]
+        disks = target_disks
+    else:  # blank members: the first guest builds the stack on them
+        for member in storage.members:
+            _blank_disk(member, _disk_size_mb(options))
+        disks = [*storage.members, *target_disks[1:]]
+    for target, disk in zip(config.targets, target_disks, strict=True):
+        if storage is not None and disk == storage.members[0]:
+            continue
         # A network target gets a tiny placeholder so that disk names stay in config order.
         network_target = target.network
         _make_disk(disk, target, 1 if network_target else _disk_size_mb(options))
-    fault = faults.FAULTS[options.fault] if options.fault else None
     facts = faults.prepare(fault, config, disks, workdir) if fault else {}
     network: tuple[str, ...] = ()
     if any(t.network for t in config.targets):
@@ -655,6 +798,7 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
             monitor_when=monitor_when, monitor_command=monitor_command,
             wrapper=wrapper, on_line=_ConsolePhases(progress, label),
             machine=fault.machine(n) if fault else (),
+            prepare=("sh", str(storage.scripts.build)) if storage else (),
         )  # fmt: skip
         logs.append(log)
         if fault is not None:
@@ -671,10 +815,12 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
     progress.phase("reading the dumps back")
     start = time.monotonic()
     out = workdir / "dumps"
-    if fault is None or fault.read_back:
+    if storage is not None:
+        _read_back_storage(options, workdir, disks, storage)
+    elif fault is None or fault.read_back:
         if any(t.type == "disk" for t in config.targets):
             _read_back(options, config, workdir, disks)
-        _recover_raw_targets(config, disks, out, report)
+        _recover_raw_targets(config, target_disks, out, report)
     report.timings["read_back"] = time.monotonic() - start
     if fault is not None:
         progress.phase("checking the fault's outcome")

@@ -69,6 +69,19 @@ def pytest_in_guest(
     return log
 
 
+def blank_disks(folder: Path, serials: Sequence[str], size_mb: int) -> list[str]:
+    """QEMU arguments for one blank virtio disk per serial: guest tests find their disks by
+    serial and touch no other."""
+    args: list[str] = []
+    for serial in serials:
+        disk = folder / f"{serial}.img"
+        with disk.open("wb") as f:
+            f.truncate(size_mb * 2**20)
+        args += ["-drive", f"file={disk},if=none,id={serial},format=raw",
+                 "-device", f"virtio-blk-pci,drive={serial},serial={serial}"]  # fmt: skip
+    return args
+
+
 def passed_count(log: str) -> list[str]:
     """The counts on pytest's closing lines in the guest's log."""
     return re.findall(r"^(\d+) passed(?:, \d+ deselected)? in ", log, re.M)

@@ -21,7 +21,7 @@ from kdump_mkinitrd.hostscan import hostonly
 from kdump_mkinitrd.image import build
 from kdump_mkinitrd.storage.lvm import LvmLayer
 from tests.conftest import Kernel
-from tests.guest_pytest import passed_count, pytest_in_guest
+from tests.guest_pytest import blank_disks, passed_count, pytest_in_guest
 from tests.test_storage import run_layer
 
 SERIALS = ("kdump-lvm-0", "kdump-lvm-1", "kdump-lvm-2")
@@ -283,13 +283,7 @@ GUEST_TESTS = 6
 
 @pytest.mark.qemu
 def test_lvm_tests_pass_in_a_guest(kernel61: Kernel, tmp_path: Path) -> None:
-    extra: list[str] = []
-    for serial in SERIALS:
-        disk = tmp_path / f"{serial}.img"
-        with disk.open("wb") as f:
-            f.truncate(DISK_MB * 2**20)
-        extra += ["-drive", f"file={disk},if=none,id={serial},format=raw",
-                  "-device", f"virtio-blk-pci,drive={serial},serial={serial}"]  # fmt: skip
+    extra = blank_disks(tmp_path, SERIALS, DISK_MB)
     modules = ["dm_mod", "dm_thin_pool", "virtio_blk"]
     log = pytest_in_guest(kernel61, tmp_path, ["tests/test_lvm_guest.py"], modules, extra)
     assert passed_count(log) == [str(GUEST_TESTS)], log[-4000:]

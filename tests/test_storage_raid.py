@@ -29,7 +29,7 @@ from kdump_mkinitrd.paths import MODULES_DIR
 from kdump_mkinitrd.storage.raid import ANY_LEVEL, RaidLayer
 from kdump_mkinitrd.targets.disk import DiskTarget
 from tests.conftest import Kernel
-from tests.guest_pytest import passed_count, pytest_in_guest
+from tests.guest_pytest import blank_disks, passed_count, pytest_in_guest
 
 UUID = "0a1b2c3d:4e5f6071:8293a4b5:c6d7e8f9"
 TEMPLATE = MODULES_DIR / "mdraid" / "mdraid-layer.sh.j2"
@@ -442,13 +442,7 @@ TESTS = 17  # every one in this file but the guest's own
 
 @pytest.mark.qemu
 def test_raid_tests_pass_under_a_debian_kernel(kernel61: Kernel, tmp_path: Path) -> None:
-    extra: list[str] = []
-    for serial in SERIALS:
-        disk = tmp_path / f"{serial}.img"
-        with disk.open("wb") as f:
-            f.truncate(32 * 2**20)
-        extra += ["-drive", f"file={disk},if=none,id={serial},format=raw",
-                  "-device", f"virtio-blk-pci,drive={serial},serial={serial}"]  # fmt: skip
+    extra = blank_disks(tmp_path, SERIALS, 32)
     log = pytest_in_guest(
         kernel61, tmp_path, ["tests/test_storage_raid.py"],
         modules=["md_mod", "raid1", "raid456", "loop", "ext4", "virtio_blk"], extra=extra,

@@ -51,7 +51,12 @@ NETWORK_CASES = [
     ("key-refused", "ssh/dropbear", True),
     ("net-lost", "nfs", True), ("net-lost", "ssh", False), ("net-lost", "ssh/dropbear", True),
 ]  # fmt: skip
-CASES = [(f, "disk", False) for f in sorted(FAULTS) if FAULTS[f].targets == ("disk",)]
+# Storage faults run on their stacked layouts in tests/test_storage_qemu.py.
+CASES = [
+    (f, "disk", False)
+    for f in sorted(FAULTS)
+    if FAULTS[f].targets == ("disk",) and not FAULTS[f].layouts
+]
 
 
 def network_config(target: str, fallback: bool) -> str:

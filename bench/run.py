@@ -743,7 +743,10 @@ def plain_crash_minimum(results: dict[str, Any], kver: str) -> tuple[int | None,
 
 
 def part_storage(
-    kver: str, quick: bool, plain_mb: int | None, progress: Callable[[dict[str, Any]], None]
+    kver: str,
+    quick: bool,
+    plain: tuple[int | None, str],
+    progress: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
     """Each `qemu-test --storage` layout: image sizes, `estimate`, and (not quick) the
     smallest crashkernel= by the crash-memory bisection, from just below the plain disk's
@@ -755,10 +758,11 @@ def part_storage(
     out: dict[str, Any] = {"kver": kver, "stage": STORAGE_STAGE, "memory": "1G", "step_mb": 8,
                            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-                           "tree": tree_state(), "layouts": {}}  # fmt: skip
-    plain = image_figures(k, python_config(), work / "plain.img")
-    plain["crashkernel_min_mb"] = plain_mb
-    out["plain"] = plain
+                           "tree": tree_state(), "plain_crashkernel_source": plain[1],
+                           "layouts": {}}  # fmt: skip
+    plain_mb = plain[0]
+    out["plain"] = image_figures(k, python_config(), work / "plain.img")
+    out["plain"]["crashkernel_min_mb"] = plain_mb
     for name, layout in layouts.LAYOUTS.items():
         entry: dict[str, Any] = {"stack": list(layout.layers), "thin": layout.thin}
         out["layouts"][name] = entry
@@ -768,8 +772,10 @@ def part_storage(
         except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"
             continue
-        entry["size_ratio"] = ratio(entry["size"], plain["size"])
-        entry["uncompressed_ratio"] = ratio(entry["uncompressed_size"], plain["uncompressed_size"])
+        entry["size_ratio"] = ratio(entry["size"], out["plain"]["size"])
+        entry["uncompressed_ratio"] = ratio(
+            entry["uncompressed_size"], out["plain"]["uncompressed_size"]
+        )
         if quick:
             continue
 
@@ -1189,15 +1195,14 @@ def main() -> int:
         save(results)
         results["capture"] = part("capture", lambda: part_capture(crash_kver))
         save(results)
-    plain_mb, plain_source = plain_crash_minimum(results, crash_kver)
+    plain = plain_crash_minimum(results, crash_kver)
 
     def storage_progress(partial: dict[str, Any]) -> None:
         results["storage"] = partial
         save(results)
 
-    results["storage"] = part("storage", lambda: part_storage(crash_kver, quick, plain_mb,
+    results["storage"] = part("storage", lambda: part_storage(crash_kver, quick, plain,
                                                               storage_progress))  # fmt: skip
-    results["storage"]["plain_crashkernel_source"] = plain_source
     if not only:
         results["meta"]["duration_s"] = round(time.monotonic() - start, 1)
         results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -146,9 +146,10 @@ endif
 
 # Benchmarks against dracut and makedumpfile (issue 7): writes bench/results.json and
 # bench/results.md and prints the table. BENCH_QUICK=1 skips the QEMU parts (crash-memory
-# bisection, capture timing); the full run takes a while.
+# bisection, capture timing); the full run takes a while. BENCH_ONLY=storage runs only the
+# stacked-storage part (qemu-test --storage layouts) and merges it into the last results.
 BENCH_DEBS := dracut-core zstd busybox-static makedumpfile kexec-tools openssh-client
 .PHONY: bench
 bench: setup kernels
 	@scripts/install-debs $(BENCH_DEBS)
-	BENCH_QUICK="$(BENCH_QUICK)" $(BIN)/python bench/run.py
+	BENCH_QUICK="$(BENCH_QUICK)" BENCH_ONLY="$(BENCH_ONLY)" $(BIN)/python bench/run.py

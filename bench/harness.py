@@ -147,16 +147,18 @@ def qemu_test(
     workdir: Path,
     want_stage: str,
     timeout: float = 300.0,
+    extra: tuple[str, ...] = (),
 ) -> tuple[Probe, dict[str, Any]]:
-    """One `kdump-mkinitrd qemu-test` run; passes when every check passed and the dump was
-    saved by `want_stage` (a Python-stage image whose stage died passes only on the
-    static fallback, which is not what its crash memory is measured for)."""
+    """One `kdump-mkinitrd qemu-test` run (`extra`: more of its arguments, e.g. --storage);
+    passes when every check passed and the dump was saved by `want_stage` (a Python-stage
+    image whose stage died passes only on the static fallback, which is not what its crash
+    memory is measured for)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [
         str(cli), "qemu-test", "-k", kernel.kver, "--kmoddir", str(kernel.kmoddir),
         "--kernel", str(kernel.vmlinuz), "-c", str(config), "--memory", "1G",
         "--crashkernel", f"{crashkernel_mb}M", "--keep", str(workdir), "--json",
-        "--timeout", str(int(timeout)), *qemu_test_args(cli),
+        "--timeout", str(int(timeout)), *qemu_test_args(cli), *extra,
     ]  # fmt: skip
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * 2 + 120)

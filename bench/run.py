@@ -10,7 +10,12 @@ Parts (each records an error string in the JSON when it fails; the others still 
 * crash memory (skipped with BENCH_QUICK=1): the smallest crashkernel= at which qemu-test
   passes, for the static and the Python stage, and the kernel's own floor;
 * capture (skipped with BENCH_QUICK=1): time to save the dump with our stage, makedumpfile
-  alone and a raw read of /proc/vmcore, in the capture kernel.
+  alone and a raw read of /proc/vmcore, in the capture kernel;
+* storage: for each layout of `qemu-test --storage`, the image's size and (not with
+  BENCH_QUICK=1) the smallest crashkernel= at which qemu-test still saves and verifies the
+  dump, each next to the plain disk's; `estimate`'s figure for each image beside it.
+
+BENCH_ONLY=storage runs only the storage part and merges it into the existing results.
 
 Writes bench/results.json and bench/results.md and prints the table. Timings are noisy on a
 shared 2-core machine: runs are alternated, medians reported, nothing asserted on time.
@@ -43,6 +48,9 @@ sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 import harness  # noqa: E402
 from harness import Kernel  # noqa: E402
 
+from kdump_mkinitrd.arming.registration import estimate  # noqa: E402
+from kdump_mkinitrd.config import load as load_config  # noqa: E402
+from kdump_mkinitrd.qemutest import layouts  # noqa: E402
 from kdump_mkinitrd.qemutest.run import DEFAULT_CONFIG  # noqa: E402
 
 BENCH = ROOT / "bench"
@@ -63,6 +71,9 @@ GOALS = {
     "capture_ratio_makedumpfile": 1.1,
 }
 CRASH_SLACK_MB = 16
+# The stacked-storage part measures the Python stage (the default) and compares it with the
+# plain disk's Python-stage figures: same kernel, same stage, only the stack differs.
+STORAGE_STAGE = "python"
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -697,6 +708,101 @@ def part_capture(kver: str) -> dict[str, Any]:
     return out
 
 
+def storage_config(name: str, work: Path) -> Path:
+    """The config `qemu-test --storage NAME` writes, with the Python stage named; for LUKS,
+    the key file (and luks-setup's record) that qemu-test makes too."""
+    layout = layouts.LAYOUTS[name]
+    key_file = work / "luks" / f"{layout.luks_uuid}.key"
+    text = layouts.config_text(layout, key_file, hostonly=False, fallback=False)
+    path = CACHE / "configs" / f"storage-{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + f"capture: {{stage: {STORAGE_STAGE}}}\n")
+    layouts.luks_key_file(layout, load_config(path).targets[0], work)
+    return path
+
+
+def image_figures(k: Kernel, config: Path, out: Path) -> dict[str, Any]:
+    """Build an image; its sizes and `estimate`'s crashkernel= for it."""
+    report = json.loads(timed(ours_cmd(k, config, out)).check(f"build {out.name}").stdout)
+    return {
+        "size": out.stat().st_size,
+        "uncompressed_size": uncompressed_size(out),
+        "features": report.get("features"),
+        "estimate_mb": estimate(out, None).total_mb,
+    }
+
+
+def plain_crash_minimum(results: dict[str, Any], kver: str) -> tuple[int | None, str]:
+    """The plain disk's smallest crashkernel= for the same stage and kernel, from the crash
+    memory part (this run's, or with BENCH_ONLY the last full run's), and which run it was."""
+    crash = results.get("crash_memory") or {}
+    found = (crash.get(STORAGE_STAGE) or {}).get("minimum_mb")
+    if crash.get("kver") != kver or not found:
+        return None, "not measured"
+    return found, f"the crash memory part of the run started {results['meta']['started']}"
+
+
+def part_storage(
+    kver: str,
+    quick: bool,
+    plain: tuple[int | None, str],
+    progress: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """Each `qemu-test --storage` layout: image sizes, `estimate`, and (not quick) the
+    smallest crashkernel= by the crash-memory bisection, from just below the plain disk's
+    minimum (a stacked image holds the plain one and more) up to `estimate`'s figure."""
+    k = kernel(kver)
+    work = CACHE / "storage" / kver
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    out: dict[str, Any] = {"kver": kver, "stage": STORAGE_STAGE, "memory": "1G", "step_mb": 8,
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                           "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+                           "tree": tree_state(), "plain_crashkernel_source": plain[1],
+                           "layouts": {}}  # fmt: skip
+    plain_mb = plain[0]
+    out["plain"] = image_figures(k, python_config(), work / "plain.img")
+    out["plain"]["crashkernel_min_mb"] = plain_mb
+    for name, layout in layouts.LAYOUTS.items():
+        entry: dict[str, Any] = {"stack": list(layout.layers), "thin": layout.thin}
+        out["layouts"][name] = entry
+        try:
+            config = storage_config(name, work)
+            entry.update(image_figures(k, config, work / f"{name}.img"))
+        except Exception as exc:
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            continue
+        entry["size_ratio"] = ratio(entry["size"], out["plain"]["size"])
+        entry["uncompressed_ratio"] = ratio(
+            entry["uncompressed_size"], out["plain"]["uncompressed_size"]
+        )
+        if quick:
+            continue
+
+        def probe(mb: int, name: str = name, config: Path = config) -> harness.Probe:
+            probe_dir = work / name / f"{mb}M"
+            result, _ = harness.qemu_test(CLI, k, config, mb, probe_dir, want_stage=STORAGE_STAGE,
+                                          extra=("--storage", name))  # fmt: skip
+            harness.cleanup(probe_dir)
+            print(
+                f"  storage {name} {mb}M: {'pass' if result.passed else 'FAIL'} "
+                f"({result.seconds:.0f}s) {result.detail}",
+                flush=True,
+            )
+            return result
+
+        low = plain_mb - 8 if plain_mb else 96
+        high = max(entry["estimate_mb"], low + 8)
+        search = harness.bisect(probe, low, high).as_dict()
+        entry["crash_memory"] = search
+        found = search["minimum_mb"]
+        entry["crashkernel_min_mb"] = found
+        entry["crashkernel_ratio"] = ratio(found, plain_mb)
+        entry["estimate_covers"] = None if found is None else entry["estimate_mb"] >= found
+        progress(out)
+    return out
+
+
 # --- report ------------------------------------------------------------------------------
 
 
@@ -898,6 +1004,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{fmt(ratio(cap.get('dd_median_s'), mdf_s), 'x', 3)} | "
             f"{mb(cap.get('proc_vmcore_size'))} read |",
         ]
+    lines += storage_markdown(results.get("storage"))
     lines += ["", "## Where our build's time goes", ""]
     for kver, b in results["build"].items():
         phases = b.get("ours", {}).get("phases_median_s")
@@ -950,6 +1057,49 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def storage_markdown(storage: dict[str, Any] | None) -> list[str]:
+    lines = ["", "## Stacked storage (`qemu-test --storage LAYOUT`)", ""]
+    if storage is None:
+        return [*lines, "not measured"]
+    if "error" in storage and len(storage) == 1:
+        return [*lines, f"error: {storage['error']}"]
+    plain = storage["plain"]
+    lines += [
+        f"{storage['kver']}, {storage['stage']} stage, 1 GiB guest, 8M steps; run "
+        f"{storage['started']} (load {storage['loadavg_start']}). Ratios are to the plain "
+        f"disk's image and smallest crashkernel= (same kernel and stage; the plain figure: "
+        f"{storage.get('plain_crashkernel_source', '?')}). `estimate` is "
+        "`kdump-mkinitrd estimate` for the same image.",
+        "",
+        "| layout | stack (bottom first) | image | unpacked | ratio (image, unpacked) | "
+        "smallest crashkernel= | largest failing | ratio | estimate | probes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| plain disk | - | {mb(plain['size'])} | {mb(plain['uncompressed_size'])} | 1.000x, "
+        f"1.000x | {fmt(plain.get('crashkernel_min_mb'), 'M')} | | 1.000x | "
+        f"{plain['estimate_mb']}M | |",
+    ]
+    for name, e in storage["layouts"].items():
+        stack = " / ".join(e["stack"]) + (" (thin)" if e.get("thin") else "")
+        if "size" not in e:
+            lines.append(f"| {name} | {stack} | error: {e.get('error', '')[:200]} |")
+            continue
+        search = e.get("crash_memory") or {}
+        probes = ", ".join(
+            f"{p['crashkernel_mb']}M {'ok' if p['passed'] else 'fail'}"
+            for p in search.get("probes", [])
+        )
+        if search.get("error"):
+            probes += f" (error: {search['error'][:120]})"
+        lines.append(
+            f"| {name} | {stack} | {mb(e['size'])} | {mb(e['uncompressed_size'])} | "
+            f"{fmt(e['size_ratio'], 'x', 3)}, {fmt(e['uncompressed_ratio'], 'x', 3)} | "
+            f"{fmt(e.get('crashkernel_min_mb'), 'M')} | {fmt(search.get('failing_mb'), 'M')} | "
+            f"{fmt(e.get('crashkernel_ratio'), 'x', 3)} | {e['estimate_mb']}M | "
+            f"{probes or 'not measured (BENCH_QUICK=1)'} |"
+        )
+    return lines
+
+
 def headline(results: dict[str, Any]) -> None:
     """The top-level keys the issue asks for, from the detailed parts."""
     first = KERNELS[0]
@@ -968,6 +1118,13 @@ def headline(results: dict[str, Any]) -> None:
     results["capture_ratio_makedumpfile_stage_total"] = capture.get("ratio_stage_total")
     if_needed = build.get("if_needed")
     results["if_needed_noop_s"] = if_needed.get("wall_median_s") if if_needed else None
+    stacked = (results.get("storage") or {}).get("layouts", {})
+    results["storage_crashkernel_min_mb"] = {
+        name: e.get("crashkernel_min_mb") for name, e in stacked.items()
+    }
+    results["storage_crashkernel_ratio"] = {
+        name: e.get("crashkernel_ratio") for name, e in stacked.items()
+    }
     results["goals"] = goal_rows(results)
 
 
@@ -979,6 +1136,10 @@ def save(results: dict[str, Any]) -> None:
 
 def main() -> int:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    only = os.environ.get("BENCH_ONLY", "")
+    if only not in ("", "storage"):
+        print(f"bench: BENCH_ONLY={only!r}: only 'storage' can run alone", file=sys.stderr)
+        return 2
     crash_kver = os.environ.get("BENCH_CRASH_KVER", KERNELS[0])
     CACHE.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -1000,8 +1161,12 @@ def main() -> int:
         "profile": None,
         "crash_memory": None,
         "capture": None,
+        "storage": None,
         "errors": {},
     }
+    if only:  # the other parts stay as the last full run left them
+        results = json.loads((BENCH / "results.json").read_text())
+        results["errors"].pop("storage", None)
 
     def part(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         print(f"bench: {name} ...", flush=True)
@@ -1013,30 +1178,40 @@ def main() -> int:
             value = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"bench: {name} FAILED: {value['error']}", flush=True)
         results["meta"].setdefault("part_seconds", {})[name] = round(time.monotonic() - t0, 1)
-        results["meta"]["duration_s"] = round(time.monotonic() - start, 1)
+        if not only:  # BENCH_ONLY keeps the full run's meta; its part records its own
+            results["meta"]["duration_s"] = round(time.monotonic() - start, 1)
         return value
 
-    for kver in KERNELS:
+    for kver in KERNELS if not only else ():
         results["build"][kver] = part(f"build {kver}", functools.partial(part_build, kver))
         save(results)
         results["size"][kver] = part(f"size {kver}", functools.partial(part_size, kver))
         save(results)
-    results["profile"] = part("profile", lambda: part_profile(KERNELS[0]))
-    save(results)
-    if not quick:
+    if not only:
+        results["profile"] = part("profile", lambda: part_profile(KERNELS[0]))
+        save(results)
+    if not quick and not only:
         results["crash_memory"] = part("crash memory", lambda: part_crash_memory(crash_kver))
         save(results)
         results["capture"] = part("capture", lambda: part_capture(crash_kver))
-    results["meta"]["duration_s"] = round(time.monotonic() - start, 1)
-    results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    results["meta"]["tree_end"] = tree_state()
+        save(results)
+    plain = plain_crash_minimum(results, crash_kver)
+
+    def storage_progress(partial: dict[str, Any]) -> None:
+        results["storage"] = partial
+        save(results)
+
+    results["storage"] = part("storage", lambda: part_storage(crash_kver, quick, plain,
+                                                              storage_progress))  # fmt: skip
+    if not only:
+        results["meta"]["duration_s"] = round(time.monotonic() - start, 1)
+        results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        results["meta"]["tree_end"] = tree_state()
     save(results)
     print()
     print((BENCH / "results.md").read_text())
-    print(
-        f"bench: wrote {BENCH / 'results.json'} and {BENCH / 'results.md'} "
-        f"in {results['meta']['duration_s']:.0f} s"
-    )
+    seconds = results["meta"]["part_seconds"]["storage"] if only else results["meta"]["duration_s"]
+    print(f"bench: wrote {BENCH / 'results.json'} and {BENCH / 'results.md'} in {seconds:.0f} s")
     return 0
 
 

@@ -12,10 +12,12 @@ import pytest
 
 from kdump_mkinitrd.arming.registration import estimate
 from kdump_mkinitrd.cli import main
+from kdump_mkinitrd.config import load as load_config
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.compress import decompress
 from kdump_mkinitrd.image.cpio import Entry, read_newc
 from kdump_mkinitrd.image.verify import check_image
+from kdump_mkinitrd.qemutest import layouts
 from tests.conftest import Kernel
 
 UUID = "2f6e0e4c-8a53-4bd8-9b5c-0c0a3cf0f3a1"
@@ -245,6 +247,28 @@ def test_estimate_stays_above_the_measured_minimum(
     assert result.total_mb % 8 == 0
     assert measured_minimum_mb < result.total_mb <= measured_minimum_mb + 24
     assert result.python_mb == (8 if stage == "python" else 0)
+
+
+# The smallest crashkernel= at which `qemu-test --storage LAYOUT` passed with the Python stage
+# (make bench BENCH_ONLY=storage, Debian 6.1, 1 GiB guest; bench/results.json, "storage").
+STORAGE_MINIMA_MB = {"lvm": 120, "lvm-thin": 120, "raid1": 112, "luks": 120, "luks-on-lvm": 128,
+                     "lvm-on-raid1": 128}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(layouts.LAYOUTS))
+def test_estimate_covers_each_storage_layout(name: str, kernel61: Kernel, tmp_path: Path) -> None:
+    """The image bench measures for the layout (qemu-test's config, Python stage): the
+    estimate is at or above the measured minimum (and not far above), and every layout has
+    one."""
+    layout = layouts.LAYOUTS[name]
+    key_file = tmp_path / "luks" / f"{layout.luks_uuid}.key"
+    text = layouts.config_text(layout, key_file, hostonly=False, fallback=False)
+    config = write_config(tmp_path, text + "capture: {stage: python}\n")
+    layouts.luks_key_file(layout, load_config(config).targets[0], tmp_path)
+    image = tmp_path / "k.img"
+    assert main(build_args(kernel61, config, image)) == 0
+    minimum = STORAGE_MINIMA_MB[name]
+    assert minimum <= estimate(image, None).total_mb <= minimum + 24
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,10 @@ def test_md_raid_target_is_refused(tmp_path: Path) -> None:
             message = _refusal(str(md), kind="raw")
         finally:
             subprocess.run(["mdadm", "--stop", "/dev/md/kdumptest"], check=False, timeout=60)
-    assert f"is an md RAID device ({md.name}, raid1)" in message
+    # The array is a raid layer now; a raw target writes the device itself and brings no
+    # layer up, so it is refused before the loop devices under the array are looked at.
+    assert f"target device {md} is on raid " in message
+    assert "a raw target cannot bring storage layers up, a disk target can" in message
 
 
 def test_block_device_without_driver_is_refused() -> None:

@@ -167,14 +167,15 @@ def target_stacks(
                 f"--hostonly: {node} ({name}) has no entry under {sys_root}/class/block"
             )
         stack = storage.walk(sysdir)
-        for bottom in stack.devices:
-            _refuse_stacked(where, device, bottom, stack)
+        # What the target type cannot do at all comes before what lies under the layers.
         if stack.layers and not target.takes_stack:
             raise KdumpError(
                 f"{where}: --hostonly: target device {device} is on "
                 f"{', '.join(x.name for x in reversed(stack.layers))}; {target.article} "
                 f"{target.type} target cannot bring storage layers up, a disk target can"
             )
+        for bottom in stack.devices:
+            _refuse_stacked(where, device, bottom, stack)
         found.append(DeviceStack(i, f"targets[{i}].{key}", device, stack.layers, stack.devices))
     return found
 

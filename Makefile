@@ -45,10 +45,12 @@ $(VENV)/.installed: pyproject.toml
 kernels: debs
 	@for k in $(KERNELS); do scripts/fetch-kernel "$$k" $(KERNEL_CACHE) || exit 1; done
 
-# -rs: every skipped test is listed with its reason.
+# -rs: every skipped test is listed with its reason. -n: independent tests (most of them QEMU
+# guests, one TCG thread each) run in parallel, one worker per core unless TEST_WORKERS says.
+TEST_WORKERS ?= auto
 test: setup kernels
 	@scripts/install-debs $(TEST_DEBS)
-	$(BIN)/pytest -q -rs
+	$(BIN)/pytest -q -rs -n $(TEST_WORKERS)
 
 # The main job: build a capture image for a Debian kernel, crash a QEMU guest running that
 # kernel, capture the dump, check it, print a summary.

@@ -146,8 +146,8 @@ endif
 
 # ---- make deb: build/deb/kdump-mkinitrd_VERSION_all.deb ------------------------------------
 # Built with Debian's own tools from debian/ (which runs `make install` above), in a temporary
-# copy of the tree; lintian checks it in tests/test_deb.py.
-DEB_DEBS := dpkg-dev debhelper dh-python python3 lintian
+# copy of the tree. tests/test_deb.py also needs lintian and mmdebstrap.
+DEB_DEBS := dpkg-dev debhelper dh-python python3
 .PHONY: deb
 deb:
 	@scripts/install-debs $(DEB_DEBS)

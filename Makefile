@@ -19,8 +19,9 @@ DEBS := python3-venv busybox-static kexec-tools makedumpfile qemu-system-x86 cpi
 # renders the man pages, systemd brings kernel-install and systemd-analyze, iproute2 the network
 # tests' `ip`, binutils' objcopy and systemd-boot-efi's stub a real UKI, thin-provisioning-tools
 # the guests' thin pools; dpkg-dev, debhelper, dh-python and lintian build and check the .deb,
-# mmdebstrap makes the Debian systems it is installed into (a chroot, a booted guest). lvm2, mdadm and cryptsetup-bin (in DEBS: images pack them for stacked
-# targets) also build the stacks the tests capture onto.
+# mmdebstrap makes the Debian systems it is installed into (a chroot, a booted guest). lvm2,
+# mdadm and cryptsetup-bin (in DEBS: images pack them for stacked targets) also build the
+# stacks the tests capture onto.
 TEST_DEBS := gcc libc6-dev gdb openjdk-17-jre-headless groff-base systemd iproute2 \
 	binutils systemd-boot-efi thin-provisioning-tools dpkg-dev debhelper dh-python lintian \
 	mmdebstrap

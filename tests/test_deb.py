@@ -314,7 +314,7 @@ def test_dpkg_install_remove_purge(chroot: Chroot, kernel61: Kernel) -> None:
     images = chroot.path(f"/{IMAGE_DIR}")
     made = {p.name for p in images.iterdir()}
     assert made == {f"kdump-{kver}.img", f"kdump-{kver}.img.inputs.json"}
-    cache = chroot.path("/root/.cache/kdump-mkinitrd")
+    cache = chroot.path("/var/cache/kdump-mkinitrd")
     assert any(cache.glob("pystage-*.json"))
 
     # What else the tools leave there: register's record (from an earlier boot), a UKI's
@@ -345,7 +345,7 @@ def test_dpkg_install_remove_purge(chroot: Chroot, kernel61: Kernel) -> None:
         "/etc/kdump-mkinitrd.yaml",
         "/etc/kdump-mkinitrd",
         f"/{IMAGE_DIR}",
-        "/root/.cache/kdump-mkinitrd",
+        "/var/cache/kdump-mkinitrd",
         "/etc/kernel/postinst.d/kdump-mkinitrd",
     ):
         assert not chroot.path(gone).exists(), gone

@@ -246,7 +246,31 @@ def test_var_crash_on_tmpfs_is_refused_and_does_not_fail_a_kernel_install(
     assert not (tmp_path / f"kdump-{kernel61.kver}.img").exists()
 
 
-GUEST_TESTS = 3
+def test_var_crash_on_a_loop_device_is_refused(storage: Storage, kernel61: Kernel,
+                                              tmp_path: Path) -> None:  # fmt: skip
+    """A device no storage layer type handles: refused at once, as for a configured target."""
+    backing = tmp_path / "crash.img"
+    with backing.open("wb") as f:
+        f.truncate(16 * 2**20)
+    _sh("mkfs.ext4", "-q", "-F", str(backing))
+    loop = _sh("losetup", "--find", "--show", str(backing)).strip()
+    try:
+        config, image = tmp_path / "k.yaml", tmp_path / "kdump.img"
+        config.write_text(CONFIG)
+        setup = f"{VAR_TMPFS}mkdir /var/crash\nmount -t ext4 {loop} /var/crash\n"
+        run = _in_namespace(setup, _build(kernel61, config, image, "--hostonly"))
+    finally:
+        _sh("losetup", "-d", loop)
+    assert run.returncode == 4, run
+    assert (f"the filesystem holding /var/crash, cannot take a dump: {loop}: target device "
+            f"UUID=") in run.stderr, run.stderr  # fmt: skip
+    # (The kernel names the backing file from the guest's own root, where ours is /host.)
+    assert f"is a loop device ({Path(loop).name} over " in run.stderr, run.stderr
+    assert f"{backing.name}); storage layers of types " in run.stderr
+    assert f"configure a target in {config}" in run.stderr and not image.exists()
+
+
+GUEST_TESTS = 4
 
 
 @pytest.mark.qemu
@@ -258,6 +282,6 @@ def test_zero_config_tests_pass_in_a_guest(kernel61: Kernel, tmp_path: Path) -> 
                           XDG_CACHE_HOME=str(MODINFO_CACHE)))  # fmt: skip
     assert warm.returncode == 0, warm
     extra = blank_disks(tmp_path, SERIALS, DISK_MB)
-    modules = ["dm_mod", "md_mod", "raid1", "ext4", "virtio_blk"]
+    modules = ["dm_mod", "md_mod", "raid1", "loop", "ext4", "virtio_blk"]
     log = pytest_in_guest(kernel61, tmp_path, ["tests/test_zero_config_guest.py"], modules, extra)
     assert passed_count(log) == [str(GUEST_TESTS)], log[-4000:]

@@ -202,7 +202,9 @@ def choose(
         probe = dataclasses.replace(config, targets=parse(text, "the default target").targets)
         stacks = hostonly.target_stacks(probe, dev, sys_root)
     except KdumpError as exc:
-        raise _refusal(told, crash_dir, file, f"{node}: {exc}") from None
+        # Host-only detection's error without its config location, which no file has here.
+        why = re.sub(r"^.*?--hostonly: ", "", str(exc))
+        raise _refusal(told, crash_dir, file, f"{node}: {why}") from None
     target = hostonly.with_detected_stacks(probe, stacks).targets[0]
     layers = " on ".join(x.name for x in reversed(target.layers()))
     detail = ", ".join(x for x in (mount.fstype, layers and f"on {layers}",

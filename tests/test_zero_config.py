@@ -119,6 +119,9 @@ def test_mountinfo_escapes_and_stacked_mounts() -> None:
         (SSHFS_CRASH, "/var/crash: sshfs from dumps@backup:/srv/crash, a network or user-space "
                       "filesystem"),
         (CIFS_CRASH, "/var/crash: cifs from //nas/crash, a network"),
+        # Inside a chroot whose root is no mount point, no mount shows /.
+        ("30 25 0:26 / /proc rw - proc proc rw\n", "no mount holds /var/crash in the mount "
+                                                    "table (a chroot?)"),
         (QEMU_9P_ROOT, "/var/crash is on /: 9p (hostroot), shared from outside this machine "
                        "with no block device"),
     ],

@@ -183,7 +183,12 @@ def choose(
     told = f"no dump target configured in {file}" + (" (no such file)" if absent else "")
     # Symlinks resolved; a /var/crash not made yet is on the filesystem of its nearest parent.
     real = os.path.realpath(crash_dir)
-    mount = holding_mount(mounts, real)
+    try:
+        mount = holding_mount(mounts, real)
+    except KdumpError as exc:
+        # In a chroot whose root is no mount point (a distribution image being made): no
+        # filesystem to name, and kdump is set up when that system boots.
+        raise _refusal(told, crash_dir, file, f"{exc} (a chroot?)") from None
     where = f"{crash_dir} is on {mount.mount_point}" if mount.mount_point != real else crash_dir
     if mount.fstype not in FSTYPES:
         raise _refusal(told, crash_dir, file, f"{where}: {_what(mount)}")

@@ -365,6 +365,7 @@ def _request(args: argparse.Namespace, output: Path | None, hostonly: bool) -> B
 
 def _register(args: argparse.Namespace) -> int:
     from kdump_mkinitrd.arming import registration
+    from kdump_mkinitrd.arming.peers import PeerArmed
 
     kver = args.kver or os.uname().release
     # Host-only by default when arming the kernel that runs here: its devices are the truth.
@@ -379,6 +380,9 @@ def _register(args: argparse.Namespace) -> int:
     except registration.NoReservation as exc:
         print(f"kdump-mkinitrd: {exc}", file=sys.stderr)
         return registration.EXIT_ERROR if failed else registration.EXIT_NO_RESERVATION
+    except PeerArmed as exc:
+        print(f"kdump-mkinitrd: {exc}", file=sys.stderr)
+        return registration.EXIT_PEER_ARMED
     if rebuilt:
         print("rebuilt the image: " + "; ".join(rebuilt[:5]), file=sys.stderr)
     print(f"capture kernel {loaded.kernel} loaded with {loaded.image}")
@@ -410,9 +414,11 @@ def _recover_raw_targets(config: config_mod.Config) -> int:
 def _unregister(args: argparse.Namespace) -> int:
     from kdump_mkinitrd.arming import registration
 
-    print(
-        "capture kernel unloaded" if registration.unregister() else "no capture kernel was loaded"
-    )
+    unloaded, peer = registration.unregister()
+    if peer is not None:
+        print(f"left the capture kernel loaded: {peer.name} armed it, not kdump-mkinitrd")
+    else:
+        print("capture kernel unloaded" if unloaded else "no capture kernel was loaded")
     return 0
 
 
@@ -425,6 +431,8 @@ def _status(args: argparse.Namespace) -> int:
     else:
         state = "loaded" if info["loaded"] else "NOT loaded"
         print(f"capture kernel: {state}; reserved: {info['reserved_bytes'] // 2**20} MB")
+        if "peer_armed" in info:
+            print(info["peer_armed"])
         if "image" in info:
             print(f"image: {info['image']} (kernel {info['kernel']})")
             print(

@@ -144,6 +144,15 @@ ifeq ($(INSTALL_SYSVINIT),yes)
 	chmod 0755 '$(DESTDIR)$(SYSCONFDIR)/init.d/kdump-mkinitrd'
 endif
 
+# ---- make deb: build/deb/kdump-mkinitrd_VERSION_all.deb ------------------------------------
+# Built with Debian's own tools from debian/ (which runs `make install` above), in a temporary
+# copy of the tree; lintian checks it in tests/test_deb.py.
+DEB_DEBS := dpkg-dev debhelper dh-python python3 lintian
+.PHONY: deb
+deb:
+	@scripts/install-debs $(DEB_DEBS)
+	scripts/build-deb build/deb
+
 # Benchmarks against dracut and makedumpfile (issue 7): writes bench/results.json and
 # bench/results.md and prints the table. BENCH_QUICK=1 skips the QEMU parts (crash-memory
 # bisection, capture timing); the full run takes a while. BENCH_ONLY=storage runs only the

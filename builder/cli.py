@@ -205,6 +205,13 @@ def parser() -> argparse.ArgumentParser:
         help="a disk target on stacked storage, built in the first guest: lvm, lvm-thin, "
         "raid1, luks, luks-on-lvm, lvm-on-raid1 (README: the layouts' fixed names)",
     )
+    q.add_argument(
+        "--guest",
+        choices=("debian",),
+        help="debian: install our .deb in a real Debian 12 guest (systemd, root on LVM; image "
+        "built once with mmdebstrap and cached), crash it, and check the dump its boot service "
+        "reports; also a second kernel package through the hooks, then removal and purge",
+    )
     i = sub.add_parser("inspect", help="list an image's contents and why each piece is there")
     i.add_argument("image", type=Path)
     i.add_argument("--json", action="store_true")
@@ -290,6 +297,10 @@ def _run_qemu_test(args: argparse.Namespace) -> int:
     from kdump_mkinitrd.progress import Progress
     from kdump_mkinitrd.qemutest import run as qemutest
 
+    # Minutes of work: say what is going on, unless stdout is for a program.
+    progress = Progress(sys.stderr if args.verbose or not args.json else None)
+    if args.guest == "debian":
+        return _qemu_test_debian(args, progress)
     kver = args.kver or os.uname().release
     kmoddir = args.kmoddir or Path("/lib/modules") / kver
     kernel = args.kernel or kernelfiles.find_kernel(kver, kmoddir) or Path(f"/boot/vmlinuz-{kver}")
@@ -311,10 +322,19 @@ def _run_qemu_test(args: argparse.Namespace) -> int:
         target=args.target,
         ssh_client=args.ssh_client,
         storage=args.storage,
-        # Minutes of work: say what is going on, unless stdout is for a program.
-        progress=Progress(sys.stderr if args.verbose or not args.json else None),
+        progress=progress,
     )
     report = qemutest.run_qemu_test(options)
+    print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
+    return 0 if report.ok else 1
+
+
+def _qemu_test_debian(args: argparse.Namespace, progress: Any) -> int:
+    from kdump_mkinitrd.qemutest import debian_guest
+
+    report = debian_guest.run_debian_guest(
+        debian_guest.GuestOptions(keep=args.keep, progress=progress)
+    )
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
     return 0 if report.ok else 1
 

@@ -16,7 +16,7 @@ from typing import Any
 from kdump_mkinitrd import config as config_mod
 from kdump_mkinitrd.arming import lukssetup
 from kdump_mkinitrd.errors import KdumpError
-from kdump_mkinitrd.hostscan import kernelfiles
+from kdump_mkinitrd.hostscan import defaulttarget, kernelfiles
 from kdump_mkinitrd.image.build import BuildRequest, build
 from kdump_mkinitrd.image.inspect_image import report, text
 from kdump_mkinitrd.paths import HARNESS_DIR
@@ -205,6 +205,13 @@ def parser() -> argparse.ArgumentParser:
         help="a disk target on stacked storage, built in the first guest: lvm, lvm-thin, "
         "raid1, luks, luks-on-lvm, lvm-on-raid1 (README: the layouts' fixed names)",
     )
+    q.add_argument(
+        "--guest",
+        choices=("debian",),
+        help="debian: install our .deb in a real Debian 12 guest (systemd, root on LVM; image "
+        "built once with mmdebstrap and cached), crash it, and check the dump its boot service "
+        "reports; also a second kernel package through the hooks, then removal and purge",
+    )
     i = sub.add_parser("inspect", help="list an image's contents and why each piece is there")
     i.add_argument("image", type=Path)
     i.add_argument("--json", action="store_true")
@@ -254,8 +261,19 @@ def _mkdumprd_style(argv: list[str]) -> list[str]:
     return ["build", "-o", argv[0], "-k", argv[1], *argv[2:]]
 
 
+def _load_config(path: Path | None, said: list[str] | None = None) -> config_mod.Config:
+    """The config; one naming no target gets the default (the filesystem holding /var/crash),
+    and a line on stderr that says so (kept in `said` instead when given)."""
+    config, line = defaulttarget.with_default(config_mod.load(path))
+    if line and said is None:
+        print(f"kdump-mkinitrd: {line}", file=sys.stderr)
+    elif line and said is not None:
+        said.append(line)
+    return config
+
+
 def _build(args: argparse.Namespace) -> int:
-    config = config_mod.load(args.config)
+    config = _load_config(args.config)
     request = _request(args, args.output, args.hostonly)
     result = build(config, request, if_needed=args.if_needed)
     if args.json:
@@ -290,6 +308,10 @@ def _run_qemu_test(args: argparse.Namespace) -> int:
     from kdump_mkinitrd.progress import Progress
     from kdump_mkinitrd.qemutest import run as qemutest
 
+    # Minutes of work: say what is going on, unless stdout is for a program.
+    progress = Progress(sys.stderr if args.verbose or not args.json else None)
+    if args.guest == "debian":
+        return _qemu_test_debian(args, progress)
     kver = args.kver or os.uname().release
     kmoddir = args.kmoddir or Path("/lib/modules") / kver
     kernel = args.kernel or kernelfiles.find_kernel(kver, kmoddir) or Path(f"/boot/vmlinuz-{kver}")
@@ -311,10 +333,19 @@ def _run_qemu_test(args: argparse.Namespace) -> int:
         target=args.target,
         ssh_client=args.ssh_client,
         storage=args.storage,
-        # Minutes of work: say what is going on, unless stdout is for a program.
-        progress=Progress(sys.stderr if args.verbose or not args.json else None),
+        progress=progress,
     )
     report = qemutest.run_qemu_test(options)
+    print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
+    return 0 if report.ok else 1
+
+
+def _qemu_test_debian(args: argparse.Namespace, progress: Any) -> int:
+    from kdump_mkinitrd.qemutest import debian_guest
+
+    report = debian_guest.run_debian_guest(
+        debian_guest.GuestOptions(keep=args.keep, progress=progress)
+    )
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
     return 0 if report.ok else 1
 
@@ -370,7 +401,7 @@ def _register(args: argparse.Namespace) -> int:
     kver = args.kver or os.uname().release
     # Host-only by default when arming the kernel that runs here: its devices are the truth.
     hostonly = args.hostonly if args.hostonly is not None else kver == os.uname().release
-    config = config_mod.load(args.config)
+    config = _load_config(args.config)
     # First free the raw targets (as kdumpctl does at boot): a dump left on one would make the
     # next crash go elsewhere. Whatever happens to the load, this is worth doing.
     failed = _recover_raw_targets(config)
@@ -425,7 +456,10 @@ def _unregister(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from kdump_mkinitrd.arming import registration
 
-    code, info = registration.status(config_mod.load)
+    said: list[str] = []
+    code, info = registration.status(lambda path: _load_config(path, said))
+    if said:
+        info["default_target"] = said[-1]
     if args.json:
         print(json.dumps(info, indent=1))
     else:
@@ -441,6 +475,8 @@ def _status(args: argparse.Namespace) -> int:
                 else "STALE: " + "; ".join(info.get("stale_because", []))
             )
             print("targets: " + ", ".join(info.get("targets", [])))
+        if said:
+            print(said[-1])
     return code
 
 

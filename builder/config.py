@@ -283,16 +283,18 @@ def parse(text: str, source: str) -> Config:
 
 
 class NoTarget(KdumpError):
-    """The config names no dump target: kdump is not configured yet (exit EXIT_NO_TARGET, so
-    that the kernel hooks can skip the image instead of failing a kernel installation)."""
+    """No dump target: the config names none, and the default (the filesystem holding
+    /var/crash, kdump_mkinitrd.hostscan.defaulttarget) cannot take a dump on this host. kdump
+    is not set up (exit EXIT_NO_TARGET, so that the kernel hooks can skip the image instead of
+    failing a kernel installation)."""
 
 
 EXIT_NO_TARGET = 4
 
 
 def require_targets(config: Config) -> None:
-    """An image without a target can never save a dump: refuse to build one (until a default
-    target exists), and say what to configure."""
+    """An image without a target can never save a dump: refuse to build one, and say what to
+    configure. The command line gives a config without targets the default one first."""
     if config.targets:
         return
     where = config.line_of("targets") if "targets" in config.lines else config.source

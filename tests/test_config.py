@@ -175,24 +175,22 @@ def test_host_names_that_make_one_folder_are_accepted() -> None:
 
 
 @pytest.mark.parametrize("text", ["", "targets: []\n", "capture: {stage: static}\n"])
-def test_no_target_refuses_build_and_register(
-    text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """An image without a target could only say so in the capture kernel: refused at build
-    and register, with what to configure, and nothing is written."""
-    from kdump_mkinitrd.cli import main
+def test_no_target_refuses_build_and_register(text: str, tmp_path: Path) -> None:
+    """An image without a target could only say so in the capture kernel: the library's build
+    and register refuse it, with what to configure, and nothing is written. (The command line
+    first gives such a config the default target: tests/test_zero_config.py.)"""
+    from kdump_mkinitrd.arming.registration import register
+    from kdump_mkinitrd.config import NoTarget
+    from kdump_mkinitrd.image.build import BuildRequest, build
 
-    config = tmp_path / "k.yaml"
-    config.write_text(text)
     image = tmp_path / "kdump.img"
-    for command in ("build", "register"):
-        flag = "-o" if command == "build" else "--image"
-        code = main([command, "-k", "6.1.0-test", "--kmoddir", str(tmp_path), "-c", str(config),
-                     flag, str(image)])  # fmt: skip
-        err = capsys.readouterr().err
-        # Exit 4, not 1: the kernel hooks skip an unconfigured kdump instead of failing.
-        assert code == 4 and "no dump target is configured" in err, err
-        assert f"add a 'targets' list to {config}" in err and "type: disk" in err
+    request = BuildRequest("6.1.0-test", tmp_path, image, None)
+    for call in (lambda: build(parse(text, "k.yaml"), request),
+                 lambda: register(parse(text, "k.yaml"), request)):  # fmt: skip
+        with pytest.raises(NoTarget) as err:
+            call()
+        assert "no dump target is configured" in str(err.value)
+        assert "add a 'targets' list to k.yaml" in str(err.value)
         assert not image.exists()
 
 

@@ -546,13 +546,15 @@ def test_postrm_deletes_the_image_on_remove_and_purge(
     fake: Fake, tmp_path: Path, params: str | None, deleted: bool
 ) -> None:
     keep = [fake.image(RUNNING), record_path(fake.image(RUNNING)), fake.image_dir / "notes.txt"]
-    for path in [fake.image(OTHER), record_path(fake.image(OTHER)), *keep]:
+    uki_kernel = fake.image_dir / f"kdump-{OTHER}.linux"
+    for path in [fake.image(OTHER), record_path(fake.image(OTHER)), uki_kernel, *keep]:
         path.write_text("x")
     run = _run_parts(POSTRM_D, OTHER, _with_params(fake.env(), params), tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout == ""
     assert fake.image(OTHER).exists() is not deleted
     assert record_path(fake.image(OTHER)).exists() is not deleted
+    assert uki_kernel.exists() is not deleted
     assert all(path.exists() for path in keep)
     assert fake.calls() == []
 

@@ -21,6 +21,7 @@ from kdump_mkinitrd.arming.cmdline import capture_cmdline
 from kdump_mkinitrd.arming.kexec import crash_status, load_crash_kernel, unload_crash_kernel
 from kdump_mkinitrd.arming.peers import PeerKdump, armed_peers, refuse_if_peer_armed
 from kdump_mkinitrd.config import Config, require_targets
+from kdump_mkinitrd.dumps.announce import announce_new_dumps, dump_folders
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.build import BuildRequest, build, stale_reasons
 from kdump_mkinitrd.image.cpio import Member
@@ -134,6 +135,8 @@ def register(
     proc_cmdline: Path = Path("/proc/cmdline"),
 ) -> tuple[Loaded, list[str]]:
     """Rebuild if needed, then load. Returns what was loaded and why it was rebuilt."""
+    with contextlib.suppress(OSError):  # saying so must never keep the capture kernel off
+        announce_new_dumps(dump_folders(config), state_dir() / "reported-dumps.json")
     refuse_if_peer_armed(peer_root())  # its admin chose it, and its target
     require_targets(config)  # before anything else: such an image could never save a dump
     status = crash_status()

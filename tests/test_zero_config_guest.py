@@ -1,0 +1,238 @@
+"""Zero config on real stacked storage: /var/crash on an LVM volume, on LVM over md RAID1, and
+on tmpfs, with the real command reading the real /proc/self/mountinfo. Each case runs in a
+private mount namespace (unshare -m) where /var is a tmpfs to mount things on; the machine's
+own /var is never touched. The build host's kernel may have no device-mapper or md, so
+`test_zero_config_tests_pass_in_a_guest` runs this file under the Debian 6.1 kernel in QEMU
+(this machine's root read-only over 9p), where no test may skip. The tests only touch disks
+whose virtio serial says they are this test's (kdump-zc-N)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kdump_mkinitrd.config import DEFAULT_PATH
+from kdump_mkinitrd.image.inspect_image import load_image
+from tests.conftest import REPO, Kernel
+from tests.guest_pytest import blank_disks, passed_count, pytest_in_guest
+
+SERIALS = ("kdump-zc-0", "kdump-zc-1", "kdump-zc-2")
+DISK_MB = 48
+# What the tests themselves use to make volumes: writes allowed, no udev in the guest, PVs on
+# our virtio disks and on md arrays.
+SETUP_CONF = """\
+devices { filter = [ "a|^/dev/vd|", "a|^/dev/md|", "r|.*|" ] use_devicesfile = 0
+          obtain_device_list_from_udev = 0 hints = "none" md_component_detection = 1 }
+global { locking_dir = "LOCKS" use_lvmpolld = 0 event_activation = 0 notify_dbus = 0 }
+activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
+backup { backup = 0 archive = 0 }
+"""
+# A config that names no target; no compression keeps the guest's builds short.
+CONFIG = "# kdump-mkinitrd: no target here\ncompression: {method: none}\n"
+VGS = ("zcvg", "zcraid")
+MD = "/dev/md/zcmd"
+MD_ENV = {**os.environ, "MDADM_NO_UDEV": "1"}
+
+
+class Storage:
+    """The test's disks, lvm and mdadm, and what they made, taken down at the end."""
+
+    def __init__(self, disks: list[str], tmp_path: Path) -> None:
+        self.disks = disks
+        self.tmp = tmp_path
+        self.dir = tmp_path / "setup-lvm"
+        (self.dir / "locks").mkdir(parents=True)
+        conf = SETUP_CONF.replace("LOCKS", str(self.dir / "locks"))
+        (self.dir / "lvm.conf").write_text(conf)
+
+    def lvm(self, *args: str, check: bool = True) -> str:
+        env = dict(os.environ, LVM_SYSTEM_DIR=str(self.dir), LVM_SUPPRESS_FD_WARNINGS="1")
+        run = subprocess.run(["lvm", *args], env=env, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+        assert run.returncode == 0 or not check, run
+        return run.stdout.strip()
+
+    def volume(self, vg: str, pvs: list[str]) -> str:
+        """An ext4 LV `crash` in a new VG on `pvs`; its /dev/mapper node."""
+        self.lvm("pvcreate", "-q", "-y", *pvs)
+        self.lvm("vgcreate", "-q", vg, *pvs)
+        self.lvm("lvcreate", "-q", "-n", "crash", "-L", "24M", vg)
+        node = f"/dev/mapper/{vg}-crash"
+        _sh("mkfs.ext4", "-q", "-F", node)
+        return node
+
+    def close(self) -> None:
+        for vg in VGS:
+            self.lvm("vgchange", "-q", "-an", vg, check=False)
+        for vg in VGS:
+            shutil.rmtree(f"/dev/{vg}", ignore_errors=True)
+        if Path(MD).exists():
+            subprocess.run(["mdadm", "--stop", MD], capture_output=True, timeout=60, env=MD_ENV)
+        for disk in self.disks:
+            subprocess.run(["mdadm", "--zero-superblock", disk], capture_output=True,
+                           timeout=60, env=MD_ENV)  # fmt: skip
+            with open(disk, "r+b") as f:
+                f.write(bytes(2**20))
+
+
+def _sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120,
+                          env=MD_ENV).stdout  # fmt: skip
+
+
+def _our_disks() -> list[str]:
+    found = {}
+    for serial in Path("/sys/block").glob("vd*/serial"):
+        found[serial.read_text().strip()] = f"/dev/{serial.parent.name}"
+    return [found[s] for s in SERIALS if s in found]
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[Storage]:
+    disks = _our_disks()
+    dm = shutil.which("dmsetup") and subprocess.run(["dmsetup", "version"], capture_output=True,
+                                                    timeout=60)  # fmt: skip
+    if len(disks) != len(SERIALS) or not dm or dm.returncode != 0 or os.geteuid() != 0:
+        pytest.skip("needs root, device-mapper and the virtio disks kdump-zc-0..2 (the guest "
+                    "test test_zero_config_tests_pass_in_a_guest has them)")  # fmt: skip
+    tool = Storage(disks, tmp_path)
+    yield tool
+    tool.close()
+
+
+def _in_namespace(setup: str, argv: list[str], env: dict[str, str] | None = None,
+                  ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """`argv` in a private mount namespace after `setup` (shell): the mounts go with it."""
+    script = f'set -e\n{setup}\nexec "$@"'
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                           "sh", *argv], capture_output=True, text=True, timeout=900,
+                          env=env)  # fmt: skip
+
+
+def _build(kernel: Kernel, config: Path, image: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "kdump_mkinitrd.cli", "build", "-k", kernel.kver,
+            "--kmoddir", str(kernel.kmoddir), "--kernel", str(kernel.vmlinuz), "-c", str(config),
+            "-o", str(image), *extra]  # fmt: skip
+
+
+def _told(run: subprocess.CompletedProcess[str], config: Path) -> str:
+    told = f"kdump-mkinitrd: no dump target configured in {config}"
+    lines = [line for line in run.stderr.splitlines() if line.startswith(told)]
+    assert len(lines) == 1, run
+    return lines[0]
+
+
+def _disk_target(image: Path) -> str:
+    built = load_image(image)
+    return next(m.data.decode() for m in built.members if m.path.endswith("-disk-target.sh"))
+
+
+VAR_TMPFS = "mount -t tmpfs zc-var /var\n"
+
+
+def test_var_crash_on_an_lv_is_the_default_with_its_lvm_layer(
+    storage: Storage, kernel61: Kernel, tmp_path: Path
+) -> None:
+    node = storage.volume("zcvg", storage.disks[:1])
+    uuid = _sh("blkid", "-o", "value", "-s", "UUID", node).strip()
+    config, image = tmp_path / "k.yaml", tmp_path / "kdump.img"
+    config.write_text(CONFIG)
+    # /var/crash is the LV's mount point: the dumps go to its top folder.
+    setup = f"{VAR_TMPFS}mkdir /var/crash\nmount -t ext4 {node} /var/crash\n"
+    run = _in_namespace(setup, _build(kernel61, config, image, "--hostonly"))
+    assert run.returncode == 0, run
+    assert _told(run, config).endswith(
+        f": dumping to /var/crash on {node} (ext4, on lvm zcvg/crash, UUID={uuid}, the "
+        "filesystem holding /var/crash, path / in it)"
+    ), run.stderr
+    init = _disk_target(image)
+    assert "kdump_stack_layer lvm zcvg crash" in init, init
+    assert f"wait_for_device UUID={uuid} " in init and 'kdump_capture_on "$mnt" /\n' in init
+    manifest = load_image(image).manifest
+    assert [s["names"] for s in manifest["hostonly_detected"]["stacks"]] == [["lvm zcvg/crash"]]
+    assert "dm_mod" in {m["name"] for m in manifest["kernel_modules"]}, manifest["kernel_modules"]
+
+
+def test_var_on_lvm_over_md_with_no_var_crash_yet(
+    storage: Storage, kernel61: Kernel, tmp_path: Path
+) -> None:
+    """/var is an LV on a RAID1 array and /var/crash is not made yet: the default is /crash on
+    /var's filesystem (the capture makes the folder), under both layers."""
+    _sh("mdadm", "--create", MD, "--run", "--level", "1", "--raid-devices", "2",
+        "--metadata=1.2", "--assume-clean", *storage.disks[1:])  # fmt: skip
+    md_uuid = re.search(r"^MD_UUID=(.*)$", _sh("mdadm", "--detail", "--export", MD), re.M)
+    assert md_uuid
+    node = storage.volume("zcraid", [MD])
+    config, image = tmp_path / "k.yaml", tmp_path / "kdump.img"
+    config.write_text(CONFIG)
+    run = _in_namespace(f"mount -t ext4 {node} /var\n",
+                        _build(kernel61, config, image, "--hostonly"))  # fmt: skip
+    assert run.returncode == 0, run
+    line = _told(run, config)
+    assert f": dumping to /var/crash on {node} (ext4, on lvm zcraid/crash on raid " in line
+    assert line.endswith("the filesystem holding /var/crash, path /crash in it)"), line
+    init = _disk_target(image)
+    assert init.index("kdump_stack_layer raid ") < init.index("kdump_stack_layer lvm zcraid crash")
+    assert 'kdump_capture_on "$mnt" /crash\n' in init, init
+    stacks = load_image(image).manifest["hostonly_detected"]["stacks"]
+    assert [s["names"] for s in stacks] == [[f"raid {md_uuid.group(1)}", "lvm zcraid/crash"]]
+
+
+def test_var_crash_on_tmpfs_is_refused_and_does_not_fail_a_kernel_install(
+    kernel61: Kernel, tmp_path: Path
+) -> None:
+    """Needs no device-mapper: it runs on the build host too."""
+    config, image = tmp_path / "k.yaml", tmp_path / "kdump.img"
+    config.write_text(CONFIG)
+    image.write_text("the image built before\n")
+    setup = f"{VAR_TMPFS}mkdir /var/crash\nmount -t tmpfs zc-crash /var/crash\n"
+    expected = (
+        f"kdump-mkinitrd: error: no dump target configured in {config}, and the default, the "
+        "filesystem holding /var/crash, cannot take a dump: /var/crash: tmpfs, in memory: the "
+        f"reboot after a crash loses what is saved there; configure a target in {config}, e.g. "
+    )
+    build = _in_namespace(setup, _build(kernel61, config, image, "--hostonly"))
+    register = _in_namespace(setup, [sys.executable, "-m", "kdump_mkinitrd.cli", "register",
+                                     "-k", kernel61.kver, "--kmoddir", str(kernel61.kmoddir),
+                                     "--kernel", str(kernel61.vmlinuz), "-c", str(config),
+                                     "--image", str(image)])  # fmt: skip
+    for run in (build, register):
+        assert run.returncode == 4, run
+        assert expected in run.stderr, run.stderr
+        assert "{type: nfs, export: server:/export}" in run.stderr
+    assert image.read_text() == "the image built before\n"
+    # The Debian kernel hook with the real command and the default config path: no target
+    # there, so kdump is not set up, which does not fail the kernel's installation.
+    command = tmp_path / "kdump-mkinitrd"
+    command.write_text(f'#!/bin/sh\nexec {sys.executable} -m kdump_mkinitrd.cli "$@"\n')
+    command.chmod(0o755)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    hide = f"mount --bind {empty} {DEFAULT_PATH}\n" if DEFAULT_PATH.exists() else ""
+    env = dict(os.environ, KDUMP_MKINITRD=str(command), KDUMP_MKINITRD_IMAGE_DIR=str(tmp_path))
+    env.pop("DEB_MAINT_PARAMS", None)
+    hook = REPO / "system" / "debian" / "postinst.d" / "kdump-mkinitrd"
+    run = _in_namespace(setup + hide, [str(hook), kernel61.kver], env)
+    assert run.returncode == 0, run
+    assert f"no dump target configured in {DEFAULT_PATH}" in run.stderr
+    assert "/var/crash: tmpfs, in memory" in run.stderr, run.stderr
+    assert f"no kdump image for {kernel61.kver}" in run.stderr
+    assert not (tmp_path / f"kdump-{kernel61.kver}.img").exists()
+
+
+GUEST_TESTS = 3
+
+
+@pytest.mark.qemu
+def test_zero_config_tests_pass_in_a_guest(kernel61: Kernel, tmp_path: Path) -> None:
+    extra = blank_disks(tmp_path, SERIALS, DISK_MB)
+    modules = ["dm_mod", "md_mod", "raid1", "ext4", "virtio_blk"]
+    log = pytest_in_guest(kernel61, tmp_path, ["tests/test_zero_config_guest.py"], modules, extra)
+    assert passed_count(log) == [str(GUEST_TESTS)], log[-4000:]

@@ -396,8 +396,14 @@ def _request(args: argparse.Namespace, output: Path | None, hostonly: bool) -> B
 
 def _register(args: argparse.Namespace) -> int:
     from kdump_mkinitrd.arming import registration
-    from kdump_mkinitrd.arming.peers import PeerArmed
+    from kdump_mkinitrd.arming.peers import PeerArmed, refuse_if_peer_armed
 
+    try:
+        # Before the config: no default target is picked, said or refused on such a host.
+        refuse_if_peer_armed(registration.peer_root())
+    except PeerArmed as exc:
+        print(f"kdump-mkinitrd: {exc}", file=sys.stderr)
+        return registration.EXIT_PEER_ARMED
     kver = args.kver or os.uname().release
     # Host-only by default when arming the kernel that runs here: its devices are the truth.
     hostonly = args.hostonly if args.hostonly is not None else kver == os.uname().release
@@ -411,9 +417,6 @@ def _register(args: argparse.Namespace) -> int:
     except registration.NoReservation as exc:
         print(f"kdump-mkinitrd: {exc}", file=sys.stderr)
         return registration.EXIT_ERROR if failed else registration.EXIT_NO_RESERVATION
-    except PeerArmed as exc:
-        print(f"kdump-mkinitrd: {exc}", file=sys.stderr)
-        return registration.EXIT_PEER_ARMED
     if rebuilt:
         print("rebuilt the image: " + "; ".join(rebuilt[:5]), file=sys.stderr)
     print(f"capture kernel {loaded.kernel} loaded with {loaded.image}")

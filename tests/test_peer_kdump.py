@@ -165,7 +165,9 @@ def test_register_refuses_before_building_and_status_says_why(
     defaults = shipped_with(kdump_tools, {'#SSH="<user at server>"': "SSH=dumps@vault"})
     root = debian_host(kdump_tools, tmp_path / "root", defaults)
     image = tmp_path / "kdump.img"
-    proc = cli(root, tmp_path, "register", "-c", str(tmp_path / "kdump.yaml"),
+    # A config naming no target: the refusal comes before any default target is picked.
+    (tmp_path / "empty.yaml").write_text("# nothing configured\n")
+    proc = cli(root, tmp_path, "register", "-c", str(tmp_path / "empty.yaml"),
                "--image", str(image))  # fmt: skip
     assert proc.returncode == registration.EXIT_PEER_ARMED == 5, proc.stderr
     assert proc.stderr == (

@@ -19,7 +19,7 @@ from typing import Any
 
 from kdump_mkinitrd.arming.cmdline import capture_cmdline
 from kdump_mkinitrd.arming.kexec import crash_status, load_crash_kernel, unload_crash_kernel
-from kdump_mkinitrd.arming.peers import PeerKdump, armed_peers, refuse_if_peer_armed
+from kdump_mkinitrd.arming.peers import PeerKdump, armed_peers
 from kdump_mkinitrd.config import Config, require_targets
 from kdump_mkinitrd.dumps.announce import announce_new_dumps, dump_folders
 from kdump_mkinitrd.errors import KdumpError
@@ -137,7 +137,6 @@ def register(
     """Rebuild if needed, then load. Returns what was loaded and why it was rebuilt."""
     with contextlib.suppress(OSError):  # saying so must never keep the capture kernel off
         announce_new_dumps(dump_folders(config), state_dir() / "reported-dumps.json")
-    refuse_if_peer_armed(peer_root())  # its admin chose it, and its target
     require_targets(config)  # before anything else: such an image could never save a dump
     status = crash_status()
     if status.supported and status.reserved_bytes == 0:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdump_mkinitrd.errors import KdumpError
-from kdump_mkinitrd.qemutest.debian_guest import SHARE, Console, Shell
+from kdump_mkinitrd.qemutest.debian_guest import CRASHKERNEL, SHARE, Console, GuestOptions, Shell
+from kdump_mkinitrd.qemutest.debian_guest import _qemu as qemu_command
 from kdump_mkinitrd.qemutest.debian_guest_image import (
     KVER,
     ROOT_DEVICE,
@@ -27,12 +28,9 @@ from kdump_mkinitrd.qemutest.debian_guest_image import (
     checkout_cache,
     debian_image,
 )
-from kdump_mkinitrd.qemutest.qemu import default_accel, qemu_binary
 
 # kdump-tools' Depends that the base image lacks (dpkg -i installs no dependencies).
 KDUMP_TOOLS_DEPS = ("file", "ucf", "linux-base", "bsdextrautils", "lsb-base")
-MEMORY = "1536M"
-CRASHKERNEL = "192M"  # kdump-tools' own default on Debian 12 is 384M-:128M; ours needs 192M here
 OUR_CONFIG = (
     f"targets:\n  - {{type: disk, device: {ROOT_DEVICE}, fstype: ext4, path: /var/crash}}\n"
 )
@@ -79,18 +77,6 @@ def kdump_tools_image(log: Path | None = None) -> GuestImage:
     return debian_image(extra_packages=KDUMP_TOOLS_DEPS, customize=customize, log=log)
 
 
-def qemu_command(image: GuestImage, disk: Path, share: Path, crashkernel: str) -> list[str]:
-    """The Debian guest's QEMU line (the same as qemu-test --guest debian boots)."""
-    return [
-        qemu_binary(), "-accel", default_accel(), "-m", MEMORY, "-smp", "1",
-        "-display", "none", "-monitor", "none", "-nic", "none", "-serial", "stdio",
-        "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-        "-append", f"root={ROOT_DEVICE} ro console=ttyS0 crashkernel={crashkernel} panic=10",
-        "-drive", f"file={disk},if=virtio,format=qcow2,cache=unsafe",
-        "-virtfs", f"local,path={share},mount_tag=share,security_model=none",
-    ]  # fmt: skip
-
-
 @dataclass
 class Guest:
     """One QEMU process across the guest's boots, with a root shell."""
@@ -104,10 +90,10 @@ class Guest:
         step = self.shell.run(command, timeout)
         return step.code, step.output
 
-    def reboot(self, timeout: float = 1200) -> None:
+    def reboot(self, timeout: float = 1500) -> None:
         mark = self.console.mark()
         self.console.type("systemctl reboot\n")
-        self.shell.logged_in(mark, timeout)
+        self.shell.booted(mark, timeout)
 
     def crash(self, saved: str, timeout: float = 1500) -> dict[str, float | None]:
         """sysrq c; seconds from the panic to the line `saved` on the console (None when it
@@ -119,6 +105,7 @@ class Guest:
         back = self.console.lines[login][0]  # the login prompt's line came then
         lines = self.console.lines[mark:login]
         dump = next((t for t, line in lines if re.search(saved, line)), None)
+        self.run("systemctl is-system-running --wait", timeout)
         return {
             "panic_to_dump_saved_s": None if dump is None else round(dump - panicked, 1),
             "panic_to_login_s": round(back - panicked, 1),
@@ -130,10 +117,11 @@ def boot(image: GuestImage, workdir: Path, crashkernel: str = CRASHKERNEL) -> Gu
     share = workdir / "share"
     share.mkdir(parents=True, exist_ok=True)
     disk = image.overlay(workdir / "root-overlay.qcow2")
-    console = Console(qemu_command(image, disk, share, crashkernel), workdir / "serial.log")
+    command = qemu_command(image, disk, share, GuestOptions(crashkernel=crashkernel))
+    console = Console(command, workdir / "serial.log")
     guest = Guest(console, Shell(console, share), share)
     try:
-        guest.shell.logged_in(0, 1500)
+        guest.shell.booted(0, 1800)
     except BaseException:
         stop(guest)
         raise

@@ -97,6 +97,11 @@ def test_a_remote_target_is_named(kdump_tools: Path, tmp_path: Path) -> None:
     [peer] = armed_peers(debian_host(kdump_tools, tmp_path, defaults))
     assert peer.target == "NFS=server:/export"
     assert "target NFS=server:/export" in peer.message()
+    # savecore sends it to each remote target set
+    defaults = shipped_with(kdump_tools, {'#FTP="<server>:<path>"': "FTP=ftp.example:/in"})
+    defaults = defaults.replace('#NFS="<nfs mount>"', 'NFS="server:/export"')
+    [peer] = armed_peers(debian_host(kdump_tools, tmp_path / "both", defaults))
+    assert peer.target == "NFS=server:/export and FTP=ftp.example:/in"
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ from pathlib import Path
 from kdump_mkinitrd.errors import KdumpError
 
 DEBIAN_DEFAULTS = "etc/default/kdump-tools"
-# kdump-tools sends the dump to the first of these it finds set, else to KDUMP_COREDIR.
+# `kdump-config savecore` sends the dump to each of these that is set, and to KDUMP_COREDIR on
+# the local disk only when none is.
 DEBIAN_REMOTE_KEYS = ("NFS", "SSH", "FTP")
 KDUMP_CONF = "etc/kdump.conf"  # kdump-utils (Fedora, RHEL)
 SUSE_SYSCONFIG = "etc/sysconfig/kdump"
@@ -152,7 +153,8 @@ def _debian_kdump_tools(root: Path) -> PeerKdump | None:
     if enabled is None:
         return None
     remote = [f"{key}={values[key]}" for key in DEBIAN_REMOTE_KEYS if values.get(key)]
-    target = remote[0] if remote else f"KDUMP_COREDIR={values.get('KDUMP_COREDIR') or '/var/crash'}"
+    local = f"KDUMP_COREDIR={values.get('KDUMP_COREDIR') or '/var/crash'}"
+    target = " and ".join(remote) or local
     return PeerKdump(
         name="Debian's kdump-tools",
         found=(f"USE_KDUMP={use} in /{DEBIAN_DEFAULTS}", enabled),

@@ -124,7 +124,7 @@ class Console:
         self.proc.stdin.write(text.encode())
         self.proc.stdin.flush()
 
-    def close(self, timeout: float = 120) -> None:
+    def close(self, timeout: float) -> None:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -167,6 +167,8 @@ class Shell:
                 self.console.wait_for(f"@@ready-{self.count}@@", n, 10)
             except KdumpError:
                 continue
+            # Package scripts see a terminal on stdin: no debconf question may wait on it.
+            self.console.type("export DEBIAN_FRONTEND=noninteractive\n")
             self.run(f"mountpoint -q {SHARE} || {{ mkdir -p {SHARE} && mount -t 9p -o "
                      f"trans=virtio,version=9p2000.L,msize=262144 share {SHARE}; }}",
                      timeout=60, through_share=False)  # fmt: skip
@@ -257,9 +259,9 @@ def run_debian_guest(options: GuestOptions) -> GuestReport:
     console = Console(_qemu(image, disk, share, options), Path(report.serial_log))
     try:
         _session(console, Shell(console, share), report, options, deb, kernel_deb, share)
+        console.close(timeout=120)  # the session ends with a poweroff
     finally:
-        console.type("")  # nothing: the guest powers itself off at the end
-        console.close()
+        console.close(timeout=0)  # kills QEMU if it still runs (a step failed or hung)
         disk.unlink(missing_ok=True)
     report.timings["total"] = round(time.monotonic() - started, 1)
     report.ok = bool(report.checks) and all(report.checks.values())
@@ -299,7 +301,7 @@ def _session(
     if size.code == 0:
         report.image_size = int(size.output.split()[0])
     estimate = shell.run(f"kdump-mkinitrd estimate -k {KVER} --image {image}")
-    report.figures["estimate"] = estimate.output.strip().splitlines()[-1:] or ["?"]
+    report.figures["estimate"] = (estimate.output.strip().splitlines() or ["?"])[0]
 
     progress.phase("boot 2: reboot; the service arms the capture kernel at boot")
     mark, t = console.mark(), time.monotonic()

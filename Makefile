@@ -18,10 +18,13 @@ DEBS := python3-venv busybox-static kexec-tools makedumpfile qemu-system-x86 cpi
 # collector's ELF output, Debian's java is a real DT_RPATH $ORIGIN program for the resolver, groff
 # renders the man pages, systemd brings kernel-install and systemd-analyze, iproute2 the network
 # tests' `ip`, binutils' objcopy and systemd-boot-efi's stub a real UKI, thin-provisioning-tools
-# the guests' thin pools. lvm2, mdadm and cryptsetup-bin (in DEBS: images pack them for stacked
-# targets) also build the stacks the tests capture onto.
+# the guests' thin pools; dpkg-dev, debhelper, dh-python and lintian build and check the .deb,
+# mmdebstrap makes the Debian systems it is installed into (a chroot, a booted guest). lvm2,
+# mdadm and cryptsetup-bin (in DEBS: images pack them for stacked targets) also build the
+# stacks the tests capture onto.
 TEST_DEBS := gcc libc6-dev gdb openjdk-17-jre-headless groff-base systemd iproute2 \
-	binutils systemd-boot-efi thin-provisioning-tools
+	binutils systemd-boot-efi thin-provisioning-tools dpkg-dev debhelper dh-python lintian \
+	mmdebstrap
 
 export KDUMP_TEST_KERNEL_CACHE := $(abspath $(KERNEL_CACHE))
 
@@ -45,10 +48,12 @@ $(VENV)/.installed: pyproject.toml
 kernels: debs
 	@for k in $(KERNELS); do scripts/fetch-kernel "$$k" $(KERNEL_CACHE) || exit 1; done
 
-# -rs: every skipped test is listed with its reason.
+# -rs: every skipped test is listed with its reason. -n: independent tests (most of them QEMU
+# guests, one TCG thread each) run in parallel, one worker per core unless TEST_WORKERS says.
+TEST_WORKERS ?= auto
 test: setup kernels
 	@scripts/install-debs $(TEST_DEBS)
-	$(BIN)/pytest -q -rs
+	$(BIN)/pytest -q -rs -n $(TEST_WORKERS)
 
 # The main job: build a capture image for a Debian kernel, crash a QEMU guest running that
 # kernel, capture the dump, check it, print a summary.
@@ -146,8 +151,8 @@ endif
 
 # ---- make deb: build/deb/kdump-mkinitrd_VERSION_all.deb ------------------------------------
 # Built with Debian's own tools from debian/ (which runs `make install` above), in a temporary
-# copy of the tree; lintian checks it in tests/test_deb.py.
-DEB_DEBS := dpkg-dev debhelper dh-python python3 lintian
+# copy of the tree. tests/test_deb.py also needs lintian and mmdebstrap.
+DEB_DEBS := dpkg-dev debhelper dh-python python3
 .PHONY: deb
 deb:
 	@scripts/install-debs $(DEB_DEBS)

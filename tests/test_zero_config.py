@@ -7,6 +7,7 @@ from real systems and on this machine's own, and the real command on this machin
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -118,6 +119,9 @@ def test_mountinfo_escapes_and_stacked_mounts() -> None:
         (SSHFS_CRASH, "/var/crash: sshfs from dumps@backup:/srv/crash, a network or user-space "
                       "filesystem"),
         (CIFS_CRASH, "/var/crash: cifs from //nas/crash, a network"),
+        # Inside a chroot whose root is no mount point, no mount shows /.
+        ("30 25 0:26 / /proc rw - proc proc rw\n", "no mount holds /var/crash in the mount "
+                                                    "table (a chroot?)"),
         (QEMU_9P_ROOT, "/var/crash is on /: 9p (hostroot), shared from outside this machine "
                        "with no block device"),
     ],
@@ -223,6 +227,19 @@ def test_build_without_a_target_on_this_machine(
     again = _cli("build", *kernel, "-c", str(config), "-o", str(image), "--hostonly",
                  "--if-needed")  # fmt: skip
     assert again.returncode == 0 and "up to date" in again.stdout, again
+    # `status` of that image, as `register` would have recorded it: the same line, up to date.
+    state = tmp_path / "state"
+    state.mkdir()
+    loaded = {"kver": kernel61.kver, "kernel": str(kernel61.vmlinuz), "image": str(image),
+              "kmoddir": str(kernel61.kmoddir), "config": str(config), "cmdline": "",
+              "hostonly": True}  # fmt: skip
+    (state / "loaded.json").write_text(json.dumps(loaded))
+    env = dict(os.environ, KDUMP_MKINITRD_STATE_DIR=str(state))
+    status = subprocess.run([sys.executable, "-m", "kdump_mkinitrd.cli", "status"],
+                            capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert "\nup to date\n" in status.stdout, status
+    assert status.stdout.splitlines()[-1] == lines[0].removeprefix("kdump-mkinitrd: "), status
+    assert f"targets: disk:{device}" in status.stdout
 
 
 def test_build_with_no_config_file_names_the_default_path(kernel61: Kernel, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ whose virtio serial says they are this test's (kdump-zc-N)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -34,8 +35,24 @@ global { locking_dir = "LOCKS" use_lvmpolld = 0 event_activation = 0 notify_dbus
 activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
 backup { backup = 0 archive = 0 }
 """
-# A config that names no target; no compression keeps the guest's builds short.
-CONFIG = "# kdump-mkinitrd: no target here\ncompression: {method: none}\n"
+# A config that names no target; no Python stage and no compression keep the guest's build
+# short (minutes under TCG).
+CONFIG = "# kdump-mkinitrd: no target here\ncompression: {method: none}\ncapture: {stage: static}\n"
+# What the command line decides for a config, without building: the default target as json.
+DECIDE = """\
+import json, sys
+from pathlib import Path
+from kdump_mkinitrd import config
+from kdump_mkinitrd.hostscan import defaulttarget
+loaded, line = defaulttarget.with_default(config.load(Path(sys.argv[1])))
+t = loaded.targets[0]
+print(json.dumps({"line": line, "device": t.device, "path": t.path,
+                  "layers": [x.name for x in t.layers()]}))
+"""
+# The builder's per-module .modinfo cache for the guest's build (XDG_CACHE_HOME): made on the
+# build host before the guest boots, as scanning the tree's 4000 modules over 9p under TCG
+# takes minutes. The builder checks each entry against the module's size and mtime.
+MODINFO_CACHE = REPO / ".cache" / "zero-config-guest"
 VGS = ("zcvg", "zcraid")
 MD = "/dev/md/zcmd"
 MD_ENV = {**os.environ, "MDADM_NO_UDEV": "1"}
@@ -146,7 +163,8 @@ def test_var_crash_on_an_lv_is_the_default_with_its_lvm_layer(
     config.write_text(CONFIG)
     # /var/crash is the LV's mount point: the dumps go to its top folder.
     setup = f"{VAR_TMPFS}mkdir /var/crash\nmount -t ext4 {node} /var/crash\n"
-    run = _in_namespace(setup, _build(kernel61, config, image, "--hostonly"))
+    env = dict(os.environ, XDG_CACHE_HOME=str(MODINFO_CACHE))
+    run = _in_namespace(setup, _build(kernel61, config, image, "--hostonly"), env)
     assert run.returncode == 0, run
     assert _told(run, config).endswith(
         f": dumping to /var/crash on {node} (ext4, on lvm zcvg/crash, UUID={uuid}, the "
@@ -160,29 +178,30 @@ def test_var_crash_on_an_lv_is_the_default_with_its_lvm_layer(
     assert "dm_mod" in {m["name"] for m in manifest["kernel_modules"]}, manifest["kernel_modules"]
 
 
-def test_var_on_lvm_over_md_with_no_var_crash_yet(
-    storage: Storage, kernel61: Kernel, tmp_path: Path
-) -> None:
+def test_var_on_lvm_over_md_with_no_var_crash_yet(storage: Storage, tmp_path: Path) -> None:
     """/var is an LV on a RAID1 array and /var/crash is not made yet: the default is /crash on
-    /var's filesystem (the capture makes the folder), under both layers."""
+    /var's filesystem (the capture makes the folder, as kdump_new_dump_dir does mkdir -p),
+    under both layers."""
     _sh("mdadm", "--create", MD, "--run", "--level", "1", "--raid-devices", "2",
         "--metadata=1.2", "--assume-clean", *storage.disks[1:])  # fmt: skip
     md_uuid = re.search(r"^MD_UUID=(.*)$", _sh("mdadm", "--detail", "--export", MD), re.M)
     assert md_uuid
     node = storage.volume("zcraid", [MD])
-    config, image = tmp_path / "k.yaml", tmp_path / "kdump.img"
+    uuid = _sh("blkid", "-o", "value", "-s", "UUID", node).strip()
+    config = tmp_path / "k.yaml"
     config.write_text(CONFIG)
-    run = _in_namespace(f"mount -t ext4 {node} /var\n",
-                        _build(kernel61, config, image, "--hostonly"))  # fmt: skip
+    # The decision only: test_var_crash_on_an_lv_... builds an image, and the md layer in
+    # images is test_storage_raid's.
+    run = _in_namespace(f"mount -t ext4 {node} /var\n", [sys.executable, "-c", DECIDE, str(config)])
     assert run.returncode == 0, run
-    line = _told(run, config)
-    assert f": dumping to /var/crash on {node} (ext4, on lvm zcraid/crash on raid " in line
-    assert line.endswith("the filesystem holding /var/crash, path /crash in it)"), line
-    init = _disk_target(image)
-    assert init.index("kdump_stack_layer raid ") < init.index("kdump_stack_layer lvm zcraid crash")
-    assert 'kdump_capture_on "$mnt" /crash\n' in init, init
-    stacks = load_image(image).manifest["hostonly_detected"]["stacks"]
-    assert [s["names"] for s in stacks] == [[f"raid {md_uuid.group(1)}", "lvm zcraid/crash"]]
+    chosen = json.loads(run.stdout)
+    assert chosen["line"] == (
+        f"no dump target configured in {config}: dumping to /var/crash on {node} (ext4, on lvm "
+        f"zcraid/crash on raid {md_uuid.group(1)}, UUID={uuid}, the filesystem holding "
+        "/var/crash, path /crash in it)"
+    )
+    assert (chosen["device"], chosen["path"]) == (f"UUID={uuid}", "/crash")
+    assert chosen["layers"] == [f"raid {md_uuid.group(1)}", "lvm zcraid/crash"]
 
 
 def test_var_crash_on_tmpfs_is_refused_and_does_not_fail_a_kernel_install(
@@ -227,12 +246,42 @@ def test_var_crash_on_tmpfs_is_refused_and_does_not_fail_a_kernel_install(
     assert not (tmp_path / f"kdump-{kernel61.kver}.img").exists()
 
 
-GUEST_TESTS = 3
+def test_var_crash_on_a_loop_device_is_refused(storage: Storage, kernel61: Kernel,
+                                              tmp_path: Path) -> None:  # fmt: skip
+    """A device no storage layer type handles: refused at once, as for a configured target."""
+    backing = tmp_path / "crash.img"
+    with backing.open("wb") as f:
+        f.truncate(16 * 2**20)
+    _sh("mkfs.ext4", "-q", "-F", str(backing))
+    loop = _sh("losetup", "--find", "--show", str(backing)).strip()
+    try:
+        config, image = tmp_path / "k.yaml", tmp_path / "kdump.img"
+        config.write_text(CONFIG)
+        setup = f"{VAR_TMPFS}mkdir /var/crash\nmount -t ext4 {loop} /var/crash\n"
+        run = _in_namespace(setup, _build(kernel61, config, image, "--hostonly"))
+    finally:
+        _sh("losetup", "-d", loop)
+    assert run.returncode == 4, run
+    assert (f"the filesystem holding /var/crash, cannot take a dump: {loop}: target device "
+            f"UUID=") in run.stderr, run.stderr  # fmt: skip
+    # (The kernel names the backing file from the guest's own root, where ours is /host.)
+    assert f"is a loop device ({Path(loop).name} over " in run.stderr, run.stderr
+    assert f"{backing.name}); storage layers of types " in run.stderr
+    assert f"configure a target in {config}" in run.stderr and not image.exists()
+
+
+GUEST_TESTS = 4
 
 
 @pytest.mark.qemu
 def test_zero_config_tests_pass_in_a_guest(kernel61: Kernel, tmp_path: Path) -> None:
+    config = tmp_path / "warm.yaml"
+    config.write_text(CONFIG + "targets: [{type: disk, device: /dev/vdz, fstype: ext4}]\n")
+    warm = subprocess.run(_build(kernel61, config, tmp_path / "warm.img"), capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ,
+                          XDG_CACHE_HOME=str(MODINFO_CACHE)))  # fmt: skip
+    assert warm.returncode == 0, warm
     extra = blank_disks(tmp_path, SERIALS, DISK_MB)
-    modules = ["dm_mod", "md_mod", "raid1", "ext4", "virtio_blk"]
+    modules = ["dm_mod", "md_mod", "raid1", "loop", "ext4", "virtio_blk"]
     log = pytest_in_guest(kernel61, tmp_path, ["tests/test_zero_config_guest.py"], modules, extra)
     assert passed_count(log) == [str(GUEST_TESTS)], log[-4000:]

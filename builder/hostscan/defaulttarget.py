@@ -183,7 +183,12 @@ def choose(
     told = f"no dump target configured in {file}" + (" (no such file)" if absent else "")
     # Symlinks resolved; a /var/crash not made yet is on the filesystem of its nearest parent.
     real = os.path.realpath(crash_dir)
-    mount = holding_mount(mounts, real)
+    try:
+        mount = holding_mount(mounts, real)
+    except KdumpError as exc:
+        # In a chroot whose root is no mount point (a distribution image being made): no
+        # filesystem to name, and kdump is set up when that system boots.
+        raise _refusal(told, crash_dir, file, f"{exc} (a chroot?)") from None
     where = f"{crash_dir} is on {mount.mount_point}" if mount.mount_point != real else crash_dir
     if mount.fstype not in FSTYPES:
         raise _refusal(told, crash_dir, file, f"{where}: {_what(mount)}")
@@ -202,7 +207,9 @@ def choose(
         probe = dataclasses.replace(config, targets=parse(text, "the default target").targets)
         stacks = hostonly.target_stacks(probe, dev, sys_root)
     except KdumpError as exc:
-        raise _refusal(told, crash_dir, file, f"{node}: {exc}") from None
+        # Host-only detection's error without its config location, which no file has here.
+        why = re.sub(r"^.*?--hostonly: ", "", str(exc))
+        raise _refusal(told, crash_dir, file, f"{node}: {why}") from None
     target = hostonly.with_detected_stacks(probe, stacks).targets[0]
     layers = " on ".join(x.name for x in reversed(target.layers()))
     detail = ", ".join(x for x in (mount.fstype, layers and f"on {layers}",

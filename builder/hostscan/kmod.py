@@ -492,8 +492,13 @@ def _walk_modules(kmoddir: Path) -> dict[str, str]:
 
 def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "kdump-mkinitrd"
+    if os.path.isabs(xdg):
+        return Path(xdg) / "kdump-mkinitrd"
+    # Root's builds are the system's (the boot service, the kernel hooks): their cache belongs
+    # in /var/cache, where the package's purge finds it, not in root's home.
+    if os.geteuid() == 0:
+        return Path("/var/cache/kdump-mkinitrd")
+    return Path.home() / ".cache" / "kdump-mkinitrd"
 
 
 def _cache_file(cache_dir: Path, kver: str, kmoddir: Path) -> Path:

@@ -107,21 +107,25 @@ class TestServer:
                        'mount --bind "$0" "$1" && shift && exec "$@"',
                        str(self.home), real_home, *command]  # fmt: skip
         with self.log.open("ab") as log:
+            logged = log.tell()
             self.process = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
             )
+        # sshd's own line, not a connection: under parallel tests a connection could reach
+        # another test's server that took the same port between free_port() and this bind.
+        listening = f"Server listening on 127.0.0.1 port {self.port}.".encode()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 break
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.1)
+            with self.log.open("rb") as log:
+                log.seek(logged)
+                if listening in log.read():
+                    return self
+            time.sleep(0.1)
         self.stop()
         raise KdumpError(f"the test sshd did not start: {self.log.read_text()[-500:]}")
 

@@ -78,6 +78,7 @@ CRASH_SLACK_MB = 16
 # The stacked-storage part measures the Python stage (the default) and compares it with the
 # plain disk's Python-stage figures: same kernel, same stage, only the stack differs.
 STORAGE_STAGE = "python"
+ONLY_PARTS = {"storage": "storage", "peer": "peer debian"}  # BENCH_ONLY values: their part
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -1142,7 +1143,7 @@ def save(results: dict[str, Any]) -> None:
 def main() -> int:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
     only = os.environ.get("BENCH_ONLY", "")
-    if only not in ("", "storage", "peer"):
+    if only not in ("", *ONLY_PARTS):
         print(f"bench: BENCH_ONLY={only!r}: only 'storage' or 'peer' can run alone",
               file=sys.stderr)  # fmt: skip
         return 2
@@ -1172,7 +1173,7 @@ def main() -> int:
     }
     if only:  # the other parts stay as the last full run left them
         results = json.loads((BENCH / "results.json").read_text())
-        results["errors"].pop({"storage": "storage", "peer": "peer debian"}[only], None)
+        results["errors"].pop(ONLY_PARTS[only], None)
 
     def part(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         print(f"bench: {name} ...", flush=True)
@@ -1221,8 +1222,8 @@ def main() -> int:
     save(results)
     print()
     print((BENCH / "results.md").read_text())
-    name = {"storage": "storage", "peer": "peer debian"}.get(only)
-    seconds = results["meta"]["part_seconds"][name] if name else results["meta"]["duration_s"]
+    meta = results["meta"]
+    seconds = meta["part_seconds"][ONLY_PARTS[only]] if only else meta["duration_s"]
     print(f"bench: wrote {BENCH / 'results.json'} and {BENCH / 'results.md'} in {seconds:.0f} s")
     return 0
 

@@ -14,34 +14,22 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from kdump_mkinitrd.arming import registration
 from kdump_mkinitrd.arming.peers import PeerArmed, armed_peers, refuse_if_peer_armed
+from tests.peer_kdump_guest import kdump_tools_deb
 
 REPO = Path(__file__).resolve().parent.parent
-DEB_CACHE = Path(os.environ.get("KDUMP_TEST_DEB_CACHE", REPO / ".cache" / "debs"))
 
 
 @pytest.fixture(scope="session")
-def kdump_tools() -> Path:
-    """Debian's kdump-tools package, unpacked (downloaded once into the cache)."""
-    tree = DEB_CACHE / "kdump-tools-x"
-    if not (tree / "usr/sbin/kdump-config").is_file():
-        DEB_CACHE.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".fetch.", dir=DEB_CACHE))
-        work.chmod(0o777)  # apt-get download writes as _apt
-        try:
-            subprocess.run(["apt-get", "download", "-q", "kdump-tools"], cwd=work, check=True)
-            deb = next(work.glob("kdump-tools_*.deb"))
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "root")], check=True)
-            shutil.rmtree(tree, ignore_errors=True)
-            (work / "root").rename(tree)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+def kdump_tools(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Debian's kdump-tools package, unpacked (downloaded once into the shared cache)."""
+    tree = tmp_path_factory.mktemp("kdump-tools")
+    subprocess.run(["dpkg-deb", "-x", str(kdump_tools_deb()), str(tree)], check=True)
     return tree
 
 

@@ -10,6 +10,8 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
+
 from kdump_mkinitrd.arming.registration import EXIT_PEER_ARMED
 from kdump_mkinitrd.qemutest.debian_guest import build_deb
 from tests.peer_kdump_guest import (
@@ -26,6 +28,7 @@ REFUSAL = "Debian's kdump-tools is armed here"
 READY = re.compile(r"current state\s*:\s*ready to kdump")  # not "Not ready to kdump"
 
 
+@pytest.mark.qemu
 def test_ours_leaves_kdump_to_armed_kdump_tools_until_switched(tmp_path: Path) -> None:
     image = kdump_tools_image(log=tmp_path / "image-build.log")
     deb = build_deb(tmp_path / "deb")

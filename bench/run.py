@@ -15,7 +15,10 @@ Parts (each records an error string in the JSON when it fails; the others still 
   BENCH_QUICK=1) the smallest crashkernel= at which qemu-test still saves and verifies the
   dump, each next to the plain disk's; `estimate`'s figure for each image beside it.
 
-BENCH_ONLY=storage runs only the storage part and merges it into the existing results.
+* peer debian (skipped with BENCH_QUICK=1): ours next to Debian's kdump-tools on the same Debian
+  guest and the same crash (`bench/peer_debian.py`).
+
+BENCH_ONLY=storage (or peer) runs only that part and merges it into the existing results.
 
 Writes bench/results.json and bench/results.md and prints the table. Timings are noisy on a
 shared 2-core machine: runs are alternated, medians reported, nothing asserted on time.
@@ -46,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
 import harness  # noqa: E402
+import peer_debian  # noqa: E402
 from harness import Kernel  # noqa: E402
 
 from kdump_mkinitrd.arming.registration import estimate  # noqa: E402
@@ -74,6 +78,7 @@ CRASH_SLACK_MB = 16
 # The stacked-storage part measures the Python stage (the default) and compares it with the
 # plain disk's Python-stage figures: same kernel, same stage, only the stack differs.
 STORAGE_STAGE = "python"
+ONLY_PARTS = {"storage": "storage", "peer": "peer debian"}  # BENCH_ONLY values: their part
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -1005,6 +1010,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{mb(cap.get('proc_vmcore_size'))} read |",
         ]
     lines += storage_markdown(results.get("storage"))
+    lines += peer_debian.markdown(results)
     lines += ["", "## Where our build's time goes", ""]
     for kver, b in results["build"].items():
         phases = b.get("ours", {}).get("phases_median_s")
@@ -1137,8 +1143,9 @@ def save(results: dict[str, Any]) -> None:
 def main() -> int:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
     only = os.environ.get("BENCH_ONLY", "")
-    if only not in ("", "storage"):
-        print(f"bench: BENCH_ONLY={only!r}: only 'storage' can run alone", file=sys.stderr)
+    if only not in ("", *ONLY_PARTS):
+        print(f"bench: BENCH_ONLY={only!r}: only 'storage' or 'peer' can run alone",
+              file=sys.stderr)  # fmt: skip
         return 2
     crash_kver = os.environ.get("BENCH_CRASH_KVER", KERNELS[0])
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -1166,7 +1173,7 @@ def main() -> int:
     }
     if only:  # the other parts stay as the last full run left them
         results = json.loads((BENCH / "results.json").read_text())
-        results["errors"].pop("storage", None)
+        results["errors"].pop(ONLY_PARTS[only], None)
 
     def part(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         print(f"bench: {name} ...", flush=True)
@@ -1201,8 +1208,13 @@ def main() -> int:
         results["storage"] = partial
         save(results)
 
-    results["storage"] = part("storage", lambda: part_storage(crash_kver, quick, plain,
-                                                              storage_progress))  # fmt: skip
+    if only in ("", "storage"):
+        results["storage"] = part("storage", lambda: part_storage(crash_kver, quick, plain,
+                                                                  storage_progress))  # fmt: skip
+    if only == "peer" or not (quick or only):
+        peers = part("peer debian", lambda: peer_debian.part_peer_debian(CACHE / "peer-debian"))
+        for key in ("peer_debian_kdump_tools", "ours_in_debian_guest"):
+            results[key] = peers.get(key, peers)
     if not only:
         results["meta"]["duration_s"] = round(time.monotonic() - start, 1)
         results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -1210,7 +1222,8 @@ def main() -> int:
     save(results)
     print()
     print((BENCH / "results.md").read_text())
-    seconds = results["meta"]["part_seconds"]["storage"] if only else results["meta"]["duration_s"]
+    meta = results["meta"]
+    seconds = meta["part_seconds"][ONLY_PARTS[only]] if only else meta["duration_s"]
     print(f"bench: wrote {BENCH / 'results.json'} and {BENCH / 'results.md'} in {seconds:.0f} s")
     return 0
 

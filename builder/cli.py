@@ -205,6 +205,13 @@ def parser() -> argparse.ArgumentParser:
         help="a disk target on stacked storage, built in the first guest: lvm, lvm-thin, "
         "raid1, luks, luks-on-lvm, lvm-on-raid1 (README: the layouts' fixed names)",
     )
+    q.add_argument(
+        "--guest",
+        choices=("debian",),
+        help="debian: install our .deb in a real Debian 12 guest (systemd, root on LVM; image "
+        "built once with mmdebstrap and cached), crash it, and check the dump its boot service "
+        "reports; also a second kernel package through the hooks, then removal and purge",
+    )
     i = sub.add_parser("inspect", help="list an image's contents and why each piece is there")
     i.add_argument("image", type=Path)
     i.add_argument("--json", action="store_true")
@@ -301,6 +308,10 @@ def _run_qemu_test(args: argparse.Namespace) -> int:
     from kdump_mkinitrd.progress import Progress
     from kdump_mkinitrd.qemutest import run as qemutest
 
+    # Minutes of work: say what is going on, unless stdout is for a program.
+    progress = Progress(sys.stderr if args.verbose or not args.json else None)
+    if args.guest == "debian":
+        return _qemu_test_debian(args, progress)
     kver = args.kver or os.uname().release
     kmoddir = args.kmoddir or Path("/lib/modules") / kver
     kernel = args.kernel or kernelfiles.find_kernel(kver, kmoddir) or Path(f"/boot/vmlinuz-{kver}")
@@ -322,10 +333,19 @@ def _run_qemu_test(args: argparse.Namespace) -> int:
         target=args.target,
         ssh_client=args.ssh_client,
         storage=args.storage,
-        # Minutes of work: say what is going on, unless stdout is for a program.
-        progress=Progress(sys.stderr if args.verbose or not args.json else None),
+        progress=progress,
     )
     report = qemutest.run_qemu_test(options)
+    print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
+    return 0 if report.ok else 1
+
+
+def _qemu_test_debian(args: argparse.Namespace, progress: Any) -> int:
+    from kdump_mkinitrd.qemutest import debian_guest
+
+    report = debian_guest.run_debian_guest(
+        debian_guest.GuestOptions(keep=args.keep, progress=progress)
+    )
     print(json.dumps(asdict(report), indent=1) if args.json else report.summary())
     return 0 if report.ok else 1
 
@@ -376,7 +396,14 @@ def _request(args: argparse.Namespace, output: Path | None, hostonly: bool) -> B
 
 def _register(args: argparse.Namespace) -> int:
     from kdump_mkinitrd.arming import registration
+    from kdump_mkinitrd.arming.peers import PeerArmed, refuse_if_peer_armed
 
+    try:
+        # Before the config: no default target is picked, said or refused on such a host.
+        refuse_if_peer_armed(registration.peer_root())
+    except PeerArmed as exc:
+        print(f"kdump-mkinitrd: {exc}", file=sys.stderr)
+        return registration.EXIT_PEER_ARMED
     kver = args.kver or os.uname().release
     # Host-only by default when arming the kernel that runs here: its devices are the truth.
     hostonly = args.hostonly if args.hostonly is not None else kver == os.uname().release
@@ -421,9 +448,11 @@ def _recover_raw_targets(config: config_mod.Config) -> int:
 def _unregister(args: argparse.Namespace) -> int:
     from kdump_mkinitrd.arming import registration
 
-    print(
-        "capture kernel unloaded" if registration.unregister() else "no capture kernel was loaded"
-    )
+    unloaded, peer = registration.unregister()
+    if peer is not None:
+        print(f"left the capture kernel loaded: {peer.name} armed it, not kdump-mkinitrd")
+    else:
+        print("capture kernel unloaded" if unloaded else "no capture kernel was loaded")
     return 0
 
 
@@ -439,6 +468,8 @@ def _status(args: argparse.Namespace) -> int:
     else:
         state = "loaded" if info["loaded"] else "NOT loaded"
         print(f"capture kernel: {state}; reserved: {info['reserved_bytes'] // 2**20} MB")
+        if "peer_armed" in info:
+            print(info["peer_armed"])
         if "image" in info:
             print(f"image: {info['image']} (kernel {info['kernel']})")
             print(

@@ -19,7 +19,9 @@ from typing import Any
 
 from kdump_mkinitrd.arming.cmdline import capture_cmdline
 from kdump_mkinitrd.arming.kexec import crash_status, load_crash_kernel, unload_crash_kernel
+from kdump_mkinitrd.arming.peers import PeerKdump, armed_peers
 from kdump_mkinitrd.config import Config, require_targets
+from kdump_mkinitrd.dumps.announce import announce_new_dumps, dump_folders
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.build import BuildRequest, build, stale_reasons
 from kdump_mkinitrd.image.cpio import Member
@@ -32,6 +34,7 @@ EXIT_ERROR = 1
 EXIT_NOT_LOADED = 2
 EXIT_NO_RESERVATION = 3
 EXIT_STALE = 4
+EXIT_PEER_ARMED = 5  # another kdump (Debian's kdump-tools, kdump.service) is armed at boot
 
 # Calibration of `estimate`, from `make bench` on Debian's 6.1 kernel in a 1 GiB guest: the
 # capture kernel boots a trivial init at 88M (80M fails); the static image (3.2 MB, 8.7 MB
@@ -65,6 +68,11 @@ class Loaded:
     config: str | None
     cmdline: str
     hostonly: bool
+
+
+def peer_root() -> Path:
+    """Where other kdumps' configs and enabled units are looked for (a tree, in tests)."""
+    return Path(os.environ.get("KDUMP_MKINITRD_PEER_ROOT", "/"))
 
 
 def _state_file() -> Path:
@@ -127,6 +135,8 @@ def register(
     proc_cmdline: Path = Path("/proc/cmdline"),
 ) -> tuple[Loaded, list[str]]:
     """Rebuild if needed, then load. Returns what was loaded and why it was rebuilt."""
+    with contextlib.suppress(OSError):  # saying so must never keep the capture kernel off
+        announce_new_dumps(dump_folders(config), state_dir() / "reported-dumps.json")
     require_targets(config)  # before anything else: such an image could never save a dump
     status = crash_status()
     if status.supported and status.reserved_bytes == 0:
@@ -181,12 +191,16 @@ class NoReservation(KdumpError):
     """crashkernel= reserved nothing: there is nothing to arm (exit 3, not a failure)."""
 
 
-def unregister() -> bool:
-    """Unload; True when a capture kernel was loaded before."""
+def unregister() -> tuple[bool, PeerKdump | None]:
+    """Unload; True when a capture kernel was loaded before. A capture kernel another armed
+    kdump loaded (we loaded none) is left as it is, and that kdump is returned."""
+    peers = armed_peers(peer_root())
+    if peers and read_loaded() is None:
+        return False, peers[0]
     was_loaded = unload_crash_kernel()
     with contextlib.suppress(FileNotFoundError):
         _state_file().unlink()
-    return was_loaded
+    return was_loaded, None
 
 
 def status(config_loader: Any) -> tuple[int, dict[str, Any]]:
@@ -208,6 +222,10 @@ def status(config_loader: Any) -> tuple[int, dict[str, Any]]:
         except KdumpError as exc:
             info["stale_because"] = [str(exc)]
     info["up_to_date"] = loaded is not None and not info.get("stale_because")
+    peers = armed_peers(peer_root())
+    if peers:
+        info["peer_armed"] = peers[0].message()
+        return EXIT_PEER_ARMED, info
     if not crash.loaded:
         return EXIT_NOT_LOADED, info
     if loaded is not None and not info["up_to_date"]:

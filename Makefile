@@ -4,7 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CACHE := .cache
-KERNEL_CACHE := $(CACHE)/kernels
+# What the tests, qemu-test and the bench are slow to make (kernels, guest system images,
+# downloaded packages): one folder per machine, so a fresh clone or a worktree reuses it.
+KDUMP_TEST_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kdump-mkinitrd-test
+export KDUMP_TEST_CACHE
+KERNEL_CACHE := $(KDUMP_TEST_CACHE)/kernels
 # Debian kernels the tests boot: 6.1 (plain .ko) and 6.12 (.ko.xz, some virtio built in).
 KERNEL_61 := 6.1.0-56-amd64
 KERNEL_612 := 6.12.117+deb12-amd64
@@ -19,12 +23,12 @@ DEBS := python3-venv busybox-static kexec-tools makedumpfile qemu-system-x86 cpi
 # renders the man pages, systemd brings kernel-install and systemd-analyze, iproute2 the network
 # tests' `ip`, binutils' objcopy and systemd-boot-efi's stub a real UKI, thin-provisioning-tools
 # the guests' thin pools; dpkg-dev, debhelper, dh-python and lintian build and check the .deb,
-# mmdebstrap makes the Debian systems it is installed into (a chroot, a booted guest). lvm2,
-# mdadm and cryptsetup-bin (in DEBS: images pack them for stacked targets) also build the
-# stacks the tests capture onto.
+# mmdebstrap makes the Debian systems it is installed into (a chroot, a booted guest) and
+# qemu-utils' qemu-img their overlays. lvm2, mdadm and cryptsetup-bin (in DEBS: images pack
+# them for stacked targets) also build the stacks the tests capture onto.
 TEST_DEBS := gcc libc6-dev gdb openjdk-17-jre-headless groff-base systemd iproute2 \
 	binutils systemd-boot-efi thin-provisioning-tools dpkg-dev debhelper dh-python lintian \
-	mmdebstrap
+	mmdebstrap qemu-utils
 
 export KDUMP_TEST_KERNEL_CACHE := $(abspath $(KERNEL_CACHE))
 
@@ -162,7 +166,8 @@ deb:
 # bench/results.md and prints the table. BENCH_QUICK=1 skips the QEMU parts (crash-memory
 # bisection, capture timing); the full run takes a while. BENCH_ONLY=storage runs only the
 # stacked-storage part (qemu-test --storage layouts) and merges it into the last results.
-BENCH_DEBS := dracut-core zstd busybox-static makedumpfile kexec-tools openssh-client
+BENCH_DEBS := dracut-core zstd busybox-static makedumpfile kexec-tools openssh-client \
+	mmdebstrap qemu-utils dpkg-dev debhelper dh-python
 .PHONY: bench
 bench: setup kernels
 	@scripts/install-debs $(BENCH_DEBS)

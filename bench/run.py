@@ -56,12 +56,13 @@ from kdump_mkinitrd.arming.registration import estimate  # noqa: E402
 from kdump_mkinitrd.config import load as load_config  # noqa: E402
 from kdump_mkinitrd.qemutest import layouts  # noqa: E402
 from kdump_mkinitrd.qemutest.run import DEFAULT_CONFIG  # noqa: E402
+from kdump_mkinitrd.qemutest.testcache import kernel_cache  # noqa: E402
 
 BENCH = ROOT / "bench"
 CACHE = ROOT / ".cache" / "bench"
 BIN = Path(sys.executable).parent
 CLI = BIN / "kdump-mkinitrd"
-KERNEL_CACHE = ROOT / ".cache" / "kernels"
+KERNEL_CACHE = kernel_cache()
 KERNELS = ("6.1.0-56-amd64", "6.12.117+deb12-amd64")
 RUNS = 5
 DRACUT_DRIVERS = "virtio_blk virtio_pci ext4"

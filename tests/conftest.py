@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -10,9 +9,10 @@ from typing import Any
 import pytest
 
 from kdump_mkinitrd.qemutest.run import Options, Report, run_qemu_test
+from kdump_mkinitrd.qemutest.testcache import kernel_cache
 
 REPO = Path(__file__).resolve().parent.parent
-KERNEL_CACHE = Path(os.environ.get("KDUMP_TEST_KERNEL_CACHE", REPO / ".cache" / "kernels"))
+KERNEL_CACHE = kernel_cache()
 KVER_61 = "6.1.0-56-amd64"
 KVER_612 = "6.12.117+deb12-amd64"
 

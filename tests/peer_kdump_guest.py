@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.qemutest.debian_guest import CRASHKERNEL, SHARE, Console, GuestOptions, Shell
 from kdump_mkinitrd.qemutest.debian_guest import _qemu as qemu_command
 from kdump_mkinitrd.qemutest.debian_guest_image import (
     KVER,
     ROOT_DEVICE,
     GuestImage,
-    checkout_cache,
     debian_image,
 )
+from kdump_mkinitrd.qemutest.testcache import downloaded_deb
 
 # kdump-tools' Depends that the base image lacks (dpkg -i installs no dependencies).
 KDUMP_TOOLS_DEPS = ("file", "ucf", "linux-base", "bsdextrautils", "lsb-base")
@@ -45,27 +41,8 @@ THEIR_SAVED = r"kdump-tools: saved vmcore in"
 OUR_SAVED = r"kdump: dump saved to target"
 
 
-def kdump_tools_deb() -> Path:
-    """Debian's kdump-tools package, downloaded once into the shared cache."""
-    folder = checkout_cache() / "debs"
-    folder.mkdir(parents=True, exist_ok=True)
-    found = sorted(folder.glob("kdump-tools_*.deb"))
-    if not found:
-        work = Path(tempfile.mkdtemp(prefix=".fetch.", dir=folder))
-        work.chmod(0o777)  # apt-get download writes as _apt
-        done = subprocess.run(["apt-get", "download", "-q", "kdump-tools"], cwd=work,
-                              capture_output=True, text=True)  # fmt: skip
-        for deb in work.glob("kdump-tools_*.deb"):
-            deb.rename(folder / deb.name)
-        shutil.rmtree(work, ignore_errors=True)
-        found = sorted(folder.glob("kdump-tools_*.deb"))
-        if done.returncode != 0 or not found:
-            raise KdumpError(f"apt-get download kdump-tools failed: {done.stderr[-1000:]}")
-    return found[-1]
-
-
 def kdump_tools_image(log: Path | None = None) -> GuestImage:
-    deb = kdump_tools_deb()
+    deb = downloaded_deb("kdump-tools")
     customize = (
         f'cp {shlex.quote(str(deb))} "$1/tmp/kdump-tools.deb"',
         # mmdebstrap's policy-rc.d keeps its init script from starting in the chroot.

@@ -40,9 +40,10 @@ from kdump_mkinitrd.hostscan.modinfo import (
     plain_ko_path,
     read_modinfo,
 )
+from kdump_mkinitrd.qemutest.testcache import kernel_cache
 
 REPO = Path(__file__).resolve().parent.parent
-KERNEL_CACHE = Path(os.environ.get("KDUMP_TEST_KERNEL_CACHE", REPO / ".cache" / "kernels"))
+KERNEL_CACHE = kernel_cache()
 KVER_61 = "6.1.0-56-amd64"
 KVER_612 = "6.12.117+deb12-amd64"
 

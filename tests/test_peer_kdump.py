@@ -20,7 +20,7 @@ import pytest
 
 from kdump_mkinitrd.arming import registration
 from kdump_mkinitrd.arming.peers import PeerArmed, armed_peers, refuse_if_peer_armed
-from tests.peer_kdump_guest import kdump_tools_deb
+from kdump_mkinitrd.qemutest.testcache import downloaded_deb
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 def kdump_tools(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Debian's kdump-tools package, unpacked (downloaded once into the shared cache)."""
     tree = tmp_path_factory.mktemp("kdump-tools")
-    subprocess.run(["dpkg-deb", "-x", str(kdump_tools_deb()), str(tree)], check=True)
+    subprocess.run(["dpkg-deb", "-x", str(downloaded_deb("kdump-tools")), str(tree)], check=True)
     return tree
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from kdump_mkinitrd.config import DEFAULT_PATH
 from kdump_mkinitrd.image.inspect_image import load_image
+from kdump_mkinitrd.qemutest.testcache import test_cache
 from tests.conftest import REPO, Kernel
 from tests.guest_pytest import blank_disks, passed_count, pytest_in_guest
 
@@ -52,7 +53,7 @@ print(json.dumps({"line": line, "device": t.device, "path": t.path,
 # The builder's per-module .modinfo cache for the guest's build (XDG_CACHE_HOME): made on the
 # build host before the guest boots, as scanning the tree's 4000 modules over 9p under TCG
 # takes minutes. The builder checks each entry against the module's size and mtime.
-MODINFO_CACHE = REPO / ".cache" / "zero-config-guest"
+MODINFO_CACHE = test_cache() / "zero-config-guest"
 VGS = ("zcvg", "zcraid")
 MD = "/dev/md/zcmd"
 MD_ENV = {**os.environ, "MDADM_NO_UDEV": "1"}

@@ -31,11 +31,11 @@ from kdump_mkinitrd.qemutest.debian_guest_image import (
     KVER,
     ROOT_DEVICE,
     GuestImage,
-    checkout_cache,
     debian_image,
 )
 from kdump_mkinitrd.qemutest.qemu import default_accel, qemu_binary
 from kdump_mkinitrd.qemutest.run import Report, verify_dump
+from kdump_mkinitrd.qemutest.testcache import downloaded_deb
 
 SECOND_KVER = "6.12.117+deb12-amd64"
 SECOND_PACKAGE = f"linux-image-{SECOND_KVER}"
@@ -201,20 +201,6 @@ def build_deb(outdir: Path) -> Path:
     return debs[-1]
 
 
-def second_kernel_deb() -> Path:
-    """Debian's 6.12 kernel package, downloaded once into the shared cache."""
-    folder = checkout_cache() / "debs"
-    folder.mkdir(parents=True, exist_ok=True)
-    found = sorted(folder.glob(f"{SECOND_PACKAGE}_*.deb"))
-    if not found:
-        done = subprocess.run(["apt-get", "download", SECOND_PACKAGE], cwd=folder,
-                              capture_output=True, text=True)  # fmt: skip
-        found = sorted(folder.glob(f"{SECOND_PACKAGE}_*.deb"))
-        if done.returncode != 0 or not found:
-            raise KdumpError(f"apt-get download {SECOND_PACKAGE} failed: {done.stderr[-1000:]}")
-    return found[-1]
-
-
 def _qemu(image: GuestImage, disk: Path, share: Path, options: GuestOptions) -> list[str]:
     # No -no-reboot: a reboot (ours, or the capture kernel's final action) starts the guest's
     # own kernel again through QEMU's direct kernel boot, as firmware would.
@@ -251,7 +237,7 @@ def run_debian_guest(options: GuestOptions) -> GuestReport:
     progress.phase("building our .deb")
     deb = build_deb(workdir / "deb")
     (share / deb.name).write_bytes(deb.read_bytes())
-    kernel_deb = second_kernel_deb()
+    kernel_deb = downloaded_deb(SECOND_PACKAGE)
     (share / kernel_deb.name).write_bytes(kernel_deb.read_bytes())
     report.figures["deb"] = deb.name
     t = timed("deb", t)
@@ -365,10 +351,12 @@ def _session(
 
     progress.phase(f"boot 3: a second kernel package ({SECOND_KVER}) through the hooks")
     second = f"{IMAGES}/kdump-{SECOND_KVER}.img"
-    # The kernel package's own initramfs-tools hook runs too; with its default MODULES=most
-    # it packs every driver and takes over ten minutes under TCG. An admin's usual setting
-    # for a known machine keeps it to the guest's hardware.
-    shell.run("echo MODULES=dep > /etc/initramfs-tools/conf.d/modules-dep")
+    # The kernel package's own initramfs-tools hook would build a boot initrd for a kernel
+    # this run never boots, minutes under TCG (over ten with MODULES=most): run-parts skips
+    # a hook that is not executable, so only ours (and depmod's) run.
+    shell.run(
+        "chmod -x /etc/kernel/postinst.d/initramfs-tools /etc/kernel/postrm.d/initramfs-tools"
+    )
     t = time.monotonic()
     step("second_kernel_installs", f"dpkg -i {SHARE}/{kernel_deb.name}", 1200)
     report.timings["second_kernel_install"] = round(time.monotonic() - t, 1)

@@ -31,6 +31,7 @@ from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.qemutest.guest_images import host_root_image
 from kdump_mkinitrd.qemutest.layouts import ENVIRONMENT, LVM_CONF
 from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
+from kdump_mkinitrd.qemutest.testcache import test_cache
 
 KVER = "6.1.0-56-amd64"  # the tests' kernel (also unpacked in .cache/kernels)
 VG, LV = "guestvg", "root"
@@ -106,20 +107,8 @@ class GuestImage:
         return path
 
 
-def checkout_cache() -> Path:
-    """The `.cache` of the main checkout: a git worktree shares the main checkout's downloads
-    and images rather than making its own."""
-    checkout = Path(__file__).resolve().parents[2]
-    dot_git = checkout / ".git"
-    if dot_git.is_file():  # a worktree: "gitdir: MAIN/.git/worktrees/NAME"
-        gitdir = Path(dot_git.read_text().split(":", 1)[1].strip())
-        common = gitdir / (gitdir / "commondir").read_text().strip()
-        checkout = common.resolve().parent
-    return checkout / ".cache"
-
-
 def default_cache() -> Path:
-    return Path(os.environ.get("KDUMP_TEST_GUEST_CACHE") or checkout_cache() / "guests")
+    return Path(os.environ.get("KDUMP_TEST_GUEST_CACHE") or test_cache() / "guests")
 
 
 def cache_key(extra_packages: Sequence[str], customize: Sequence[str]) -> str:

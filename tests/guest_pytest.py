@@ -5,6 +5,8 @@ over 9p, is the guest's, so the same test files, Python and busybox run there.""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,3 +94,19 @@ def blank_disks(folder: Path, serials: Sequence[str], size_mb: int) -> list[str]
 def passed_count(log: str) -> list[str]:
     """The counts on pytest's closing lines in the guest's log."""
     return re.findall(r"^(\d+) passed(?:, \d+ deselected)? in ", log, re.M)
+
+
+# -- inside the guest ---------------------------------------------------------------------------
+
+
+def disks_by_serial(serials: Sequence[str]) -> list[str]:
+    """The guest's virtio disks blank_disks made, by serial, in that order: a guest test
+    touches no other disk (on the build host none has these serials, so the list is short)."""
+    found = {p.read_text().strip(): p.parent.name for p in Path("/sys/block").glob("vd*/serial")}
+    return [f"/dev/{found[s]}" for s in serials if s in found]
+
+
+def has_device_mapper() -> bool:
+    if not shutil.which("dmsetup"):
+        return False
+    return subprocess.run(["dmsetup", "version"], capture_output=True, timeout=60).returncode == 0

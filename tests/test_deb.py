@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from kdump_mkinitrd import config as config_mod
-from kdump_mkinitrd.qemutest.testcache import test_cache
+from kdump_mkinitrd.qemutest.testcache import cache_root
 from tests.conftest import Kernel
 from tests.test_packaging import shipped_files
 
@@ -37,7 +37,7 @@ DEFAULT_CONFIG = REPO / "system" / "kdump-mkinitrd.yaml"
 PKGLIB = "usr/lib/kdump-mkinitrd"
 SUITE = "bookworm"
 # The chroot tarballs, keyed by what goes into them; shared between checkouts by the variable.
-CHROOT_CACHE = test_cache() / "deb-chroot"
+CHROOT_CACHE = cache_root() / "deb-chroot"
 IMAGE_DIR = "var/lib/kdump-mkinitrd"
 # What dpkg and the tool see in the chroot: root's own, not this test run's.
 CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LC_ALL": "C.UTF-8"}

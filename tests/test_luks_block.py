@@ -10,7 +10,6 @@ kernel in QEMU, with this machine's root read-only over 9p, where none may skip.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from kdump_mkinitrd.storage.luks import (
     read_header,
 )
 from tests.conftest import Kernel
-from tests.guest_pytest import passed_count, pytest_in_guest
+from tests.guest_pytest import has_device_mapper, passed_count, pytest_in_guest
 from tests.test_hostonly_block import _loop, _sh
 from tests.test_luks_setup import luks_format
 
@@ -40,8 +39,7 @@ MEMORY_LIMIT = 32 * 2**20
 
 
 def _need_dm() -> None:
-    ran = shutil.which("dmsetup") and subprocess.run(["dmsetup", "version"], capture_output=True)
-    if not ran or ran.returncode != 0:
+    if not has_device_mapper():
         pytest.skip("no device-mapper on this kernel (dmsetup version fails)")
 
 

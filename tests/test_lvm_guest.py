@@ -21,7 +21,13 @@ from kdump_mkinitrd.hostscan import hostonly
 from kdump_mkinitrd.image import build
 from kdump_mkinitrd.storage.lvm import LvmLayer
 from tests.conftest import Kernel
-from tests.guest_pytest import blank_disks, passed_count, pytest_in_guest
+from tests.guest_pytest import (
+    blank_disks,
+    disks_by_serial,
+    has_device_mapper,
+    passed_count,
+    pytest_in_guest,
+)
 from tests.test_storage import run_layer
 
 SERIALS = ("kdump-lvm-0", "kdump-lvm-1", "kdump-lvm-2")
@@ -72,19 +78,10 @@ def active() -> set[str]:
     return {p.read_text().strip() for p in Path("/sys/block").glob("dm-*/dm/name")}
 
 
-def _our_disks() -> list[str]:
-    found = {}
-    for serial in Path("/sys/block").glob("vd*/serial"):
-        found[serial.read_text().strip()] = f"/dev/{serial.parent.name}"
-    return [found[s] for s in SERIALS if s in found]
-
-
 @pytest.fixture
 def lvm(tmp_path: Path) -> Iterator[Lvm]:
-    disks = _our_disks()
-    dm = shutil.which("dmsetup") and subprocess.run(["dmsetup", "version"], capture_output=True,
-                                                    timeout=60)  # fmt: skip
-    if len(disks) != len(SERIALS) or not dm or dm.returncode != 0:
+    disks = disks_by_serial(SERIALS)
+    if len(disks) != len(SERIALS) or not has_device_mapper():
         pytest.skip("needs device-mapper and the virtio disks kdump-lvm-0..2 "
                     "(test_lvm_tests_pass_in_a_guest runs this file where they are)")  # fmt: skip
     (tmp_path / "capture").mkdir()

@@ -22,7 +22,7 @@ import pytest
 
 from kdump_mkinitrd.image.inputs import read_record
 from kdump_mkinitrd.qemutest.faults import FAULTS
-from kdump_mkinitrd.qemutest.testcache import test_cache
+from kdump_mkinitrd.qemutest.testcache import cache_root
 from tests.conftest import Kernel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ def _wheelhouse(tmp: Path) -> Path:
     into .cache, so that later runs install offline."""
     deps = PYPROJECT["project"]["dependencies"]
     material = json.dumps([deps, sys.implementation.cache_tag, platform.machine()])
-    house = test_cache() / "wheelhouse" / hashlib.sha256(material.encode()).hexdigest()[:16]
+    house = cache_root() / "wheelhouse" / hashlib.sha256(material.encode()).hexdigest()[:16]
     if not house.is_dir():
         house.parent.mkdir(parents=True, exist_ok=True)
         fetching = Path(tempfile.mkdtemp(dir=house.parent, prefix=".fetching-"))

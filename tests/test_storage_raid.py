@@ -29,7 +29,7 @@ from kdump_mkinitrd.paths import MODULES_DIR
 from kdump_mkinitrd.storage.raid import ANY_LEVEL, RaidLayer
 from kdump_mkinitrd.targets.disk import DiskTarget
 from tests.conftest import Kernel
-from tests.guest_pytest import blank_disks, passed_count, pytest_in_guest
+from tests.guest_pytest import blank_disks, disks_by_serial, passed_count, pytest_in_guest
 
 UUID = "0a1b2c3d:4e5f6071:8293a4b5:c6d7e8f9"
 TEMPLATE = MODULES_DIR / "mdraid" / "mdraid-layer.sh.j2"
@@ -386,18 +386,12 @@ def test_detection_gives_the_layer_and_its_members(tmp_path: Path) -> None:
 SERIALS = ("kdump-raid-0", "kdump-raid-1")
 
 
-def _our_disks() -> list[str]:
-    """The guest's virtio disks made for this file, by serial: no other disk is touched."""
-    found = {p.read_text().strip(): p.parent.name for p in Path("/sys/block").glob("vd*/serial")}
-    return [f"/dev/{found[s]}" for s in SERIALS if s in found]
-
-
 def _sys(device: str) -> Path:
     return (Path("/sys/class/block") / Path(device).name).resolve()
 
 
 def test_hostonly_walks_from_a_filesystem_on_an_array_to_its_disks(tmp_path: Path) -> None:
-    disks = _our_disks()
+    disks = disks_by_serial(SERIALS)
     if len(disks) != len(SERIALS):
         pytest.skip("needs the virtio disks kdump-raid-0 and -1 (the guest test has them)")
     with _arrays(tmp_path) as arrays:

@@ -30,12 +30,12 @@ from kdump_mkinitrd.capture.dmesg import extract_dmesg, format_record, read_reco
 from kdump_mkinitrd.capture.elfdump import DumpResult, phnum_bound, verify_dump, write_elf_dump
 from kdump_mkinitrd.capture.vmcore import Vmcore, VmcoreError, parse_notes
 from kdump_mkinitrd.qemutest.run import Options, run_qemu_test
-from kdump_mkinitrd.qemutest.testcache import test_cache
+from kdump_mkinitrd.qemutest.testcache import cache_root
 from tests.conftest import QEMU_TEST_ACTIONS, Kernel
 
 REPO = Path(__file__).resolve().parent.parent
 MAKEDUMPFILE = shutil.which("makedumpfile") or "/usr/bin/makedumpfile"
-VMCORE_CACHE = test_cache() / "vmcores"
+VMCORE_CACHE = cache_root() / "vmcores"
 
 PAGE = 4096
 KMAP = 0xFFFFFFFF80000000  # __START_KERNEL_map; phys_base is 0, so kernel vaddr = KMAP + paddr

@@ -21,9 +21,15 @@ import pytest
 
 from kdump_mkinitrd.config import DEFAULT_PATH
 from kdump_mkinitrd.image.inspect_image import load_image
-from kdump_mkinitrd.qemutest.testcache import test_cache
+from kdump_mkinitrd.qemutest.testcache import cache_root
 from tests.conftest import REPO, Kernel
-from tests.guest_pytest import blank_disks, passed_count, pytest_in_guest
+from tests.guest_pytest import (
+    blank_disks,
+    disks_by_serial,
+    has_device_mapper,
+    passed_count,
+    pytest_in_guest,
+)
 
 SERIALS = ("kdump-zc-0", "kdump-zc-1", "kdump-zc-2")
 DISK_MB = 48
@@ -53,7 +59,7 @@ print(json.dumps({"line": line, "device": t.device, "path": t.path,
 # The builder's per-module .modinfo cache for the guest's build (XDG_CACHE_HOME): made on the
 # build host before the guest boots, as scanning the tree's 4000 modules over 9p under TCG
 # takes minutes. The builder checks each entry against the module's size and mtime.
-MODINFO_CACHE = test_cache() / "zero-config-guest"
+MODINFO_CACHE = cache_root() / "zero-config-guest"
 VGS = ("zcvg", "zcraid")
 MD = "/dev/md/zcmd"
 MD_ENV = {**os.environ, "MDADM_NO_UDEV": "1"}
@@ -105,19 +111,10 @@ def _sh(*argv: str) -> str:
                           env=MD_ENV).stdout  # fmt: skip
 
 
-def _our_disks() -> list[str]:
-    found = {}
-    for serial in Path("/sys/block").glob("vd*/serial"):
-        found[serial.read_text().strip()] = f"/dev/{serial.parent.name}"
-    return [found[s] for s in SERIALS if s in found]
-
-
 @pytest.fixture
 def storage(tmp_path: Path) -> Iterator[Storage]:
-    disks = _our_disks()
-    dm = shutil.which("dmsetup") and subprocess.run(["dmsetup", "version"], capture_output=True,
-                                                    timeout=60)  # fmt: skip
-    if len(disks) != len(SERIALS) or not dm or dm.returncode != 0 or os.geteuid() != 0:
+    disks = disks_by_serial(SERIALS)
+    if len(disks) != len(SERIALS) or not has_device_mapper() or os.geteuid() != 0:
         pytest.skip("needs root, device-mapper and the virtio disks kdump-zc-0..2 (the guest "
                     "test test_zero_config_tests_pass_in_a_guest has them)")  # fmt: skip
     tool = Storage(disks, tmp_path)

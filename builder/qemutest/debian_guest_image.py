@@ -31,7 +31,7 @@ from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.qemutest.guest_images import host_root_image
 from kdump_mkinitrd.qemutest.layouts import ENVIRONMENT, LVM_CONF
 from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
-from kdump_mkinitrd.qemutest.testcache import test_cache
+from kdump_mkinitrd.qemutest.testcache import cache_root
 
 KVER = "6.1.0-56-amd64"  # the tests' kernel (also unpacked in .cache/kernels)
 VG, LV = "guestvg", "root"
@@ -108,7 +108,7 @@ class GuestImage:
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get("KDUMP_TEST_GUEST_CACHE") or test_cache() / "guests")
+    return Path(os.environ.get("KDUMP_TEST_GUEST_CACHE") or cache_root() / "guests")
 
 
 def cache_key(extra_packages: Sequence[str], customize: Sequence[str]) -> str:

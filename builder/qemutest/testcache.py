@@ -16,7 +16,7 @@ from pathlib import Path
 from kdump_mkinitrd.errors import KdumpError
 
 
-def test_cache() -> Path:
+def cache_root() -> Path:
     """$KDUMP_TEST_CACHE (the Makefile sets it), else $XDG_CACHE_HOME or ~/.cache, then
     kdump-mkinitrd-test."""
     chosen = os.environ.get("KDUMP_TEST_CACHE", "")
@@ -30,12 +30,12 @@ def test_cache() -> Path:
 def kernel_cache() -> Path:
     """The unpacked Debian kernels (`make kernels`)."""
     chosen = os.environ.get("KDUMP_TEST_KERNEL_CACHE", "")
-    return Path(chosen) if os.path.isabs(chosen) else test_cache() / "kernels"
+    return Path(chosen) if os.path.isabs(chosen) else cache_root() / "kernels"
 
 
 def downloaded_deb(package: str) -> Path:
     """Debian's `package`, fetched once with `apt-get download` into the cache."""
-    folder = test_cache() / "debs"
+    folder = cache_root() / "debs"
     folder.mkdir(parents=True, exist_ok=True)
     found = sorted(folder.glob(f"{package}_*.deb"))
     if found:

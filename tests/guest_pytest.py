@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kdump_mkinitrd.qemutest.guest_images import host_root_image
 from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
+from kdump_mkinitrd.qemutest.testcache import cache_root, kernel_cache
 from tests.conftest import REPO, Kernel
 
 # The guest mounts a fresh tmpfs over one host folder for pytest's temporary files and HOME;
@@ -37,7 +38,9 @@ def pytest_in_guest(
 ) -> str:
     """Runs pytest on `tests` (not the qemu-marked ones) in the guest with `modules` loaded;
     returns the serial log after asserting that the run succeeded and nothing skipped."""
-    needed = [REPO, Path(sys.executable).resolve(), Path(sys.prefix), Path(sys.base_prefix)]
+    # The host's test cache too: HOME is the scratch folder in the guest, so it is named.
+    needed = [REPO, Path(sys.executable).resolve(), Path(sys.prefix), Path(sys.base_prefix),
+              cache_root(), kernel_cache()]  # fmt: skip
     scratch = scratch_folder([path.resolve() for path in needed])
     # The guest's busybox prefers its own applets to the host's programs (its env has no -C).
     pytest_run = [
@@ -50,7 +53,9 @@ def pytest_in_guest(
         image, kernel.kver, kernel.kmoddir, [pytest_run], crash=False,
         writable=[scratch],
         environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", f"HOME={scratch}",
-                     f"TMPDIR={scratch}", "PYTHONDONTWRITEBYTECODE=1"],
+                     f"TMPDIR={scratch}", "PYTHONDONTWRITEBYTECODE=1",
+                     f"KDUMP_TEST_CACHE={cache_root()}",
+                     f"KDUMP_TEST_KERNEL_CACHE={kernel_cache()}"],
         modules=list(modules),
     )  # fmt: skip
     result = run(

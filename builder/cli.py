@@ -11,7 +11,7 @@ import sys
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdump_mkinitrd import config as config_mod
 from kdump_mkinitrd.arming import lukssetup
@@ -22,6 +22,9 @@ from kdump_mkinitrd.image.inspect_image import report, text
 from kdump_mkinitrd.paths import HARNESS_DIR
 from kdump_mkinitrd.targets.ssh import SSH_CLIENTS
 from kdump_mkinitrd.targets.sshkeys import SSH_IDENTITY, SSH_KNOWN_HOSTS
+
+if TYPE_CHECKING:
+    from kdump_mkinitrd.progress import Progress
 
 DEFAULT_IMAGE_DIR = Path("/var/lib/kdump-mkinitrd")
 SUBCOMMANDS = (
@@ -340,7 +343,7 @@ def _run_qemu_test(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _qemu_test_debian(args: argparse.Namespace, progress: Any) -> int:
+def _qemu_test_debian(args: argparse.Namespace, progress: Progress) -> int:
     from kdump_mkinitrd.qemutest import debian_guest
 
     report = debian_guest.run_debian_guest(

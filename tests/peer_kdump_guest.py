@@ -89,11 +89,14 @@ class Guest:
         }
 
 
-def boot(image: GuestImage, workdir: Path, crashkernel: str = CRASHKERNEL) -> Guest:
-    """Boot an overlay of `image` up to its root shell; the caller closes `guest.console`."""
+def boot(
+    image: GuestImage, workdir: Path, crashkernel: str = CRASHKERNEL, disk: Path | None = None
+) -> Guest:
+    """Boot `disk` (by default a fresh overlay of `image`) with `image`'s kernel up to its
+    root shell; the caller closes `guest.console`."""
     share = workdir / "share"
     share.mkdir(parents=True, exist_ok=True)
-    disk = image.overlay(workdir / "root-overlay.qcow2")
+    disk = disk or image.overlay(workdir / "root-overlay.qcow2")
     command = qemu_command(image, disk, share, GuestOptions(crashkernel=crashkernel))
     console = Console(command, workdir / "serial.log")
     guest = Guest(console, Shell(console, share), share)

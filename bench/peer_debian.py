@@ -175,7 +175,9 @@ def probe(tool: Tool, image: GuestImage, prepared: Path, work: Path, mb: int) ->
 
 def _crash(tool: Tool, guest: Guest) -> dict[str, Any]:
     if not _loaded(guest):
-        said = guest.run(f"journalctl -b -u {tool.service} --no-pager -o cat | tail -n 4")[1]
+        # The tool's own words: systemd's lines about the unit say only that it failed.
+        journal = f"journalctl -b -u {tool.service} --no-pager -o cat | grep -v '[.]service'"
+        said = guest.run(f"{journal} | tail -n 4")[1]
         return {"outcome": "load_failed", "detail": said.strip()[-400:]}
     console = guest.console
     mark = console.mark()

@@ -1212,10 +1212,17 @@ def main() -> int:
     if only in ("", "storage"):
         results["storage"] = part("storage", lambda: part_storage(crash_kver, quick, plain,
                                                                   storage_progress))  # fmt: skip
+
+    def peer_progress(partial: dict[str, Any]) -> None:
+        results.update(partial)
+        save(results)
+
     if only == "peer" or not (quick or only):
-        peers = part("peer debian", lambda: peer_debian.part_peer_debian(CACHE / "peer-debian"))
-        for key in ("peer_debian_kdump_tools", "ours_in_debian_guest"):
-            results[key] = peers.get(key, peers)
+        peer_work = CACHE / "peer-debian"
+        peers = part("peer debian", lambda: peer_debian.part_peer_debian(peer_work, peer_progress))
+        for key in peer_debian.RESULT_KEYS:
+            # A failed part keeps what was measured before it failed, and says why.
+            results[key] = peers.get(key) or {**(results.get(key) or {}), **peers}
     if not only:
         results["meta"]["duration_s"] = round(time.monotonic() - start, 1)
         results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -9,9 +9,7 @@ guest at first boot, for the guest's root on LVM, as on a real host.
 
 from __future__ import annotations
 
-import re
 import shlex
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,28 +70,15 @@ class Guest:
         self.console.type("systemctl reboot\n")
         self.shell.booted(mark, timeout)
 
-    def crash(self, saved: str, timeout: float = 1500) -> dict[str, float | None]:
-        """sysrq c; seconds from the panic to the line `saved` on the console (None when it
-        never came) and to the login prompt after the reboot."""
-        mark = self.console.mark()
-        panicked = time.monotonic()
-        self.console.type("echo c > /proc/sysrq-trigger\n")
-        login = self.shell.logged_in(mark, timeout)
-        back = self.console.lines[login][0]  # the login prompt's line came then
-        lines = self.console.lines[mark:login]
-        dump = next((t for t, line in lines if re.search(saved, line)), None)
-        self.run("systemctl is-system-running --wait", timeout)
-        return {
-            "panic_to_dump_saved_s": None if dump is None else round(dump - panicked, 1),
-            "panic_to_login_s": round(back - panicked, 1),
-        }
 
-
-def boot(image: GuestImage, workdir: Path, crashkernel: str = CRASHKERNEL) -> Guest:
-    """Boot an overlay of `image` up to its root shell; the caller closes `guest.console`."""
+def boot(
+    image: GuestImage, workdir: Path, crashkernel: str = CRASHKERNEL, disk: Path | None = None
+) -> Guest:
+    """Boot `disk` (by default a fresh overlay of `image`) with `image`'s kernel up to its
+    root shell; the caller closes `guest.console`."""
     share = workdir / "share"
     share.mkdir(parents=True, exist_ok=True)
-    disk = image.overlay(workdir / "root-overlay.qcow2")
+    disk = disk or image.overlay(workdir / "root-overlay.qcow2")
     command = qemu_command(image, disk, share, GuestOptions(crashkernel=crashkernel))
     console = Console(command, workdir / "serial.log")
     guest = Guest(console, Shell(console, share), share)

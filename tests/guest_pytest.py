@@ -4,6 +4,7 @@ over 9p, is the guest's, so the same test files, Python and busybox run there.""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -115,3 +116,31 @@ def has_device_mapper() -> bool:
     if not shutil.which("dmsetup"):
         return False
     return subprocess.run(["dmsetup", "version"], capture_output=True, timeout=60).returncode == 0
+
+
+# What guest tests use to make volumes: writes allowed, no udev in the guest, PVs on the
+# test's virtio disks and on md arrays made on them.
+SETUP_LVM_CONF = """\
+devices { filter = [ "a|^/dev/vd|", "a|^/dev/md|", "r|.*|" ] use_devicesfile = 0
+          obtain_device_list_from_udev = 0 hints = "none" md_component_detection = 1 }
+global { locking_dir = "LOCKS" use_lvmpolld = 0 event_activation = 0 notify_dbus = 0 }
+activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
+backup { backup = 0 archive = 0 }
+"""
+
+
+class SetupLvm:
+    """lvm as a guest test runs it to make its volumes: its own lvm.conf and locks under
+    `tmp_path`, so nothing of the system's configuration or state is read or written."""
+
+    def __init__(self, disks: list[str], tmp_path: Path) -> None:
+        self.disks = disks
+        self.tmp = tmp_path
+        self.dir = tmp_path / "setup-lvm"
+        (self.dir / "locks").mkdir(parents=True)
+        (self.dir / "lvm.conf").write_text(SETUP_LVM_CONF.replace("LOCKS", str(self.dir / "locks")))
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, LVM_SYSTEM_DIR=str(self.dir), LVM_SUPPRESS_FD_WARNINGS="1")
+        return subprocess.run(["lvm", *args], env=env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip

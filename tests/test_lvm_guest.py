@@ -22,6 +22,7 @@ from kdump_mkinitrd.image import build
 from kdump_mkinitrd.storage.lvm import LvmLayer
 from tests.conftest import Kernel
 from tests.guest_pytest import (
+    SetupLvm,
     blank_disks,
     disks_by_serial,
     has_device_mapper,
@@ -32,31 +33,10 @@ from tests.test_storage import run_layer
 
 SERIALS = ("kdump-lvm-0", "kdump-lvm-1", "kdump-lvm-2")
 DISK_MB = 64
-# What the test itself uses to make volumes: writes allowed, no udev in the guest.
-SETUP_CONF = """\
-devices { filter = [ "a|^/dev/vd|", "r|.*|" ] use_devicesfile = 0
-          obtain_device_list_from_udev = 0 hints = "none" }
-global { locking_dir = "LOCKS" use_lvmpolld = 0 event_activation = 0 notify_dbus = 0 }
-activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
-backup { backup = 0 archive = 0 }
-"""
 CONFIG = "targets: [{type: disk, device: /dev/kdumpvg/dump, fstype: ext4}]\n"
 
 
-class Lvm:
-    def __init__(self, disks: list[str], tmp_path: Path) -> None:
-        self.disks = disks
-        self.tmp = tmp_path
-        self.dir = tmp_path / "setup-lvm"
-        (self.dir / "locks").mkdir(parents=True)
-        conf = SETUP_CONF.replace("LOCKS", str(self.dir / "locks"))
-        (self.dir / "lvm.conf").write_text(conf)
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, LVM_SYSTEM_DIR=str(self.dir), LVM_SUPPRESS_FD_WARNINGS="1")
-        return subprocess.run(["lvm", *args], env=env, capture_output=True, text=True,
-                              timeout=120)  # fmt: skip
-
+class Lvm(SetupLvm):
     def __call__(self, *args: str) -> str:
         run = self.run(*args)
         assert run.returncode == 0, run

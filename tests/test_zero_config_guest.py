@@ -24,6 +24,7 @@ from kdump_mkinitrd.image.inspect_image import load_image
 from kdump_mkinitrd.qemutest.testcache import cache_root
 from tests.conftest import REPO, Kernel
 from tests.guest_pytest import (
+    SetupLvm,
     blank_disks,
     disks_by_serial,
     has_device_mapper,
@@ -33,15 +34,6 @@ from tests.guest_pytest import (
 
 SERIALS = ("kdump-zc-0", "kdump-zc-1", "kdump-zc-2")
 DISK_MB = 48
-# What the tests themselves use to make volumes: writes allowed, no udev in the guest, PVs on
-# our virtio disks and on md arrays.
-SETUP_CONF = """\
-devices { filter = [ "a|^/dev/vd|", "a|^/dev/md|", "r|.*|" ] use_devicesfile = 0
-          obtain_device_list_from_udev = 0 hints = "none" md_component_detection = 1 }
-global { locking_dir = "LOCKS" use_lvmpolld = 0 event_activation = 0 notify_dbus = 0 }
-activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
-backup { backup = 0 archive = 0 }
-"""
 # A config that names no target; no Python stage and no compression keep the guest's build
 # short (minutes under TCG).
 CONFIG = "# kdump-mkinitrd: no target here\ncompression: {method: none}\ncapture: {stage: static}\n"
@@ -65,21 +57,11 @@ MD = "/dev/md/zcmd"
 MD_ENV = {**os.environ, "MDADM_NO_UDEV": "1"}
 
 
-class Storage:
+class Storage(SetupLvm):
     """The test's disks, lvm and mdadm, and what they made, taken down at the end."""
 
-    def __init__(self, disks: list[str], tmp_path: Path) -> None:
-        self.disks = disks
-        self.tmp = tmp_path
-        self.dir = tmp_path / "setup-lvm"
-        (self.dir / "locks").mkdir(parents=True)
-        conf = SETUP_CONF.replace("LOCKS", str(self.dir / "locks"))
-        (self.dir / "lvm.conf").write_text(conf)
-
     def lvm(self, *args: str, check: bool = True) -> str:
-        env = dict(os.environ, LVM_SYSTEM_DIR=str(self.dir), LVM_SUPPRESS_FD_WARNINGS="1")
-        run = subprocess.run(["lvm", *args], env=env, capture_output=True, text=True,
-                             timeout=120)  # fmt: skip
+        run = self.run(*args)
         assert run.returncode == 0 or not check, run
         return run.stdout.strip()
 

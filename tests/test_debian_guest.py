@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kdump_mkinitrd.dumps.announce import announce_new_dumps
+from kdump_mkinitrd.config import load
+from kdump_mkinitrd.dumps.announce import announce_new_dumps, dump_folders
+from kdump_mkinitrd.hostscan.defaulttarget import holding_mount, parse_mountinfo
 from kdump_mkinitrd.qemutest.debian_guest import GuestOptions, run_debian_guest
 
 # The checks the run must have made: a run that stopped early has fewer, and fails here even
@@ -61,3 +63,22 @@ def test_register_announces_each_saved_dump_once(tmp_path: Path) -> None:
     assert announce_new_dumps([crash], state, io.StringIO()) == []  # said once only
     second = _dump(crash, "2026-11-30-12:00:00", complete=True)
     assert [d.path for d in announce_new_dumps([crash], state, io.StringIO())] == [str(second)]
+
+
+def test_dump_folders_has_a_disk_targets_folder_where_its_filesystem_is_mounted(
+    tmp_path: Path,
+) -> None:
+    """A disk target's path is looked for under this host's own mount of its device: here the
+    real filesystem holding tmp_path, named by its device node."""
+    real = tmp_path.resolve()
+    mount = holding_mount(parse_mountinfo(Path("/proc/self/mountinfo").read_text()), str(real))
+    sysfs = Path(f"/sys/dev/block/{mount.major}:{mount.minor}")
+    assert sysfs.exists() and mount.root == "/", f"{real} is on {mount}: not a block device's"
+    node = Path("/dev") / sysfs.resolve().name
+    config_file = tmp_path / "kdump.yaml"
+    config_file.write_text(
+        f"targets: [{{type: disk, device: {node}, fstype: {mount.fstype}, "
+        f"path: /{real.relative_to(mount.mount_point)}}}]\n"
+    )
+    expected = [p.resolve() for p in (Path("/var/crash"), real) if p.is_dir()]
+    assert dump_folders(load(config_file)) == expected

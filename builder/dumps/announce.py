@@ -15,35 +15,34 @@ from typing import TextIO
 
 from kdump_mkinitrd.config import Config
 from kdump_mkinitrd.dumps.listing import Dump, list_dumps
+from kdump_mkinitrd.hostscan.defaulttarget import parse_mountinfo
 from kdump_mkinitrd.hostscan.hostonly import device_node
 from kdump_mkinitrd.output import write_atomic
 
 DEFAULT_FOLDER = Path("/var/crash")  # also where recover-raw writes by default
 
 
-def _mountpoint(device: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> Path | None:
+def _mountpoint(device: Path) -> Path | None:
     try:
         rdev = device.stat().st_rdev
-        lines = mountinfo.read_text().splitlines()
+        mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
     except OSError:
         return None
-    wanted = f"{os.major(rdev)}:{os.minor(rdev)}"
-    for line in lines:
-        fields = line.split()
-        if fields[2] == wanted:  # mount points escape blanks as octal: \040
-            return Path(fields[4].encode().decode("unicode_escape"))
+    for mount in mounts:
+        if (mount.major, mount.minor) == (os.major(rdev), os.minor(rdev)):
+            return Path(mount.mount_point)
     return None
 
 
 def dump_folders(config: Config) -> list[Path]:
-    """Where this host can see dumps: /var/crash, and the path of each disk target whose
-    filesystem is mounted here."""
+    """Where this host can see dumps: /var/crash, and the path of each target with a device
+    and a path (a filesystem) that is mounted here."""
     folders = [DEFAULT_FOLDER]
     for target in config.targets:
-        device, path = getattr(target, "device", None), getattr(target, "path", None)
-        if target.type != "disk" or not device or not path:
+        device, path = target.hostonly_device(), getattr(target, "path", None)
+        if device is None or not path:
             continue
-        mounted = _mountpoint(device_node(device))
+        mounted = _mountpoint(device_node(device[1]))
         if mounted is not None:
             folders.append(mounted / str(path).lstrip("/"))
     return list(dict.fromkeys(f.resolve() for f in folders if f.is_dir()))

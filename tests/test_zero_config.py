@@ -169,7 +169,7 @@ def test_this_machines_mount_table_agrees_with_findmnt() -> None:
         point, fstype, _ = _findmnt(path)
         assert (mount.mount_point, mount.fstype) == (point, fstype), path
     root = dt.holding_mount(mounts, "/")
-    node = dt.device_node(root, Path("/dev"), Path("/sys"))
+    node = dt.mount_device_node(root, Path("/dev"), Path("/sys"))
     if node is not None and root.major != 0:
         assert node.stat().st_rdev == os.makedev(root.major, root.minor)
 

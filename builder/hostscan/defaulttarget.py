@@ -124,7 +124,7 @@ def _what(mount: Mount) -> str:
             f"{', '.join(FSTYPES)})")  # fmt: skip
 
 
-def device_node(mount: Mount, dev: Path, sys_root: Path) -> Path | None:
+def mount_device_node(mount: Mount, dev: Path, sys_root: Path) -> Path | None:
     """The block device of a mount: by its device number (mountinfo's source may be /dev/root),
     a device-mapper device by its /dev/mapper name; else the source when it is a device
     (btrfs reports an anonymous device number)."""
@@ -192,7 +192,7 @@ def choose(
     where = f"{crash_dir} is on {mount.mount_point}" if mount.mount_point != real else crash_dir
     if mount.fstype not in FSTYPES:
         raise _refusal(told, crash_dir, file, f"{where}: {_what(mount)}")
-    node = device_node(mount, dev, sys_root)
+    node = mount_device_node(mount, dev, sys_root)
     if node is None:
         why = f"{mount.fstype} from {mount.source}, whose block device is not on this host"
         raise _refusal(told, crash_dir, file, f"{where}: {why}")

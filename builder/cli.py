@@ -196,6 +196,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--image", type=Path, help="capture image (default /var/lib/kdump-mkinitrd/kdump-KVER.img)"
     )
+    e.add_argument(
+        "--memory",
+        metavar="SIZE",
+        help="the memory of the machine to estimate for, e.g. 64G or 1T (default: this one's)",
+    )
     ld = sub.add_parser("list-dumps", help="which dumps under a directory finished, which did not")
     ld.add_argument("directory", type=Path)
     ld.add_argument("--json", action="store_true")
@@ -487,20 +492,28 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from kdump_mkinitrd.arming import registration
+    from kdump_mkinitrd.arming.crashmemory import estimate
     from kdump_mkinitrd.arming.kexec import crash_status
+    from kdump_mkinitrd.hostscan.machinememory import machine_ram_bytes, parse_size
 
     request = _request(args, args.image, False)
     if not request.output.exists():
         raise KdumpError(f"no image at {request.output}: build it first")
-    result = registration.estimate(request.output, crash_status().reserved_bytes)
+    reserved = crash_status().reserved_bytes
+    try:
+        machine = parse_size(args.memory) if args.memory else machine_ram_bytes(reserved)
+    except ValueError as exc:
+        raise KdumpError(f"--memory: {exc}") from None
+    result = estimate(request.output, reserved, machine)
     if args.json:
         print(json.dumps(dict(asdict(result), enough=result.enough), indent=1))
     else:
         print(
-            f"crashkernel={result.total_mb}M needed: kernel floor {result.floor_mb}M + image "
-            f"{result.image_mb}M + unpacked {result.unpacked_mb}M + Python stage "
-            f"{result.python_mb}M + working {result.working_mb}M"
+            f"crashkernel={result.total_mb}M needed for a machine with {result.machine_gib} GiB: "
+            f"kernel floor {result.floor_mb}M + image {result.image_mb}M + unpacked "
+            f"{result.unpacked_mb}M + Python stage {result.python_mb}M + working "
+            f"{result.working_mb}M + page bitmaps {result.bitmap_mb}M"
+            + (f" + per GiB {result.per_gib_mb}M" if result.per_gib_mb else "")
             + (f" + LUKS key derivation {result.luks_mb}M" if result.luks_mb else "")
         )
         if result.reserved_mb is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kdump_mkinitrd.arming.registration import estimate
+from kdump_mkinitrd.arming.crashmemory import estimate
 from kdump_mkinitrd.cli import main
 from kdump_mkinitrd.config import load as load_config
 from kdump_mkinitrd.errors import KdumpError

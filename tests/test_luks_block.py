@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kdump_mkinitrd import storage
-from kdump_mkinitrd.arming.registration import LUKS_OPEN_MB
+from kdump_mkinitrd.arming.crashmemory import LUKS_OPEN_MB
 from kdump_mkinitrd.cli import main
 from kdump_mkinitrd.image.render import render
 from kdump_mkinitrd.paths import MODULES_DIR

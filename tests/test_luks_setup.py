@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kdump_mkinitrd import storage
-from kdump_mkinitrd.arming.registration import LUKS_OPEN_MB, estimate, luks_mb
+from kdump_mkinitrd.arming.crashmemory import LUKS_OPEN_MB, estimate, luks_mb
 from kdump_mkinitrd.cli import main
 from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.errors import KdumpError

@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from kdump_mkinitrd.arming.cmdline import capture_cmdline
+from kdump_mkinitrd.arming.crashmemory import estimate
 from kdump_mkinitrd.arming.kexec import crash_status, load_crash_kernel, unload_crash_kernel
 from kdump_mkinitrd.arming.peers import PeerKdump, armed_peers
 from kdump_mkinitrd.config import Config, require_targets
 from kdump_mkinitrd.dumps.announce import announce_new_dumps, dump_folders
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.build import BuildRequest, build, stale_reasons
-from kdump_mkinitrd.image.cpio import Member
-from kdump_mkinitrd.image.inspect_image import load_image, read_manifest
+from kdump_mkinitrd.image.inspect_image import read_manifest
 from kdump_mkinitrd.output import write_atomic
 
 # Exit codes scripts can rely on (also in the man page).
@@ -35,22 +33,6 @@ EXIT_NOT_LOADED = 2
 EXIT_NO_RESERVATION = 3
 EXIT_STALE = 4
 EXIT_PEER_ARMED = 5  # another kdump (Debian's kdump-tools, kdump.service) is armed at boot
-
-# Calibration of `estimate`, from `make bench` on Debian's 6.1 kernel in a 1 GiB guest: the
-# capture kernel boots a trivial init at 88M (80M fails); the static image (3.2 MB, 8.7 MB
-# unpacked) passes qemu-test at 96M, the Python one (5.6 MB, 15.9 MB unpacked) at 112M. So
-# beyond the image held twice, the Python stage needs about 6M more at run time; working
-# memory then leaves the estimate 16M above each measured minimum.
-KERNEL_FLOOR_MB = 88
-PYTHON_PEAK_MB = 8
-WORKING_MB = 8
-STEP_MB = 8
-# Opening a LUKS volume: cryptsetup itself with a PBKDF2 keyslot (2.85 MiB at most in a memory
-# cgroup, Debian 6.1, cryptsetup 2.6.1: tests/test_luks_block.py), plus an argon2 keyslot's
-# memory cost, read from the header at build time into the image (kdump_mkinitrd.storage.luks).
-# Volumes are opened one after another.
-LUKS_OPEN_MB = 3
-LUKS_RECORDS = re.compile(r"etc/kdump/luks/[^/]+\.json")
 
 
 def state_dir() -> Path:
@@ -84,48 +66,6 @@ def read_loaded() -> Loaded | None:
         return Loaded(**json.loads(_state_file().read_text()))
     except (OSError, ValueError, TypeError):
         return None
-
-
-@dataclass(frozen=True)
-class Estimate:
-    image_mb: float
-    unpacked_mb: float
-    python_mb: int
-    floor_mb: int
-    working_mb: int
-    total_mb: int
-    reserved_mb: int | None
-    luks_mb: int = 0  # the key derivation of the LUKS keyslots the capture opens
-
-    @property
-    def enough(self) -> bool | None:
-        return None if self.reserved_mb is None else self.reserved_mb >= self.total_mb
-
-
-def estimate(image: Path, reserved_bytes: int | None) -> Estimate:
-    """crashkernel= needed: kernel floor, the image held twice while it unpacks (compressed
-    and unpacked), the Python stage's peak, working memory; rounded up to 8M steps."""
-    loaded = load_image(image)
-    size = image.stat().st_size / 2**20
-    unpacked = loaded.unpacked_size / 2**20
-    features = {f["name"] for f in loaded.manifest.get("features", [])}
-    python = PYTHON_PEAK_MB if "python-stage" in features else 0
-    luks = luks_mb(loaded.members)
-    total = KERNEL_FLOOR_MB + size + unpacked + python + WORKING_MB + luks
-    rounded = int(math.ceil(total / STEP_MB) * STEP_MB)
-    reserved = None if reserved_bytes is None else reserved_bytes // 2**20
-    return Estimate(round(size, 2), round(unpacked, 2), python, KERNEL_FLOOR_MB, WORKING_MB,
-                    rounded, reserved, luks)  # fmt: skip
-
-
-def luks_mb(members: list[Member]) -> int:
-    """The memory the dearest LUKS keyslot the image opens needs; 0 without LUKS."""
-    costs = []
-    for m in members:
-        if LUKS_RECORDS.fullmatch(m.path):
-            memory = json.loads(m.data).get("memory_kib") or 0
-            costs.append(LUKS_OPEN_MB + math.ceil(int(memory) / 1024))
-    return max(costs, default=0)
 
 
 def register(

@@ -316,6 +316,9 @@ def _crash_boot(
             disks=disks,
             accel=default_accel(),
             timeout=timeout,
+            # Only a capture kernel says so (the first one's panic=-1 kexecs instead): it
+            # panicked, and would sit out its panic=10 before QEMU exits.
+            kill_when=("Rebooting in ",),
         )
     )
     return result.log, result.seconds, result.timed_out

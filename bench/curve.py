@@ -340,6 +340,7 @@ def part_curve(
     sizes: Sequence[int] = SIZES_GIB,
     deadline: float | None = None,
     progress: Callable[[list[dict[str, Any]]], None] = lambda entries: None,
+    lanes: int = LANES,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run the curve; returns its meta and one entry per guest size. `images`: our
     static-stage and Python-stage images; `deadline` (time.monotonic()): no boot starts
@@ -473,7 +474,7 @@ def part_curve(
     for gib in sorted(sizes, reverse=True)[1:]:
         jobs += capture_jobs(gib)
     started, started_at = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S %z")
-    errors = run_jobs(jobs)
+    errors = run_jobs(jobs, lanes)
     meta = {
         "kver": kernel.kver,
         "step_mb": STEP_MB,
@@ -482,7 +483,7 @@ def part_curve(
         "start_mb_1gib": START_MB,
         "capture_crashkernel_mb": TIMING_CRASHKERNEL_MB,
         "capture_boots_per_kind": {str(g): timing_boots(g) for g in sizes},
-        "lanes": LANES,
+        "lanes": lanes,
         "memory_cap_gib": MEMORY_CAP_GIB,
         "capture_cmdline": harness.capture_cmdline(),
         "makedumpfile_args": makedumpfile_args,
@@ -510,12 +511,15 @@ def markdown(results: dict[str, Any]) -> list[str]:
     meta = results.get("curve") or {}
     if not entries:
         return [*lines, f"error: {meta['error']}" if meta.get("error") else "not measured"]
+    boots_text = ", ".join(
+        f"{n} boots at {g} GiB" for g, n in (meta.get("capture_boots_per_kind") or {}).items()
+    )
     lines += [
         f"{meta.get('kver', '?')}, TCG, 1 vCPU; smallest crashkernel= in {STEP_MB}M steps, "
         f"{meta.get('tries_per_size', TRIES)} boots per size (a size passes only if all "
         "did); capture time at "
         f"crashkernel={meta.get('capture_crashkernel_mb', TIMING_CRASHKERNEL_MB)}M "
-        f"(median of {meta.get('capture_boots_per_kind', '?')} boots per kind by guest GiB). "
+        f"(median of {boots_text} per kind). "
         "Before the crash the first stage fills a brd ramdisk with text the dump keeps; "
         "`estimate` is `kdump-mkinitrd estimate --memory` (- where the CLI has no such option)."
         + (" Still running." if meta.get("running") else ""),

@@ -739,8 +739,9 @@ def makedumpfile_alone_args() -> tuple[list[str], str | None]:
 
 def part_curve(kver: str, progress: Callable[[list[dict[str, Any]]], None]) -> dict[str, Any]:
     """The crash-memory curve (bench/curve.py) for our static- and Python-stage images.
-    BENCH_CURVE_SIZES (GiB, comma-separated; default 1,4,16) and BENCH_CURVE_MINUTES (no
-    boot starts after that many minutes; default 55) bound it."""
+    BENCH_CURVE_SIZES (GiB, comma-separated; default 1,4,16), BENCH_CURVE_MINUTES (no boot
+    starts after that many minutes; default 55) and BENCH_CURVE_LANES (guests at a time;
+    default 2) bound it."""
     k = kernel(kver)
     work = CACHE / "curve" / kver
     sizes = [int(g) for g in os.environ.get("BENCH_CURVE_SIZES", "1,4,16").split(",") if g]
@@ -759,6 +760,7 @@ def part_curve(kver: str, progress: Callable[[list[dict[str, Any]]], None]) -> d
     meta, entries = curve.part_curve(
         k, work, images, mdf, TARGET_UUID, estimates, sizes,
         deadline=time.monotonic() + minutes * 60, progress=progress,
+        lanes=int(os.environ.get("BENCH_CURVE_LANES", curve.LANES)),
     )  # fmt: skip
     meta.update(minutes=minutes, tree=tree_state(), image_sizes={
         stage: {"size": p.stat().st_size, "uncompressed_size": uncompressed_size(p)}

@@ -26,9 +26,7 @@ SAVED_1G = {
     "vmcore_size": 83643761,
     "timings": {"parse": 0.003, "dmesg": 0.049, "dump": 3.048, "hash": 2.824},
 }  # fmt: skip
-FILLED_1G = (
-    "kdump-bench: filled mib=512 start=5.97 end=9.58 MemFree=141020 MemAvailable=91400 \n"
-)
+FILLED_1G = "kdump-bench: filled mib=512 start=5.97 end=9.58 MemFree=141020 MemAvailable=91400 \n"
 BANNER = (
     "[    0.000000] Linux version 6.1.0-56-amd64 (debian-kernel@lists.debian.org) (gcc-12 "
     "(Debian 12.2.0-14+deb12u1) 12.2.0, GNU ld (GNU Binutils for Debian) 2.40) #1 SMP "
@@ -316,7 +314,7 @@ def test_an_incomplete_search_gives_no_minimum() -> None:
 
 
 def test_merge_replaces_measured_sizes_and_keeps_the_rest_of_the_results() -> None:
-    results = {
+    results: dict[str, Any] = {
         "build_ratio": 0.25,
         "by_guest_memory": [an_entry(1), an_entry(4, python_min=120)],
         "curve": {"kver": "6.1.0-56-amd64", "started": "before"},
@@ -330,11 +328,14 @@ def test_merge_replaces_measured_sizes_and_keeps_the_rest_of_the_results() -> No
 
 
 def test_the_markdown_table_has_a_row_per_size_and_every_probe() -> None:
-    results = {"curve": {"kver": "6.1.0-56-amd64", "capture_crashkernel_mb": 256},
+    meta = {"kver": "6.1.0-56-amd64", "capture_crashkernel_mb": 256,
+            "capture_boots_per_kind": {"1": 3, "16": 2}}  # fmt: skip
+    results = {"curve": meta,
                "by_guest_memory": [an_entry(1), an_entry(16, python_min=136)]}  # fmt: skip
     text = "\n".join(curve.markdown(results))
     row = next(line for line in text.splitlines() if line.startswith("| 1 GiB |"))
     assert "| 96M | 112M | 16M |" in row and "512 MiB (50%)" in row and "2.71 s" in row
     assert "| 16 GiB |" in text
+    assert "crashkernel=256M (median of 3 boots at 1 GiB, 2 boots at 16 GiB per kind)" in text
     assert "- 16 GiB, python: 136M#1 ok, 136M#2 ok, 136M#3 ok, 128M#1 OOM" in text
     assert "not measured" in "\n".join(curve.markdown({}))

@@ -350,6 +350,11 @@ def part_curve(
     mdf_runs: dict[int, list[dict[str, Any]]] = {g: [] for g in sizes}
     stage_runs: dict[int, list[dict[str, Any]]] = {g: [] for g in sizes}
     lock = threading.Lock()
+    saving = threading.Lock()  # both lanes report progress; one write of results at a time
+
+    def report() -> None:
+        with saving:
+            progress(entries())
 
     def stop() -> str | None:
         if deadline is not None and time.monotonic() > deadline:
@@ -407,7 +412,7 @@ def part_curve(
             found = search(boot, start, stop=stop)
             with lock:
                 searches[gib][stage] = found
-            progress(entries())
+            report()
 
         return job
 
@@ -449,7 +454,7 @@ def part_curve(
             )
             with lock:
                 (mdf_runs if kind == "makedumpfile" else stage_runs)[gib].append(record)
-            progress(entries())
+            report()
 
         return job
 

@@ -5,8 +5,9 @@ guest's memory filled with data the dump keeps (a brd ramdisk, see `harness.Fill
 
 A size passes only if every one of `TRIES` boots at it saved the dump (the first failure ends
 that size). Searches start near where they will land (each guest size from the next smaller
-size's result) and step outwards in 8M steps, doubling the step until the answer is bracketed,
-then bisect. Independent guests run two at a time under a cap on their total memory.
+size's result) and step outwards 8M at a time (doubling the step after three moves) until the
+answer is bracketed, then bisect. Independent guests run two at a time under a cap on their
+total memory.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ TRIES = 3
 SIZES_GIB = (1, 4, 16)
 STAGES = ("static", "python")
 # Where the 1 GiB searches start: the last single-try bisection's results (static 96-104M,
-# Python 112M); kexec cannot load the kernel below BOTTOM_MB at all.
+# Python 112M); the search never goes under BOTTOM_MB, where kexec could not even load the
+# kernel in the last bench run.
 START_MB = {"static": 96, "python": 112}
 BOTTOM_MB = 64
 TOP_MB = 512
@@ -47,8 +49,8 @@ def timing_boots(memory_gib: int) -> int:
 
 
 def timeout_s(memory_gib: int) -> float:
-    """A boot's time limit: generous against the time measured (1 GiB about 35 s, 16 GiB
-    about 150 s), so that only a hung guest reaches it."""
+    """A boot's time limit: generous against the time measured (1 GiB 21-32 s, 16 GiB
+    about 185 s), so that only a hung guest reaches it."""
     return 180.0 + 30.0 * memory_gib
 
 
@@ -346,6 +348,7 @@ def part_curve(
     static-stage and Python-stage images; `deadline` (time.monotonic()): no boot starts
     after it."""
     shutil.rmtree(work, ignore_errors=True)
+    sizes = sorted(sizes)  # each search starts from the next smaller guest's result
     searches: dict[int, dict[str, Search]] = {g: {} for g in sizes}
     mdf_runs: dict[int, list[dict[str, Any]]] = {g: [] for g in sizes}
     stage_runs: dict[int, list[dict[str, Any]]] = {g: [] for g in sizes}
@@ -383,8 +386,9 @@ def part_curve(
         return path
 
     def drop_images(path: Path) -> None:
-        for img in path.glob("*.img"):
-            img.unlink()
+        """The boot's images and seed go; its serial log stays."""
+        for big in [*path.glob("*.img"), path / "fill-seed"]:
+            big.unlink(missing_ok=True)
 
     def search_job(stage: str, index: int) -> Callable[[], None]:
         gib = sizes[index]
@@ -401,8 +405,7 @@ def part_curve(
             passed, reason = harness.crash_outcome(run, stage)
             log(f"{gib}G {stage} {mb}M try {number}: {'pass' if passed else 'FAIL'} "
                 f"({run.seconds:.0f}s) {reason}")  # fmt: skip
-            attempt = Attempt(mb, number, passed, reason, round(run.seconds, 1), run.fill)
-            return attempt
+            return Attempt(mb, number, passed, reason, round(run.seconds, 1), run.fill)
 
         def job() -> None:
             before = searches[sizes[index - 1]].get(stage) if index else None
@@ -441,17 +444,9 @@ def part_curve(
                 record = {"error": f"{type(exc).__name__}: {exc}"}
             drop_images(path)
             record["boot"] = number
-            log(
-                f"{gib}G capture {kind} #{number}: "
-                + json.dumps(
-                    {
-                        k: v
-                        for k, v in record.items()
-                        if k
-                        in ("seconds", "timings", "vmcore_size", "size", "error", "boot_seconds")
-                    }
-                )
-            )
+            shown = ("seconds", "timings", "vmcore_size", "size", "error", "boot_seconds")
+            said = json.dumps({k: v for k, v in record.items() if k in shown})
+            log(f"{gib}G capture {kind} #{number}: {said}")
             with lock:
                 (mdf_runs if kind == "makedumpfile" else stage_runs)[gib].append(record)
             report()

@@ -165,7 +165,9 @@ deb:
 # Benchmarks against dracut and makedumpfile (issue 7): writes bench/results.json and
 # bench/results.md and prints the table. BENCH_QUICK=1 skips the QEMU parts (crash-memory
 # bisection, capture timing); the full run takes a while. BENCH_ONLY=storage runs only the
-# stacked-storage part (qemu-test --storage layouts) and merges it into the last results.
+# stacked-storage part (qemu-test --storage layouts) and merges it into the last results;
+# BENCH_ONLY=peer and BENCH_ONLY=curve (crash memory on 1/4/16 GiB guests, about 45 minutes;
+# BENCH_CURVE_SIZES, BENCH_CURVE_MINUTES, BENCH_CURVE_LANES bound it) do the same.
 BENCH_DEBS := dracut-core zstd busybox-static makedumpfile kexec-tools openssh-client \
 	mmdebstrap qemu-utils dpkg-dev debhelper dh-python
 .PHONY: bench

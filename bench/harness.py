@@ -2,8 +2,9 @@
 with a do-nothing capture image) and capture timing (makedumpfile alone and a raw read of
 /proc/vmcore, timed inside the capture kernel).
 
-Every guest is a 1 GiB TCG guest that arms a capture kernel with `kexec -s -p`, crashes through
-sysrq and lets the capture kernel run an image; only the capture image differs.
+Every guest is a TCG guest (1 GiB unless told) that arms a capture kernel with `kexec -s -p`,
+optionally fills a ramdisk so that the dump has something in it, crashes through sysrq and lets
+the capture kernel run an image; only the capture image differs.
 """
 
 from __future__ import annotations
@@ -215,6 +216,73 @@ def cleanup(workdir: Path) -> None:
                 path.unlink()
 
 
+SEED_MIB = 1
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One dd inside the ramdisk, in MiB: `count` from `source` to `offset`."""
+
+    source: int
+    offset: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Fill:
+    """`mib` of the first stage's ramdisk filled with text: a seed, then doubling copies."""
+
+    mib: int
+    seed_mib: int = SEED_MIB
+
+    @property
+    def copies(self) -> list[Copy]:
+        """Each copy puts the filled part (or what is still missing) right behind itself,
+        so `mib` takes about log2(mib / seed) dd runs rather than one per MiB."""
+        done, out = min(self.seed_mib, self.mib), []
+        while done < self.mib:
+            count = min(done, self.mib - done)
+            out.append(Copy(0, done, count))
+            done += count
+        return out
+
+
+def fill_mib(memory_mib: int, reserved_mib: int = 256, share: float = 0.7,
+             headroom_mib: int = 256) -> int:  # fmt: skip
+    """How much to fill: `share` of the guest's RAM, but leave the crash reservation (the
+    largest a curve run uses) and `headroom_mib` for the first kernel itself, its initramfs
+    (which holds the capture image and kernel) and kexec's buffers."""
+    return max(0, min(int(memory_mib * share), memory_mib - reserved_mib - headroom_mib))
+
+
+def fill_seed(mib: int = SEED_MIB) -> bytes:
+    """Numbered lines of text, so that the pages compress the way text does (neither zero
+    pages nor one byte repeated) and no two lines in a page are the same."""
+    lines, size, n = [], 0, 0
+    while size < mib * 2**20:
+        line = f"kdump-bench fill line {n:08d}: the quick brown fox jumps over the lazy dog\n"
+        lines.append(line)
+        size, n = size + len(line), n + 1
+    return "".join(lines).encode()[: mib * 2**20]
+
+
+_FILLED = re.compile(r"kdump-bench: filled mib=(\d+) start=([\d.]+) end=([\d.]+)(.*)")
+
+
+def filled(log: str) -> dict[str, Any] | None:
+    """What the first stage says it filled: MiB, seconds, and free memory after."""
+    match = _FILLED.search(log)
+    if match is None:
+        return None
+    after = dict(w.split("=", 1) for w in match.group(4).split() if "=" in w)
+    return {
+        "fill_mib": int(match.group(1)),
+        "fill_s": round(float(match.group(3)) - float(match.group(2)), 2),
+        "mem_free_after_kib": int(after["MemFree"]) if "MemFree" in after else None,
+        "mem_available_after_kib": int(after["MemAvailable"]) if "MemAvailable" in after else None,
+    }
+
+
 def _crash_boot(
     kernel: Kernel,
     capture_image: Path,
@@ -222,14 +290,21 @@ def _crash_boot(
     workdir: Path,
     disks: tuple[Path, ...] = (),
     timeout: float = 240.0,
+    memory_mib: int = 1024,
+    fill: Fill | None = None,
 ) -> tuple[str, float, bool]:
-    """First stage arms `capture_image` and crashes; returns the serial log, seconds and
-    whether the time limit killed QEMU."""
+    """First stage arms `capture_image`, fills a ramdisk if told, and crashes; returns the
+    serial log, seconds and whether the time limit killed QEMU."""
     first = workdir / "first-stage.img"
+    files = {"/kdump/vmlinuz": kernel.vmlinuz, "/kdump/capture.img": capture_image}
+    if fill is not None:
+        seed = workdir / "fill-seed"
+        seed.write_bytes(fill_seed(fill.seed_mib))
+        files["/kdump/fill-seed"] = seed
     utility_image(
         first, kernel.kver, kernel.kmoddir, str(TEMPLATES / "first-stage.sh.j2"),
-        {"capture_cmdline": capture_cmdline()}, programs=["kexec"],
-        files={"/kdump/vmlinuz": kernel.vmlinuz, "/kdump/capture.img": capture_image},
+        {"capture_cmdline": capture_cmdline(), "fill": fill}, programs=["kexec"],
+        modules=["brd"] if fill is not None else (), files=files,
     )  # fmt: skip
     result = run(
         Boot(
@@ -237,10 +312,13 @@ def _crash_boot(
             initrd=first,
             cmdline=FIRST_CMDLINE.format(mb=crashkernel_mb),
             serial_log=workdir / f"serial-{crashkernel_mb}M.log",
-            memory="1G",
+            memory=f"{memory_mib}M",
             disks=disks,
             accel=default_accel(),
             timeout=timeout,
+            # Only a capture kernel says so (the first one's panic=-1 kexecs instead): it
+            # panicked, and would sit out its panic=10 before QEMU exits.
+            kill_when=("Rebooting in ",),
         )
     )
     return result.log, result.seconds, result.timed_out
@@ -277,33 +355,47 @@ def floor_image_size(workdir: Path) -> int:
 _RESULT = re.compile(r"kdump-bench: result (.*)")
 
 
+def _target_disk(disk: Path, mib: int, uuid: str | None = None) -> None:
+    """A sparse ext4 disk image of `mib` MiB (only what is written takes space)."""
+    with disk.open("wb") as f:
+        f.truncate(mib * 2**20)
+    uuid_args = ["-U", uuid] if uuid else []
+    subprocess.run(["mkfs.ext4", "-q", "-F", *uuid_args, str(disk)], check=True,
+                   capture_output=True)  # fmt: skip
+
+
 def capture_timing(
     kernel: Kernel,
     workdir: Path,
     makedumpfile_args: list[str],
     rounds: int = 3,
     crashkernel_mb: int = 256,
+    memory_mib: int = 1024,
+    fill: Fill | None = None,
+    raw_read: bool = True,
+    disk_mib: int = 1536,
+    timeout: float = 600.0,
 ) -> list[dict[str, Any]]:
     """Boot once, crash, and in the capture kernel time `rounds` alternations of a raw read
-    of /proc/vmcore to /dev/null and makedumpfile alone writing to an ext4 disk."""
+    of /proc/vmcore to /dev/null (unless not `raw_read`) and makedumpfile alone writing to
+    an ext4 disk. With `fill`, the first result carries what the first stage filled."""
     workdir.mkdir(parents=True, exist_ok=True)
     image = workdir / "timing.img"
     utility_image(
         image, kernel.kver, kernel.kmoddir, str(TEMPLATES / "capture-timing.sh.j2"),
-        {"rounds": rounds, "makedumpfile": makedumpfile_args},
+        {"rounds": rounds, "makedumpfile": makedumpfile_args, "raw_read": raw_read},
         modules=["virtio_blk", "virtio_pci", "ext4"], programs=["makedumpfile"],
     )  # fmt: skip
     disk = workdir / "target.img"
-    with disk.open("wb") as f:
-        f.truncate(1536 * 2**20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(disk)], check=True, capture_output=True)
+    _target_disk(disk, disk_mib)
     try:
-        log, _, timed_out = _crash_boot(
-            kernel, image, crashkernel_mb, workdir, disks=(disk,), timeout=600
-        )
+        log, seconds, timed_out = _crash_boot(
+            kernel, image, crashkernel_mb, workdir, disks=(disk,), timeout=timeout,
+            memory_mib=memory_mib, fill=fill,
+        )  # fmt: skip
     finally:
         disk.unlink(missing_ok=True)
-    results = []
+    results: list[dict[str, Any]] = []
     for match in _RESULT.finditer(log):
         fields = dict(word.split("=", 1) for word in match.group(1).split() if "=" in word)
         results.append(
@@ -321,6 +413,10 @@ def capture_timing(
         raise RuntimeError(
             f"capture timing boot {why} ({len(results)} results); see {workdir}/serial-*.log"
         )
+    if results:
+        results[0]["boot_seconds"] = round(seconds, 1)
+        if fill is not None:
+            results[0]["fill"] = filled(log)
     return results
 
 
@@ -331,6 +427,57 @@ def _debugfs(disk: Path, request: str) -> str:
     return out.stdout
 
 
+@dataclass
+class CrashRun:
+    """One crash into a capture image that saves to an ext4 disk: the serial log, and the
+    dump's vmcore.json when one was saved (None otherwise)."""
+
+    log: str
+    seconds: float
+    timed_out: bool
+    record: dict[str, Any] | None
+    fill: dict[str, Any] | None
+
+
+def crash_to_disk(
+    kernel: Kernel,
+    workdir: Path,
+    image: Path,
+    device_uuid: str,
+    dump_path: str = "/var/crash",
+    crashkernel_mb: int = 256,
+    memory_mib: int = 1024,
+    fill: Fill | None = None,
+    disk_mib: int = 1536,
+    timeout: float = 600.0,
+) -> CrashRun:
+    """Crash into our capture `image` with the same first stage as `capture_timing` (so the
+    crashed kernel's memory, and so the dump, is the same kind), onto an ext4 disk with
+    `device_uuid`; the dump's vmcore.json is read off the disk image with debugfs."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    disk = workdir / "target.img"
+    _target_disk(disk, disk_mib, device_uuid)
+    try:
+        log, seconds, timed_out = _crash_boot(
+            kernel, image, crashkernel_mb, workdir, disks=(disk,), timeout=timeout,
+            memory_mib=memory_mib, fill=fill,
+        )  # fmt: skip
+        names = [
+            line.split("/")[5]
+            for line in _debugfs(disk, f"ls -p {dump_path}").splitlines()
+            if line.count("/") >= 6 and line.split("/")[5] not in (".", "..")
+        ]
+        record = None
+        if len(names) == 1:
+            text = _debugfs(disk, f"cat {dump_path}/{names[0]}/vmcore.json")
+            record = json.loads(text) if text.strip() else None
+        elif names:
+            raise RuntimeError(f"expected one dump directory under {dump_path}, found {names}")
+        return CrashRun(log, seconds, timed_out, record, filled(log))
+    finally:
+        disk.unlink(missing_ok=True)
+
+
 def ours_capture(
     kernel: Kernel,
     workdir: Path,
@@ -338,34 +485,52 @@ def ours_capture(
     device_uuid: str,
     dump_path: str = "/var/crash",
     crashkernel_mb: int = 256,
+    memory_mib: int = 1024,
+    fill: Fill | None = None,
+    disk_mib: int = 1536,
+    timeout: float = 600.0,
 ) -> dict[str, Any]:
-    """Crash into our capture `image` with the same first stage as `capture_timing` (so the
-    crashed kernel's memory, and so the dump, is the same kind), onto an ext4 disk with
-    `device_uuid`; returns the dump's vmcore.json, read off the disk image with debugfs."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    disk = workdir / "target.img"
-    with disk.open("wb") as f:
-        f.truncate(1536 * 2**20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-U", device_uuid, str(disk)], check=True,
-                   capture_output=True)  # fmt: skip
-    try:
-        log, seconds, timed_out = _crash_boot(
-            kernel, image, crashkernel_mb, workdir, disks=(disk,), timeout=600
+    """`crash_to_disk` that must save a dump: returns its vmcore.json (with `boot_seconds`
+    and, with `fill`, what was filled)."""
+    run_ = crash_to_disk(kernel, workdir, image, device_uuid, dump_path, crashkernel_mb,
+                         memory_mib, fill, disk_mib, timeout)  # fmt: skip
+    if run_.record is None:
+        why = "timed out" if run_.timed_out else "no vmcore.json on the target"
+        raise RuntimeError(f"our capture did not save the dump ({why}); see {workdir}")
+    record = dict(run_.record, boot_seconds=round(run_.seconds, 1))
+    if fill is not None:
+        record["fill"] = run_.fill
+    return record
+
+
+def crash_outcome(run_: CrashRun, want_stage: str) -> tuple[bool, str]:
+    """Whether `run_` saved a complete dump by `want_stage`, and if not why, from what the
+    serial log shows (the capture kernel's part of it: after its own banner)."""
+    log = run_.log
+    banners = [m.start() for m in re.finditer(r"Linux version \d", log)]
+    capture = log[banners[1] :] if len(banners) > 1 else ""
+    record = run_.record or {}
+    stage, size = record.get("stage"), record.get("vmcore_size") or 0
+    if stage == want_stage and size > 0:
+        return True, "ok"
+    if "kdump-bench: FAILED to load the capture kernel" in log:
+        return False, "kexec load failed"
+    if "kdump-bench: FAILED to fill" in log:
+        return False, "fill failed"
+    found = [
+        why
+        for needle, why in (
+            ("Initramfs unpacking failed", "initramfs unpack failed"),
+            ("Out of memory", "OOM"),
+            ("Kernel panic", "capture kernel panicked"),
         )
-        if "kdump: dump saved to target" not in log:
-            why = "timed out" if timed_out else "no 'dump saved' line"
-            raise RuntimeError(f"our capture did not save the dump ({why}); see {workdir}")
-        names = [
-            line.split("/")[5]
-            for line in _debugfs(disk, f"ls -p {dump_path}").splitlines()
-            if line.count("/") >= 6 and line.split("/")[5] not in (".", "..")
-        ]
-        if len(names) != 1:
-            raise RuntimeError(f"expected one dump directory under {dump_path}, found {names}")
-        record: dict[str, Any] = json.loads(
-            _debugfs(disk, f"cat {dump_path}/{names[0]}/vmcore.json")
-        )
-        record["boot_seconds"] = round(seconds, 1)
-        return record
-    finally:
-        disk.unlink(missing_ok=True)
+        if needle in capture
+    ]
+    if stage:  # a dump, but by the fallback or empty
+        what = f"saved by the {stage} stage" if stage != want_stage else "empty vmcore"
+        return False, "; ".join([*found[:1], what])
+    if found:
+        return False, found[0]
+    if run_.timed_out:
+        return False, "timeout"
+    return False, "no dump saved" if capture else "capture kernel did not start"

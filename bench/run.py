@@ -18,7 +18,11 @@ Parts (each records an error string in the JSON when it fails; the others still 
 * peer debian (skipped with BENCH_QUICK=1): ours next to Debian's kdump-tools on the same Debian
   guest and the same crash (`bench/peer_debian.py`).
 
-BENCH_ONLY=storage (or peer) runs only that part and merges it into the existing results.
+* curve (skipped with BENCH_QUICK=1): the smallest crashkernel= and the capture time on
+  guests of 1, 4 and 16 GiB with most of their memory filled (`bench/curve.py`).
+
+BENCH_ONLY=storage (or peer, or curve) runs only that part and merges it into the existing
+results.
 
 Writes bench/results.json and bench/results.md and prints the table. Timings are noisy on a
 shared 2-core machine: runs are alternated, medians reported, nothing asserted on time.
@@ -48,6 +52,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
+import curve  # noqa: E402
 import harness  # noqa: E402
 import peer_debian  # noqa: E402
 from harness import Kernel  # noqa: E402
@@ -79,7 +84,8 @@ CRASH_SLACK_MB = 16
 # The stacked-storage part measures the Python stage (the default) and compares it with the
 # plain disk's Python-stage figures: same kernel, same stage, only the stack differs.
 STORAGE_STAGE = "python"
-ONLY_PARTS = {"storage": "storage", "peer": "peer debian"}  # BENCH_ONLY values: their part
+# BENCH_ONLY values: their part
+ONLY_PARTS = {"storage": "storage", "peer": "peer debian", "curve": "curve"}
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -714,6 +720,57 @@ def part_capture(kver: str) -> dict[str, Any]:
     return out
 
 
+def makedumpfile_alone_args() -> tuple[list[str], str | None]:
+    """makedumpfile with the arguments our stage gives it (our default config), or the
+    defaults and why they were used."""
+    from kdump_mkinitrd import config as config_mod
+    from kdump_mkinitrd.hostscan.elfdeps import ElfResolver
+    from kdump_mkinitrd.image.resolve import capture_settings
+
+    try:
+        config = config_mod.load(python_config())
+        settings = capture_settings(config, ElfResolver(Path("/"), config.search_path), Path("/"))
+        level = ["-d", str(settings.dump_level), "--message-level", "7"]
+        flag = settings.makedumpfile_flag.split()
+        return [str(settings.makedumpfile or "makedumpfile"), *flag, *level], None
+    except Exception as exc:
+        return ["makedumpfile", "-l", "-d", "31", "--message-level", "7"], f"defaults: {exc}"
+
+
+def part_curve(kver: str, progress: Callable[[list[dict[str, Any]]], None]) -> dict[str, Any]:
+    """The crash-memory curve (bench/curve.py) for our static- and Python-stage images.
+    BENCH_CURVE_SIZES (GiB, comma-separated; default 1,4,16), BENCH_CURVE_MINUTES (no boot
+    starts after that many minutes; default 55) and BENCH_CURVE_LANES (guests at a time;
+    default 2) bound it."""
+    k = kernel(kver)
+    work = CACHE / "curve" / kver
+    sizes = [int(g) for g in os.environ.get("BENCH_CURVE_SIZES", "1,4,16").split(",") if g]
+    minutes = float(os.environ.get("BENCH_CURVE_MINUTES", "55"))
+    images_dir = CACHE / "curve-images" / kver
+    images_dir.mkdir(parents=True, exist_ok=True)
+    configs = {"static": static_config(), "python": python_config()}
+    images = {stage: images_dir / f"ours-{stage}.img" for stage in configs}
+    estimates: dict[int, dict[str, int | None]] = {g: {} for g in sizes}
+    for stage, config in configs.items():
+        cmd = ours_cmd(k, config, images[stage])
+        timed(cmd).check(f"build the {stage}-stage image")
+        for g in sizes:  # the build's kernel and config arguments, without -o/--json
+            estimates[g][stage] = curve.estimate_mb(CLI, cmd[2:-3], images[stage], g)
+    mdf, note = makedumpfile_alone_args()
+    meta, entries = curve.part_curve(
+        k, work, images, mdf, TARGET_UUID, estimates, sizes,
+        deadline=time.monotonic() + minutes * 60, progress=progress,
+        lanes=int(os.environ.get("BENCH_CURVE_LANES", curve.LANES)),
+    )  # fmt: skip
+    meta.update(minutes=minutes, tree=tree_state(), image_sizes={
+        stage: {"size": p.stat().st_size, "uncompressed_size": uncompressed_size(p)}
+        for stage, p in images.items()
+    })  # fmt: skip
+    if note:
+        meta["makedumpfile_args_note"] = note
+    return {"meta": meta, "by_guest_memory": entries}
+
+
 def storage_config(name: str, work: Path) -> Path:
     """The config `qemu-test --storage NAME` writes, with the Python stage named; for LUKS,
     the key file (and luks-setup's record) that qemu-test makes too."""
@@ -1010,6 +1067,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{fmt(ratio(cap.get('dd_median_s'), mdf_s), 'x', 3)} | "
             f"{mb(cap.get('proc_vmcore_size'))} read |",
         ]
+    lines += curve.markdown(results)
     lines += storage_markdown(results.get("storage"))
     lines += peer_debian.markdown(results)
     lines += ["", "## Where our build's time goes", ""]
@@ -1145,7 +1203,7 @@ def main() -> int:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
     only = os.environ.get("BENCH_ONLY", "")
     if only not in ("", *ONLY_PARTS):
-        print(f"bench: BENCH_ONLY={only!r}: only 'storage' or 'peer' can run alone",
+        print(f"bench: BENCH_ONLY={only!r}: only {', '.join(ONLY_PARTS)} can run alone",
               file=sys.stderr)  # fmt: skip
         return 2
     crash_kver = os.environ.get("BENCH_CRASH_KVER", KERNELS[0])
@@ -1215,6 +1273,16 @@ def main() -> int:
 
     def peer_progress(partial: dict[str, Any]) -> None:
         results.update(partial)
+        save(results)
+
+    def curve_progress(entries: list[dict[str, Any]]) -> None:
+        curve.merge(results, {"running": True}, entries)
+        save(results)
+
+    if only == "curve" or not (quick or only):
+        found = part("curve", lambda: part_curve(crash_kver, curve_progress))
+        # A failed part keeps the entries measured before it failed, and says why.
+        curve.merge(results, found.get("meta") or found, found.get("by_guest_memory") or [])
         save(results)
 
     if only == "peer" or not (quick or only):

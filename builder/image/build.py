@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -16,7 +15,7 @@ from kdump_mkinitrd.config import Config, require_targets
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan import hostonly
 from kdump_mkinitrd.hostscan.elfdeps import ElfResolver
-from kdump_mkinitrd.image import compress, inputs
+from kdump_mkinitrd.image import buildcache, compress, inputs
 from kdump_mkinitrd.image.assemble import (
     MANIFEST_PATH,
     BuildInputs,
@@ -24,7 +23,8 @@ from kdump_mkinitrd.image.assemble import (
     manifest,
     manifest_bytes,
 )
-from kdump_mkinitrd.image.cpio import Entry, write_newc
+from kdump_mkinitrd.image.buildcache import BlobStore
+from kdump_mkinitrd.image.cpio import Entry, newc_segments
 from kdump_mkinitrd.image.features import discover, select
 from kdump_mkinitrd.image.inspect_image import read_manifest
 from kdump_mkinitrd.image.resolve import capture_settings, resolve
@@ -66,6 +66,9 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
     up_to_date: bool = False  # --if-needed found nothing changed and wrote nothing
     rebuilt_because: list[str] = field(default_factory=list)
+    # Compressed cpio segments taken from the cache, and compressed by this build.
+    segments_reused: int = 0
+    segments_compressed: int = 0
 
     def summary(self) -> str:
         total = sum(self.seconds.values())
@@ -89,17 +92,20 @@ def write_image(
     method: compress.Compression,
     output: Path,
     lap: Callable[[str], None] = lambda _: None,
-) -> tuple[bytes, bytes]:
-    """cpio, compress, write atomically; returns the archive and the compressed image."""
-    archive = io.BytesIO()
-    write_newc(entries, archive, mtime=source_date_epoch())
-    raw = archive.getvalue()
+    store: BlobStore | None = None,
+) -> tuple[int, bytes]:
+    """cpio segments, each compressed (or taken from `store` when these bytes were
+    compressed before), concatenated and written atomically; returns the unpacked size and
+    the image."""
+    segments = newc_segments(entries, mtime=source_date_epoch())
     lap("cpio")
-    image = method.compress(raw)
+    image = compress.compress_segments(segments, method, store)
     lap("compress")
     write_atomic(output, image)
+    if store is not None:
+        store.prune()
     lap("write")
-    return raw, image
+    return sum(map(len, segments)), image
 
 
 def _expected(config: Config, request: BuildRequest) -> dict[str, Any]:
@@ -272,7 +278,8 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         runners = " and ".join(n for n, t in targets.TYPES.items() if "python-stage" in t.uses)
         notes.append(f"no target here runs the Python stage (only {runners} targets do), "
                      "so the image has no interpreter")  # fmt: skip
-    raw, image = write_image(entries, method, request.output, lap)
+    store = BlobStore(buildcache.cache_root(request.cache_dir) / "segments")
+    unpacked, image = write_image(entries, method, request.output, lap, store)
     inputs.write_record(
         request.output,
         image,
@@ -289,7 +296,7 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         output=str(request.output),
         kver=request.kver,
         size=len(image),
-        uncompressed_size=len(raw),
+        uncompressed_size=unpacked,
         compression=method.method,
         entries=len(entries),
         kernel_modules=len(resolution.modules.modules),
@@ -300,4 +307,6 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         notes=notes,
         seconds=seconds,
         rebuilt_because=reasons,
+        segments_reused=store.hits,
+        segments_compressed=store.misses,
     )

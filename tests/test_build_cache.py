@@ -8,13 +8,16 @@ a damaged entry is not trusted, and the image is the same bytes whichever way it
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from kdump_mkinitrd.cli import main
+from kdump_mkinitrd.image.buildcache import BlobStore, program_output
 from kdump_mkinitrd.image.compress import decompress
 from kdump_mkinitrd.image.cpio import read_newc
+from kdump_mkinitrd.image.resolve import module_closure
 from tests.conftest import Kernel
 from tests.test_build import DISK_CONFIG, build_args, write_config
 
@@ -94,3 +97,60 @@ def test_a_damaged_cache_entry_is_not_used(
     assert warm["segments_compressed"] == 1
     assert warm["segments_reused"] == cold["segments_compressed"] - 1  # type: ignore[operator]
     assert (tmp_path / "warm.img").read_bytes() == (tmp_path / "cold.img").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def depmod_tree(kernel61: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The kernel's modules as a distribution installs them: depmod's files beside them."""
+    base = tmp_path_factory.mktemp("depmod")
+    tree = base / "lib" / "modules" / kernel61.kver
+    tree.parent.mkdir(parents=True)
+    subprocess.run(["cp", "-a", str(kernel61.kmoddir), str(tree)], check=True)
+    subprocess.run(["depmod", "-b", str(base), kernel61.kver], check=True, capture_output=True)
+    return tree
+
+
+REQUESTS = [("ext4", "a test"), ("virtio_blk", "a test")]
+
+
+def test_module_closure_is_reused_until_the_tree_changes(
+    kernel61: Kernel, depmod_tree: Path, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "modules")
+    first = module_closure(kernel61.kver, depmod_tree, REQUESTS, store=store)
+    assert (store.hits, store.misses) == (0, 1)
+    assert {"ext4", "jbd2", "mbcache", "virtio_blk"} <= set(first.names())
+    assert module_closure(kernel61.kver, depmod_tree, REQUESTS, store=store) == first
+    assert store.hits == 1
+    # Other requests are another entry, not the same one.
+    module_closure(kernel61.kver, depmod_tree, REQUESTS[:1], store=store)
+    assert store.misses == 2
+    # A module in the closure rewritten (its dependencies may differ now): resolved again.
+    jbd2 = next(m.path for m in first.modules if m.name == "jbd2")
+    jbd2.write_bytes(jbd2.read_bytes())
+    assert module_closure(kernel61.kver, depmod_tree, REQUESTS, store=store) == first
+    assert store.misses == 3
+    # depmod's files changed: another key.
+    with (depmod_tree / "modules.alias").open("a") as f:
+        f.write("alias test-only-alias ext4\n")
+    module_closure(kernel61.kver, depmod_tree, REQUESTS, store=store)
+    assert store.misses == 4 and len(list((tmp_path / "modules").iterdir())) == 3
+
+
+def test_program_output_is_kept_by_the_program_content(tmp_path: Path) -> None:
+    program = tmp_path / "tool"
+    program.write_text("#!/bin/sh\necho one\n")
+    runs: list[str] = []
+
+    def run() -> str:
+        text = subprocess.run([str(program)], capture_output=True, text=True).stdout
+        runs.append(text)
+        return text
+
+    program.chmod(0o755)
+    assert program_output(tmp_path, program, ["-v"], run) == "one\n"
+    assert program_output(tmp_path, program, ["-v"], run) == "one\n"
+    assert len(runs) == 1
+    program.write_text("#!/bin/sh\necho two\n")
+    assert program_output(tmp_path, program, ["-v"], run) == "two\n"
+    assert len(runs) == 2

@@ -178,7 +178,7 @@ def test_a_changed_file_changes_only_its_own_segment() -> None:
                for e in entries]  # fmt: skip
     after = newc_segments(changed)
     assert len(before) == len(after)
-    differing = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    differing = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
     assert len(differing) == 1
     assert b"lib/mods/m020.ko" in after[differing[0]]
 

@@ -224,7 +224,9 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
             up_to_date=True,
         )
 
-    capture = capture_settings(config, ElfResolver(request.root, config.search_path), request.root)
+    capture = capture_settings(
+        config, ElfResolver(request.root, config.search_path), request.root, request.cache_dir
+    )
     feature_dirs = _feature_dirs(request)
     detected: list[tuple[str, str]] = []
     found = None

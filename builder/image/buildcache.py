@@ -9,12 +9,16 @@ whose stored digest does not match its bytes is a miss.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Least recently used entries go first once a store holds more than this.
 DEFAULT_LIMIT = 256 << 20
@@ -40,6 +44,12 @@ def key_of(*parts: bytes | str) -> str:
     return digest.hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 class BlobStore:
     """Byte strings by key, one file each, written atomically."""
 
@@ -53,6 +63,11 @@ class BlobStore:
         return self.directory / key
 
     def get(self, key: str) -> bytes | None:
+        return self.load(key, lambda data: data)
+
+    def load(self, key: str, parse: Callable[[bytes], T | None]) -> T | None:
+        """The entry under `key` as `parse` reads it; a miss when there is none, when it is
+        damaged, or when `parse` finds it stale (None)."""
         path = self._path(key)
         try:
             stored = path.read_bytes()
@@ -64,12 +79,14 @@ class BlobStore:
             log.warning("ignoring damaged cache entry %s", path)
             self.misses += 1
             return None
+        value = parse(data)
+        if value is None:
+            self.misses += 1
+            return None
         self.hits += 1
-        try:
+        with contextlib.suppress(OSError):
             os.utime(path)  # recently used: pruned last
-        except OSError:
-            pass
-        return data
+        return value
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -85,7 +102,8 @@ class BlobStore:
     def prune(self) -> None:
         """Drop the least recently used entries until the store fits its limit."""
         try:
-            entries = [(e.stat().st_mtime_ns, e.stat().st_size, e) for e in os.scandir(self.directory)
+            entries = [(e.stat().st_mtime_ns, e.stat().st_size, e)
+                       for e in os.scandir(self.directory)
                        if e.is_file() and not e.name.startswith(".")]  # fmt: skip
         except OSError:
             return
@@ -98,3 +116,18 @@ class BlobStore:
             except OSError:
                 continue
             total -= size
+
+
+def program_output(
+    cache_dir: Path | None, program: Path, args: list[str], run: Callable[[], str]
+) -> str:
+    """What `run` prints about `program` (its applets, its features), from the cache when
+    a program with the same content was asked the same before."""
+    store = BlobStore(cache_root(cache_dir) / "programs")
+    key = key_of("program output", file_digest(program), *args)
+    cached = store.get(key)
+    if cached is not None:
+        return cached.decode()
+    text = run()
+    store.put(key, text.encode())
+    return text

@@ -117,18 +117,23 @@ def _one_frame(blob: bytes, source: str) -> tuple[bytes, bytes]:
     raise KdumpError(f"{source}: not a zstd, gzip or plain newc cpio image")
 
 
-def decompress(blob: bytes, source: str = "image") -> bytes:
-    """Undo whatever compression the image uses, recognised by its magic number, piece by
-    piece: the kernel unpacks concatenated compressed and plain archives, and so do we."""
-    pieces = []
+def pieces(blob: bytes, source: str = "image") -> list[bytes]:
+    """Each compressed or plain piece of the image undone, in order: the kernel unpacks
+    concatenated compressed and plain archives, and so do we."""
+    out = []
     rest = blob
     try:
         while rest:
             data, rest = _one_frame(rest, source)
-            pieces.append(data)
+            out.append(data)
             rest = rest.lstrip(b"\0")  # the kernel skips zero padding between pieces
     except (zstandard.ZstdError, zlib.error, OSError, EOFError) as exc:
         raise KdumpError(f"{source}: corrupt compressed data: {exc}") from None
-    if not pieces:
+    if not out:
         raise KdumpError(f"{source}: not a zstd, gzip or plain newc cpio image")
-    return b"".join(pieces)
+    return out
+
+
+def decompress(blob: bytes, source: str = "image") -> bytes:
+    """The whole archive (or concatenated archives) inside the image."""
+    return b"".join(pieces(blob, source))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -131,7 +132,7 @@ def _content_key(entry: Entry) -> bytes | None:
 
 def _ordered(entries: Iterable[Entry]) -> list[Entry]:
     ordered = sorted(entries, key=lambda e: _sort_key(e.path))
-    for before, entry in zip(ordered, ordered[1:]):
+    for before, entry in itertools.pairwise(ordered):
         if entry.path == before.path:
             raise KdumpError(f"two image entries claim the same path {entry.path!r}")
     return ordered
@@ -140,11 +141,11 @@ def _ordered(entries: Iterable[Entry]) -> list[Entry]:
 def _write_archive(ordered: list[Entry], out: BinaryIO, mtime: int) -> None:
     groups: dict[bytes, list[Entry]] = {}
     keys = [_content_key(entry) for entry in ordered]
-    for entry, key in zip(ordered, keys):
+    for entry, key in zip(ordered, keys, strict=True):
         if key is not None:
             groups.setdefault(key, []).append(entry)
     inode_of: dict[bytes, int] = {}
-    for ino, (entry, key) in enumerate(zip(ordered, keys), start=1):
+    for ino, (entry, key) in enumerate(zip(ordered, keys, strict=True), start=1):
         group = groups[key] if key is not None else [entry]
         # Identical files share the inode of the first; only the last carries the data.
         ino = inode_of.setdefault(key, ino) if key is not None else ino
@@ -206,7 +207,7 @@ def newc_segments(entries: Iterable[Entry], mtime: int = 0) -> list[bytes]:
 
 def _read_archive(blob: bytes, pos: int) -> tuple[list[Member], int]:
     """The members of the archive starting at `pos`, and where its trailer ends."""
-    members = []
+    members: list[Member] = []
     while True:
         if pos + HEADER_SIZE > len(blob):
             raise KdumpError(f"cpio archive truncated at offset {pos} (no trailer)")

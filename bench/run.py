@@ -399,7 +399,7 @@ def part_build(kver: str) -> dict[str, Any]:
         phase_sum = sum(v for v in result[name]["phases_median_s"].values() if v is not None)
         wall = result[name]["wall_median_s"]
         result[name]["outside_phases_s"] = round(wall - phase_sum, 4) if wall else None
-    same = [(work / f"{n}.img").read_bytes() for n in ("ours", "ours_cold")]
+    same = [(work / n).read_bytes() for n in ("ours.img", "ours-cold.img")]
     result["warm_cold_same_bytes"] = same[0] == same[1]
     if dracut_error:
         result["dracut"] = result["dracut_zstd15"] = {"error": dracut_error}

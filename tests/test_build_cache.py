@@ -7,8 +7,11 @@ a damaged entry is not trusted, and the image is the same bytes whichever way it
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from kdump_mkinitrd.cli import main
 from kdump_mkinitrd.image.buildcache import BlobStore, program_output
 from kdump_mkinitrd.image.compress import decompress
 from kdump_mkinitrd.image.cpio import read_newc
+from kdump_mkinitrd.image.inputs import DigestCache
 from kdump_mkinitrd.image.resolve import module_closure
 from tests.conftest import Kernel
 from tests.test_build import DISK_CONFIG, build_args, write_config
@@ -154,3 +158,25 @@ def test_program_output_is_kept_by_the_program_content(tmp_path: Path) -> None:
     program.write_text("#!/bin/sh\necho two\n")
     assert program_output(tmp_path, program, ["-v"], run) == "two\n"
     assert len(runs) == 2
+
+
+def test_digests_are_reused_until_the_file_changes_even_with_its_old_mtime(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "input.bin"
+    data.write_bytes(b"first")
+    store = tmp_path / "digests.json"
+    cache = DigestCache(store)
+    assert cache.digest(data, data.stat(), None) == hashlib.sha256(b"first").hexdigest()
+    cache.save()
+    again = DigestCache(store)
+    assert again.digest(data, data.stat(), None) == hashlib.sha256(b"first").hexdigest()
+    assert again.hits == 1
+    # Same size, mtime put back: the ctime still moved, so the content is read again.
+    old = data.stat()
+    time.sleep(0.01)
+    data.write_bytes(b"other")
+    os.utime(data, ns=(old.st_atime_ns, old.st_mtime_ns))
+    third = DigestCache(store)
+    assert third.digest(data, data.stat(), None) == hashlib.sha256(b"other").hexdigest()
+    assert third.hits == 0

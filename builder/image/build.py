@@ -224,6 +224,8 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
             up_to_date=True,
         )
 
+    cache_root = buildcache.cache_root(request.cache_dir)
+    digests = inputs.use_digests(inputs.DigestCache(cache_root / "digests.json"))
     capture = capture_settings(
         config, ElfResolver(request.root, config.search_path), request.root, request.cache_dir
     )
@@ -280,7 +282,7 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         runners = " and ".join(n for n, t in targets.TYPES.items() if "python-stage" in t.uses)
         notes.append(f"no target here runs the Python stage (only {runners} targets do), "
                      "so the image has no interpreter")  # fmt: skip
-    store = BlobStore(buildcache.cache_root(request.cache_dir) / "segments")
+    store = BlobStore(cache_root / "segments")
     unpacked, image = write_image(entries, method, request.output, lap, store)
     inputs.write_record(
         request.output,
@@ -294,6 +296,7 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
             "inputs": dict(sorted(seen.items())),
         },
     )
+    digests.save()
     return BuildReport(
         output=str(request.output),
         kver=request.kver,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,15 +32,70 @@ MODULE_INDEX_FILES = (
 RECORD_SUFFIX = ".inputs.json"
 
 
+class DigestCache:
+    """sha256 of files by their whole stat identity: device, inode, size, mtime and ctime.
+    Writing a file moves its ctime, which no one can set back short of the clock, so an
+    unchanged identity means unchanged content and a build rehashes only what changed."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.hits = 0
+        self._known: dict[str, str] = {}
+        self._used: dict[str, str] = {}
+        if path is not None:
+            try:
+                loaded = json.loads(path.read_text())
+                if isinstance(loaded, dict):
+                    self._known = {str(k): str(v) for k, v in loaded.items()}
+            except (OSError, ValueError):
+                pass
+
+    @staticmethod
+    def _key(path: Path, st: os.stat_result) -> str:
+        return (f"{path}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:"
+                f"{st.st_ctime_ns}")  # fmt: skip
+
+    def digest(self, path: Path, st: os.stat_result, data: bytes | None) -> str:
+        key = self._key(path, st)
+        known = self._known.get(key)
+        if known is not None:
+            self.hits += 1
+        else:
+            known = hashlib.sha256(path.read_bytes() if data is None else data).hexdigest()
+        self._used[key] = known
+        return known
+
+    def save(self) -> None:
+        """Keep what this build used (what an older build used and this one did not is
+        dropped, so the file does not grow with every kernel ever built)."""
+        if self.path is None or self._used == self._known:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self._used))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # unwritable: costs time on the next build, no more
+
+
+# In memory only, until a build opens the one in its cache folder (use_digests).
+_digests = DigestCache()
+
+
+def use_digests(cache: DigestCache) -> DigestCache:
+    global _digests
+    _digests = cache
+    return cache
+
+
 def record(path: Path, data: bytes | None = None) -> dict[str, Any]:
     """Stat and digest of one input; `data` saves a second read when the caller has it."""
     st = path.stat()
-    if data is None:
-        data = path.read_bytes()
     return {
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": _digests.digest(path, st, data),
     }
 
 

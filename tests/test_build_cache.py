@@ -180,3 +180,13 @@ def test_digests_are_reused_until_the_file_changes_even_with_its_old_mtime(
     third = DigestCache(store)
     assert third.digest(data, data.stat(), None) == hashlib.sha256(b"other").hexdigest()
     assert third.hits == 0
+
+
+def test_a_full_store_drops_the_least_recently_used_entries(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "store", limit=2500)
+    for age, key in enumerate(("old", "used", "new")):
+        store.put(key, bytes([age]) * 1000)
+        os.utime(store.directory / key, ns=(age * 10**9, age * 10**9))
+    assert store.get("old") == bytes([0]) * 1000  # used now: the newest of the three
+    store.prune()
+    assert sorted(p.name for p in store.directory.iterdir()) == ["new", "old"]

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Least recently used entries go first once a store holds more than this.
-DEFAULT_LIMIT = 256 << 20
+DEFAULT_LIMIT = 64 << 20
 _DIGEST = 32
 
 
@@ -130,4 +130,5 @@ def program_output(
         return cached.decode()
     text = run()
     store.put(key, text.encode())
+    store.prune()
     return text

@@ -30,6 +30,7 @@ MODULE_INDEX_FILES = (
     "modules.builtin.modinfo", "modules.order",
 )  # fmt: skip
 RECORD_SUFFIX = ".inputs.json"
+DIGESTS_KEPT = 20000
 
 
 class DigestCache:
@@ -66,14 +67,17 @@ class DigestCache:
         return known
 
     def save(self) -> None:
-        """Keep what this build used (what an older build used and this one did not is
-        dropped, so the file does not grow with every kernel ever built)."""
-        if self.path is None or self._used == self._known:
+        """Keep what earlier builds and this one used; past DIGESTS_KEPT entries only what
+        this one used, so the file does not grow with every kernel ever built."""
+        merged = {**self._known, **self._used}
+        if len(merged) > DIGESTS_KEPT:
+            merged = self._used
+        if self.path is None or merged == self._known:
             return
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(self._used))
+            tmp.write_text(json.dumps(merged))
             os.replace(tmp, self.path)
         except OSError:
             tmp.unlink(missing_ok=True)  # unwritable: costs time on the next build, no more

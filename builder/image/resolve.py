@@ -213,6 +213,7 @@ def module_closure(
         closure = ModuleIndex.load(kver, kmoddir, cache_dir=cache_dir).resolve(requests)
         if key:
             store.put(key, _closure_json(closure))
+            store.prune()
     return closure
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from kdump_mkinitrd.cli import main
-from kdump_mkinitrd.image.buildcache import BlobStore, program_output
+from kdump_mkinitrd.hostscan import elfdeps
+from kdump_mkinitrd.image.buildcache import BlobStore, StatCache, program_output
 from kdump_mkinitrd.image.compress import decompress
 from kdump_mkinitrd.image.cpio import read_newc
 from kdump_mkinitrd.image.inputs import DigestCache
@@ -190,3 +192,29 @@ def test_a_full_store_drops_the_least_recently_used_entries(tmp_path: Path) -> N
     assert store.get("old") == bytes([0]) * 1000  # used now: the newest of the three
     store.prune()
     assert sorted(p.name for p in store.directory.iterdir()) == ["new", "old"]
+
+
+def test_elf_facts_are_kept_until_the_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    program = tmp_path / "makedumpfile"
+    shutil.copy2("/usr/bin/makedumpfile", program)
+    text = tmp_path / "script"
+    text.write_text("#!/bin/sh\n")
+    fresh = elfdeps._read_elf_info(str(program))
+    assert fresh is not None and "libc.so.6" in fresh.needed
+    store = tmp_path / "elfinfo.json"
+    first = StatCache(store)
+    monkeypatch.setattr(elfdeps, "INFO_CACHE", first)
+    assert elfdeps._cached_elf_info(str(program)) == fresh
+    assert elfdeps._cached_elf_info(str(text)) is None
+    first.save()
+    second = StatCache(store)
+    monkeypatch.setattr(elfdeps, "INFO_CACHE", second)
+    assert elfdeps._cached_elf_info(str(program)) == fresh
+    assert elfdeps._cached_elf_info(str(text)) is None
+    assert second.hits == 2
+    # Another program in its place: parsed again, not taken from the cache.
+    shutil.copy2("/usr/bin/busybox", program)
+    static = elfdeps._cached_elf_info(str(program))
+    assert static is not None and static.needed == () and second.hits == 2

@@ -13,7 +13,7 @@ from typing import Any
 from kdump_mkinitrd import targets
 from kdump_mkinitrd.config import Config, require_targets
 from kdump_mkinitrd.errors import KdumpError
-from kdump_mkinitrd.hostscan import hostonly
+from kdump_mkinitrd.hostscan import elfdeps, hostonly
 from kdump_mkinitrd.hostscan.elfdeps import ElfResolver
 from kdump_mkinitrd.image import buildcache, compress, inputs
 from kdump_mkinitrd.image.assemble import (
@@ -193,7 +193,23 @@ def _hardware_moved(config: Config, recorded: dict[str, Any]) -> list[str]:
 
 def build(config: Config, request: BuildRequest, if_needed: bool = False) -> BuildReport:
     """Build the image for `config` and write it atomically; on any error nothing is written.
-    With `if_needed`, first check the existing image's recorded inputs and stop if none moved."""
+    With `if_needed`, first check the existing image's recorded inputs and stop if none moved.
+    What this build learns about files (digests, ELF facts) is kept in the cache folder for
+    the next; outside a build nothing is kept."""
+    cache_root = buildcache.cache_root(request.cache_dir)
+    digests = inputs.use_digests(inputs.DigestCache(cache_root / "digests.json"))
+    elf_infos = elfdeps.INFO_CACHE = buildcache.StatCache(cache_root / "elfinfo.json")
+    try:
+        report = _build(config, request, if_needed, cache_root)
+        digests.save()
+        elf_infos.save()
+        return report
+    finally:
+        inputs.use_digests(inputs.DigestCache())
+        elfdeps.INFO_CACHE = None
+
+
+def _build(config: Config, request: BuildRequest, if_needed: bool, cache_root: Path) -> BuildReport:
     require_targets(config)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -224,8 +240,6 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
             up_to_date=True,
         )
 
-    cache_root = buildcache.cache_root(request.cache_dir)
-    digests = inputs.use_digests(inputs.DigestCache(cache_root / "digests.json"))
     capture = capture_settings(
         config, ElfResolver(request.root, config.search_path), request.root, request.cache_dir
     )
@@ -296,7 +310,6 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
             "inputs": dict(sorted(seen.items())),
         },
     )
-    digests.save()
     return BuildReport(
         output=str(request.output),
         kver=request.kver,

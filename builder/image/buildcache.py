@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -132,3 +133,56 @@ def program_output(
     store.put(key, text.encode())
     store.prune()
     return text
+
+
+class StatCache:
+    """JSON values about files (a digest, parsed ELF facts), by each file's whole stat
+    identity: device, inode, size, mtime and ctime. Writing a file moves its ctime, which no
+    one can set back short of the clock, so an unchanged identity means unchanged content."""
+
+    def __init__(self, path: Path | None = None, kept: int = 20000) -> None:
+        self.path = path
+        self.kept = kept
+        self.hits = 0
+        self._known: dict[str, Any] = {}
+        self._used: dict[str, Any] = {}
+        if path is not None:
+            try:
+                loaded = json.loads(path.read_text())
+                if isinstance(loaded, dict):
+                    self._known = loaded
+            except (OSError, ValueError):
+                pass
+
+    @staticmethod
+    def _key(path: Path | str, st: os.stat_result) -> str:
+        return (f"{path}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:"
+                f"{st.st_ctime_ns}")  # fmt: skip
+
+    def get(self, path: Path | str, st: os.stat_result) -> Any:
+        """The value kept for this file as it is now; None when there is none."""
+        key = self._key(path, st)
+        value = self._known.get(key)
+        if value is not None:
+            self.hits += 1
+            self._used[key] = value
+        return value
+
+    def put(self, path: Path | str, st: os.stat_result, value: Any) -> None:
+        self._used[self._key(path, st)] = value
+
+    def save(self) -> None:
+        """Keep what earlier builds and this one used; past `kept` entries only what this
+        one used, so the file does not grow with every kernel ever built."""
+        merged = {**self._known, **self._used}
+        if len(merged) > self.kept:
+            merged = self._used
+        if self.path is None or merged == self._known:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(merged))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # unwritable: costs time on the next build, no more

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kdump_mkinitrd import __version__
+from kdump_mkinitrd.image.buildcache import StatCache
 from kdump_mkinitrd.output import write_atomic
 from kdump_mkinitrd.paths import HARNESS_DIR, PACKAGE_DIR, TEMPLATES_DIR
 
@@ -30,57 +31,18 @@ MODULE_INDEX_FILES = (
     "modules.builtin.modinfo", "modules.order",
 )  # fmt: skip
 RECORD_SUFFIX = ".inputs.json"
-DIGESTS_KEPT = 20000
 
 
-class DigestCache:
-    """sha256 of files by their whole stat identity: device, inode, size, mtime and ctime.
-    Writing a file moves its ctime, which no one can set back short of the clock, so an
-    unchanged identity means unchanged content and a build rehashes only what changed."""
-
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path
-        self.hits = 0
-        self._known: dict[str, str] = {}
-        self._used: dict[str, str] = {}
-        if path is not None:
-            try:
-                loaded = json.loads(path.read_text())
-                if isinstance(loaded, dict):
-                    self._known = {str(k): str(v) for k, v in loaded.items()}
-            except (OSError, ValueError):
-                pass
-
-    @staticmethod
-    def _key(path: Path, st: os.stat_result) -> str:
-        return (f"{path}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:"
-                f"{st.st_ctime_ns}")  # fmt: skip
+class DigestCache(StatCache):
+    """sha256 of files by their stat identity (see StatCache): a build rehashes only what
+    changed since the last."""
 
     def digest(self, path: Path, st: os.stat_result, data: bytes | None) -> str:
-        key = self._key(path, st)
-        known = self._known.get(key)
-        if known is not None:
-            self.hits += 1
-        else:
+        known = self.get(path, st)
+        if not isinstance(known, str):
             known = hashlib.sha256(path.read_bytes() if data is None else data).hexdigest()
-        self._used[key] = known
+            self.put(path, st, known)
         return known
-
-    def save(self) -> None:
-        """Keep what earlier builds and this one used; past DIGESTS_KEPT entries only what
-        this one used, so the file does not grow with every kernel ever built."""
-        merged = {**self._known, **self._used}
-        if len(merged) > DIGESTS_KEPT:
-            merged = self._used
-        if self.path is None or merged == self._known:
-            return
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(merged))
-            os.replace(tmp, self.path)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # unwritable: costs time on the next build, no more
 
 
 # In memory only, until a build opens the one in its cache folder (use_digests).

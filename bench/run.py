@@ -2,8 +2,9 @@
 
 Parts (each records an error string in the JSON when it fails; the others still run):
 
-* build: `kdump-mkinitrd build` and dracut alternated, a warm-up then 5 runs each, median wall
-  time, CPU time and peak RSS; `build --if-needed` no-op time when the CLI has it;
+* build: `kdump-mkinitrd build` (warm cache and cold, Debian's python3 packed) and dracut
+  (with makedumpfile; our zstd settings, and its own --zstd) alternated, a warm-up then 5 runs
+  each, median wall time, CPU time and peak RSS; `build --if-needed` no-op time;
 * size: our image (static stage, Python stage, SSH target when implemented) next to dracut's,
   compressed and uncompressed;
 * profile: where our build's time goes (the --json phases and a cProfile top-10);
@@ -76,6 +77,7 @@ TARGET_UUID = "2f6e0c1a-1111-4222-8333-944455556666"
 CONFIG = DEFAULT_CONFIG.format(uuid=TARGET_UUID)
 GOALS = {
     "build_ratio": 0.1,
+    "build_ratio_cold": 0.1,
     "size_ratio_static": 0.2,
     "size_ratio_python": 0.6,
     "capture_ratio_makedumpfile": 1.1,
@@ -187,6 +189,15 @@ def static_config() -> Path:
     return write_config("static", "capture: {stage: static}\n")
 
 
+# The headline Python-stage figures pack the distribution's interpreter, as a Debian host's
+# build does; the one running the builder (pyenv's here) is an extra row.
+DEBIAN_PYTHON = Path("/usr/bin/python3")
+
+
+def debian_python_config() -> Path:
+    return write_config("python-debian", f"capture: {{stage: python, python: {DEBIAN_PYTHON}}}\n")
+
+
 def ours_cmd(k: Kernel, config: Path, output: Path, *extra: str) -> list[str]:
     return [
         str(CLI),
@@ -206,7 +217,19 @@ def ours_cmd(k: Kernel, config: Path, output: Path, *extra: str) -> list[str]:
     ]
 
 
-def dracut_cmd(k: Kernel, output: Path) -> list[str]:
+# Our image is compressed with zstd level 9 on one thread (config compression: level 9,
+# threads 0); dracut's --zstd means `zstd -15 -q -T0` (level 15, every core). The headline
+# compares like with like; dracut's own --zstd is an extra row.
+SAME_ZSTD = "zstd -9 --single-thread -q"
+# Debian's dracut has no kdump module (Fedora's kexec-tools ships 99kdumpbase): our image holds
+# makedumpfile and its libraries, so dracut's is given the same program with --install, and
+# dracut adds the libraries it needs.
+MAKEDUMPFILE = "/usr/bin/makedumpfile"
+
+
+def dracut_cmd(k: Kernel, output: Path, compress: str | None = SAME_ZSTD) -> list[str]:
+    """dracut for the same kernel and drivers, with makedumpfile; `compress` None is
+    dracut's own --zstd."""
     tmp = CACHE / "dracut-tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     return [
@@ -216,7 +239,9 @@ def dracut_cmd(k: Kernel, output: Path) -> list[str]:
         "base",
         "--drivers",
         DRACUT_DRIVERS,
-        "--zstd",
+        "--install",
+        MAKEDUMPFILE,
+        *(["--compress", compress] if compress else ["--zstd"]),
         "--force",
         "--no-early-microcode",
         "--kver",
@@ -228,6 +253,24 @@ def dracut_cmd(k: Kernel, output: Path) -> list[str]:
         str(output),
         k.kver,
     ]
+
+
+def cold_env(work: Path) -> dict[str, str]:
+    """An environment whose cache folder (XDG_CACHE_HOME) is new and empty: a first build."""
+    fresh = Path(tempfile.mkdtemp(prefix="cold-", dir=work))
+    return dict(os.environ, XDG_CACHE_HOME=str(fresh))
+
+
+def warm_env(work: Path) -> dict[str, str]:
+    """The same cache folder for every warm run, filled by the warm-up build."""
+    return dict(os.environ, XDG_CACHE_HOME=str(work / "warm-cache"))
+
+
+def compile_builder() -> None:
+    """Byte-compile the builder as an installed package is (dh-python compiles at install
+    time): otherwise, with PYTHONDONTWRITEBYTECODE set, every run compiles every module."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "builder")],
+                   check=True, capture_output=True)  # fmt: skip
 
 
 def if_needed_supported() -> bool:
@@ -299,57 +342,95 @@ def tool_version(cmd: list[str]) -> str | None:
 # --- parts -------------------------------------------------------------------------------
 
 
+BUILD_ROWS = {
+    "ours": "ours (Python stage, Debian's python3), warm cache",
+    "ours_cold": "ours (Python stage, Debian's python3), cold cache",
+    "ours_static": "ours (static stage), warm cache",
+    "ours_static_cold": "ours (static stage), cold cache",
+    "ours_pyenv": "ours (Python stage, the builder's pyenv python), warm cache",
+    "dracut": f"dracut + makedumpfile, `{SAME_ZSTD}` (our compression)",
+    "dracut_zstd15": "dracut + makedumpfile, its own --zstd (`zstd -15 -q -T0`)",
+    "if_needed": "ours `--if-needed` no-op",
+}
+
+
 def part_build(kver: str) -> dict[str, Any]:
+    """Ours warm (the cache filled by a warm-up build) and cold (a new, empty cache folder
+    for each run), dracut with our compression settings and with its own; alternated."""
     k = kernel(kver)
     work = CACHE / "build" / kver
-    work.mkdir(parents=True, exist_ok=True)
-    ours_py, ours_static, dracut_img = (
-        work / "ours.img",
-        work / "ours-static.img",
-        work / "dracut.img",
-    )
-    commands: dict[str, list[str]] = {
-        "ours": ours_cmd(k, python_config(), ours_py),
-        "ours_static": ours_cmd(k, static_config(), ours_static),
-    }
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    compile_builder()
+    configs = {"ours": debian_python_config(), "ours_static": static_config(),
+               "ours_pyenv": python_config()}  # fmt: skip
+    commands: dict[str, list[str]] = {}
+    envs: dict[str, dict[str, str] | None] = {}
+    for name, config in configs.items():
+        commands[name] = ours_cmd(k, config, work / f"{name}.img")
+        envs[name] = warm_env(work)
+    for name in ("ours", "ours_static"):
+        commands[f"{name}_cold"] = ours_cmd(k, configs[name], work / f"{name}-cold.img")
+        envs[f"{name}_cold"] = None  # a new cache folder per run, made when it runs
     notes: list[str] = []
     dracut_error = None
     if shutil.which("dracut"):
-        commands["dracut"] = dracut_cmd(k, dracut_img)
+        commands["dracut"] = dracut_cmd(k, work / "dracut.img")
+        commands["dracut_zstd15"] = dracut_cmd(k, work / "dracut-zstd15.img", None)
+        envs["dracut"] = envs["dracut_zstd15"] = None
     else:
         dracut_error = "dracut is not installed (Debian: dracut-core)"
-    for name, cmd in commands.items():  # warm-up, not counted
-        timed(cmd).check(f"warm-up {name}")
+
+    def run(name: str) -> Timed:
+        env = envs[name] if not name.endswith("_cold") else cold_env(work)
+        return timed(commands[name], env=env).check(name)
+
+    for name in commands:  # warm-up, not counted: fills the warm cache and the page cache
+        run(name)
     runs: dict[str, list[Timed]] = {name: [] for name in commands}
     names = list(commands)
     for i in range(RUNS):
         order = names[i % len(names) :] + names[: i % len(names)]  # rotate: drift cancels out
         for name in order:
-            runs[name].append(timed(commands[name]).check(name))
-    phases: dict[str, list[float]] = {}
-    for r in runs["ours"]:
-        for phase, seconds in json.loads(r.stdout).get("seconds", {}).items():
-            phases.setdefault(phase, []).append(seconds)
+            runs[name].append(run(name))
     result: dict[str, Any] = {name: summarise(rs) for name, rs in runs.items()}
-    result["ours"]["phases_median_s"] = {p: median(v) for p, v in phases.items()}
-    phase_sum = sum(v for v in result["ours"]["phases_median_s"].values() if v is not None)
-    wall = result["ours"]["wall_median_s"]
-    result["ours"]["outside_phases_s"] = round(wall - phase_sum, 4) if wall else None
+    for name in ("ours", "ours_cold", "ours_static", "ours_static_cold"):
+        phases: dict[str, list[float]] = {}
+        reports = [json.loads(r.stdout) for r in runs[name]]
+        for report in reports:
+            for phase, seconds in report.get("seconds", {}).items():
+                phases.setdefault(phase, []).append(seconds)
+        result[name]["phases_median_s"] = {p: median(v) for p, v in phases.items()}
+        result[name]["segments_reused"] = [r.get("segments_reused") for r in reports]
+        phase_sum = sum(v for v in result[name]["phases_median_s"].values() if v is not None)
+        wall = result[name]["wall_median_s"]
+        result[name]["outside_phases_s"] = round(wall - phase_sum, 4) if wall else None
+    same = [(work / n).read_bytes() for n in ("ours.img", "ours-cold.img")]
+    result["warm_cold_same_bytes"] = same[0] == same[1]
     if dracut_error:
-        result["dracut"] = {"error": dracut_error}
-    dracut_wall = result["dracut"].get("wall_median_s")
-    result["ratio_wall"] = ratio(wall, dracut_wall)
-    result["ratio_wall_static"] = ratio(result["ours_static"]["wall_median_s"], dracut_wall)
-    result["ratio_cpu"] = ratio(
-        result["ours"]["cpu_median_s"], result["dracut"].get("cpu_median_s")
+        result["dracut"] = result["dracut_zstd15"] = {"error": dracut_error}
+    dracut = result["dracut"]
+    for ours, theirs, key in (
+        ("ours", "dracut", "ratio_wall"),
+        ("ours_cold", "dracut", "ratio_wall_cold"),
+        ("ours_static", "dracut", "ratio_wall_static"),
+        ("ours_static_cold", "dracut", "ratio_wall_static_cold"),
+        ("ours", "dracut_zstd15", "ratio_wall_vs_dracut_zstd15"),
+        ("ours_cold", "dracut_zstd15", "ratio_wall_cold_vs_dracut_zstd15"),
+    ):
+        result[key] = ratio(result[ours]["wall_median_s"], result[theirs].get("wall_median_s"))
+    result["ratio_cpu"] = ratio(result["ours"]["cpu_median_s"], dracut.get("cpu_median_s"))
+    result["ratio_cpu_cold"] = ratio(
+        result["ours_cold"]["cpu_median_s"], dracut.get("cpu_median_s")
     )
     result["ratio_maxrss"] = ratio(
-        result["ours"]["maxrss_median_kb"], result["dracut"].get("maxrss_median_kb")
+        result["ours"]["maxrss_median_kb"], dracut.get("maxrss_median_kb")
     )
     # The no-op rebuild: the image from the last run is current, so --if-needed has nothing to do.
     if if_needed_supported():
-        timed(commands["ours"]).check("ours before --if-needed")
-        noop = [timed([*commands["ours"], "--if-needed"]).check("--if-needed") for _ in range(RUNS)]
+        timed(commands["ours"], env=envs["ours"]).check("ours before --if-needed")
+        noop = [timed([*commands["ours"], "--if-needed"], env=envs["ours"]).check("--if-needed")
+                for _ in range(RUNS)]  # fmt: skip
         reports = [json.loads(r.stdout) for r in noop]
         result["if_needed"] = summarise(noop)
         result["if_needed"]["all_up_to_date"] = all(r.get("up_to_date") for r in reports)
@@ -361,6 +442,7 @@ def part_build(kver: str) -> dict[str, Any]:
     else:
         result["if_needed"] = None
         notes.append("build --if-needed is not in this CLI yet: no-op time not measured")
+    shutil.rmtree(work, ignore_errors=True)  # the cold runs' cache folders
     result["notes"] = notes
     result["commands"] = {name: " ".join(cmd) for name, cmd in commands.items()}
     return result
@@ -430,16 +512,13 @@ def part_size(kver: str) -> dict[str, Any]:
     images: dict[str, Any] = {}
     configs: dict[str, Path | None] = {
         "ours_static": static_config(),
-        "ours_python": python_config(),
+        "ours_python": debian_python_config(),
     }
     ssh_config, ssh_reason = ssh_target_config(work)
     configs["ours_ssh"] = ssh_config
-    # The default packs the interpreter running the builder; a Debian host packs Debian's.
-    debian_python = Path("/usr/bin/python3.11")
-    if debian_python.is_file() and Path(sys.executable).resolve() != debian_python.resolve():
-        configs["ours_python_debian"] = write_config(
-            "python-debian", f"capture: {{stage: python, python: {debian_python}}}\n"
-        )
+    # Without capture.python the image packs the interpreter running the builder.
+    if Path(sys.executable).resolve() != DEBIAN_PYTHON.resolve():
+        configs["ours_python_pyenv"] = python_config()
     for name, config in configs.items():
         if config is None:
             images[name] = {"size": None, "note": ssh_reason}
@@ -466,19 +545,21 @@ def part_size(kver: str) -> dict[str, Any]:
                 f"yet (features: {', '.join(report.get('features', []))}); not measured",
             }
         images[name] = entry
-    dracut_img = work / "dracut.img"
-    if shutil.which("dracut"):
-        run = timed(dracut_cmd(k, dracut_img)).check("dracut")
-        images["dracut"] = {
-            "size": dracut_img.stat().st_size,
-            "uncompressed_size": uncompressed_size(dracut_img),
-            "compression": "zstd",
-        }
-    else:
-        images["dracut"] = {"size": None, "error": "dracut is not installed"}
-    theirs = images["dracut"]
+    for name, compress in (("dracut", SAME_ZSTD), ("dracut_zstd15", None)):
+        dracut_img = work / f"{name}.img"
+        if shutil.which("dracut"):
+            timed(dracut_cmd(k, dracut_img, compress)).check(name)
+            images[name] = {
+                "size": dracut_img.stat().st_size,
+                "uncompressed_size": uncompressed_size(dracut_img),
+                "compression": compress or "zstd -15 -q -T0 (dracut --zstd)",
+            }
+        else:
+            images[name] = {"size": None, "error": "dracut is not installed"}
+    theirs, theirs15 = images["dracut"], images["dracut_zstd15"]
     images["builder_python"] = str(Path(sys.executable).resolve())
-    for name in ("ours_static", "ours_python", "ours_ssh", "ours_python_debian"):
+    images["debian_python"] = str(DEBIAN_PYTHON.resolve())
+    for name in ("ours_static", "ours_python", "ours_ssh", "ours_python_pyenv"):
         mine = images.get(name)
         if mine is None:
             continue
@@ -486,11 +567,13 @@ def part_size(kver: str) -> dict[str, Any]:
         mine["ratio_uncompressed"] = ratio(
             mine.get("uncompressed_size"), theirs.get("uncompressed_size")
         )
+        mine["ratio_vs_dracut_zstd15"] = ratio(mine.get("size"), theirs15.get("size"))
     return images
 
 
 def part_profile(kver: str) -> dict[str, Any]:
-    """cProfile of one Python-stage build, run on the CLI module as `python -m cProfile`."""
+    """cProfile of one warm Python-stage build (Debian's python3 packed), run on the CLI
+    module as `python -m cProfile`."""
     k = kernel(kver)
     work = CACHE / "profile"
     work.mkdir(parents=True, exist_ok=True)
@@ -503,10 +586,12 @@ def part_profile(kver: str) -> dict[str, Any]:
         str(prof),
         "-m",
         "kdump_mkinitrd.cli",
-        *ours_cmd(k, python_config(), work / "ours.img")[1:],
+        *ours_cmd(k, debian_python_config(), work / "ours.img")[1:],
     ]
-    timed(ours_cmd(k, python_config(), work / "ours.img")).check("build before profiling")
-    timed(cmd).check("cProfile build")  # a warm build, like the timed ones (caches filled)
+    env = warm_env(work)
+    compile_builder()
+    timed(ours_cmd(k, debian_python_config(), work / "ours.img"), env=env).check("warm-up")
+    timed(cmd, env=env).check("cProfile build")  # a warm build, like the timed ones
     stats = pstats.Stats(str(prof))
     raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
     total = float(stats.total_tt)  # type: ignore[attr-defined]
@@ -563,8 +648,13 @@ def part_profile(kver: str) -> dict[str, Any]:
         "plan entries (read, strip, hash files)": lambda p, f: (
             p.endswith("builder/image/plan.py") and f == "entries"
         ),
-        "cpio writing": lambda p, f: p.endswith("builder/image/cpio.py") and f == "write_newc",
-        "compression": lambda p, f: p.endswith("builder/image/compress.py") and f == "compress",
+        "module closure": lambda p, f: (
+            p.endswith("builder/image/resolve.py") and f == "module_closure"
+        ),
+        "cpio writing": lambda p, f: p.endswith("builder/image/cpio.py") and f == "newc_segments",
+        "compression (and segment cache)": lambda p, f: (
+            p.endswith("builder/image/compress.py") and f == "compress_segments"
+        ),
         "atomic write": lambda p, f: p.endswith("builder/output.py") and f == "write_atomic",
     }
     where_time: dict[str, float | None] = {}
@@ -872,7 +962,8 @@ def part_storage(
 def goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     labels = {
-        "build_ratio": "build time, ours / dracut (6.1, median wall)",
+        "build_ratio": "build time, ours (warm) / dracut, same compression (6.1, median wall)",
+        "build_ratio_cold": "build time, ours (cold cache) / dracut, same compression (6.1)",
         "size_ratio_static": "image size, static stage / dracut (6.1, zstd)",
         "size_ratio_python": "image size, Python stage / dracut (6.1, zstd)",
         "capture_ratio_makedumpfile": "capture time, our stage's dump step / makedumpfile alone",
@@ -951,38 +1042,49 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Build",
         "",
-        "| kernel | builder | wall (median) | CPU | peak RSS | ratio to dracut |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "Same kernel and drivers; dracut's image holds makedumpfile as ours does (`--install "
+        f"{MAKEDUMPFILE}`: Debian's dracut has no kdump module). `dracut` compresses as we do "
+        f"(`{SAME_ZSTD}`), `dracut --zstd` is its own setting. Warm: our cache folder as the "
+        "previous build left it; cold: a new, empty one (XDG_CACHE_HOME) for each run. The "
+        "builder is byte-compiled first, as an installed package is.",
+        "",
+        "| kernel | builder | wall (median) | CPU | peak RSS | ratio to dracut | "
+        "ratio to dracut --zstd |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for kver, b in results["build"].items():
         if "error" in b and len(b) == 1:
-            lines.append(f"| {kver} | error: {b['error'][:200]} | | | | |")
+            lines.append(f"| {kver} | error: {b['error'][:200]} | | | | | |")
             continue
         dracut_wall = b.get("dracut", {}).get("wall_median_s")
-        for name in ("ours", "ours_static", "dracut", "if_needed"):
+        dracut15_wall = b.get("dracut_zstd15", {}).get("wall_median_s")
+        for name, label in BUILD_ROWS.items():
             s = b.get(name)
             if not s or "wall_median_s" not in s:
-                note = (s or {}).get("error") or "not measured (CLI has no --if-needed)"
-                lines.append(f"| {kver} | {name} | {note} | | | |")
+                note = (s or {}).get("error") or "not measured"
+                lines.append(f"| {kver} | {label} | {note} | | | | |")
                 continue
-            label = {
-                "ours": "ours (Python stage)",
-                "ours_static": "ours (static stage)",
-                "dracut": "dracut",
-                "if_needed": "ours `--if-needed` no-op",
-            }[name]
             lines.append(
                 f"| {kver} | {label} | {fmt(s['wall_median_s'], ' s', 3)} | "
                 f"{fmt(s['cpu_median_s'], ' s', 3)} | "
                 f"{fmt((s['maxrss_median_kb'] or 0) / 1024, ' MB', 1)} | "
-                f"{fmt(ratio(s['wall_median_s'], dracut_wall), 'x', 3)} |"
+                f"{fmt(ratio(s['wall_median_s'], dracut_wall), 'x', 3)} | "
+                f"{fmt(ratio(s['wall_median_s'], dracut15_wall), 'x', 3)} |"
             )
+        if "warm_cold_same_bytes" in b:
+            lines.append(f"| {kver} | warm and cold images the same bytes | "
+                         f"{'yes' if b['warm_cold_same_bytes'] else 'NO'} | | | | |")  # fmt: skip
     lines += [
         "",
         "## Image size",
         "",
-        "| kernel | image | compressed | uncompressed | ratio (compressed) | ratio (unc.) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "Ratios are to `dracut` (with makedumpfile, compressed as ours); the last column to "
+        "`dracut_zstd15` (dracut's own --zstd). `ours_python` packs Debian's /usr/bin/python3, "
+        "`ours_python_pyenv` the builder's interpreter.",
+        "",
+        "| kernel | image | compressed | uncompressed | ratio (compressed) | ratio (unc.) | "
+        "ratio to dracut --zstd |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for kver, images in results["size"].items():
         if "error" in images and len(images) == 1:
@@ -997,20 +1099,21 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             lines.append(
                 f"| {kver} | {name} | {mb(s['size'])} | {mb(s.get('uncompressed_size'))} | "
-                f"{fmt(s.get('ratio'), 'x', 3)} | {fmt(s.get('ratio_uncompressed'), 'x', 3)} |"
+                f"{fmt(s.get('ratio'), 'x', 3)} | {fmt(s.get('ratio_uncompressed'), 'x', 3)} | "
+                f"{fmt(s.get('ratio_vs_dracut_zstd15'), 'x', 3)} |"
             )
     first = results["size"].get(KERNELS[0], {})
     breakdown = []
-    for name in ("ours_static", "ours_python", "ours_python_debian"):
+    for name in ("ours_static", "ours_python", "ours_python_pyenv"):
         parts = (first.get(name) or {}).get("by_feature", {}).get("features")
         if parts:
             text = ", ".join(f"{f} {mb(v)}" for f, v in parts.items() if v)
             breakdown.append(f"- {name}: {text}")
     if breakdown:
         intro = (
-            f"Uncompressed file bytes by feature ({KERNELS[0]}; `ours_python` packs the "
-            f"interpreter running the builder, {first.get('builder_python', '?')}; "
-            "`ours_python_debian` packs Debian's /usr/bin/python3.11):"
+            f"Uncompressed file bytes by feature ({KERNELS[0]}; `ours_python` packs Debian's "
+            f"{first.get('debian_python', DEBIAN_PYTHON)}, `ours_python_pyenv` the "
+            f"interpreter running the builder, {first.get('builder_python', '?')}):"
         )
         lines += ["", intro, "", *breakdown]
     crash = results.get("crash_memory")
@@ -1072,14 +1175,15 @@ def markdown(results: dict[str, Any]) -> str:
     lines += peer_debian.markdown(results)
     lines += ["", "## Where our build's time goes", ""]
     for kver, b in results["build"].items():
-        phases = b.get("ours", {}).get("phases_median_s")
-        if phases:
-            parts = ", ".join(f"{p} {v:.3f} s" for p, v in phases.items() if v is not None)
-            lines.append(
-                f"- {kver}, `--json` phases (median): {parts}; outside the phases "
-                f"(interpreter start, imports, config): "
-                f"{fmt(b['ours'].get('outside_phases_s'), ' s', 3)}"
-            )
+        for name in ("ours", "ours_cold", "ours_static", "ours_static_cold"):
+            phases = b.get(name, {}).get("phases_median_s")
+            if phases:
+                parts = ", ".join(f"{p} {v:.3f} s" for p, v in phases.items() if v is not None)
+                lines.append(
+                    f"- {kver}, {BUILD_ROWS[name]}, `--json` phases (median): {parts}; outside "
+                    f"the phases (interpreter start, imports, config): "
+                    f"{fmt(b[name].get('outside_phases_s'), ' s', 3)}"
+                )
     prof = results.get("profile")
     if prof and "where_cumulative_s" in prof:
         parts = ", ".join(f"{k} {v:.3f} s" for k, v in prof["where_cumulative_s"].items() if v)
@@ -1171,6 +1275,8 @@ def headline(results: dict[str, Any]) -> None:
     build = results["build"].get(first, {})
     size = results["size"].get(first, {})
     results["build_ratio"] = build.get("ratio_wall")
+    results["build_ratio_cold"] = build.get("ratio_wall_cold")
+    results["build_ratio_vs_dracut_zstd15"] = build.get("ratio_wall_vs_dracut_zstd15")
     results["size_ratio_static"] = size.get("ours_static", {}).get("ratio")
     results["size_ratio_python"] = size.get("ours_python", {}).get("ratio")
     results["size_ratio_ssh"] = size.get("ours_ssh", {}).get("ratio")

@@ -17,6 +17,7 @@ from pathlib import Path
 from elftools.elf.elffile import ELFFile
 
 from kdump_mkinitrd.image.compress import decompress
+from kdump_mkinitrd.image.cpio import split_archives
 
 _ELF_MAGIC = b"\x7fELF"
 # Nothing of the build host's environment reaches the programs.
@@ -26,14 +27,16 @@ _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
 def unpack(image: Path, dest: Path) -> Path:
     """The image's files under `dest` (needs root for its device nodes)."""
     dest.mkdir(parents=True, exist_ok=True)
-    archive = decompress(image.read_bytes(), str(image))
-    subprocess.run(
-        ["cpio", "-id", "--quiet", "--no-absolute-filenames"],
-        input=archive,
-        cwd=dest,
-        check=True,
-        timeout=120,
-    )
+    # The image is concatenated archives; cpio stops at each trailer, so one run per archive,
+    # in order, as the kernel unpacks them.
+    for archive in split_archives(decompress(image.read_bytes(), str(image))):
+        subprocess.run(
+            ["cpio", "-id", "--quiet", "--no-absolute-filenames"],
+            input=archive,
+            cwd=dest,
+            check=True,
+            timeout=120,
+        )
     return dest
 
 

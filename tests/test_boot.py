@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kdump_mkinitrd.cli import main
+from kdump_mkinitrd.image.compress import pieces
 from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
 from tests.conftest import Kernel
 from tests.test_build import DISK_CONFIG, UUID, build_args, write_config
@@ -25,6 +26,9 @@ def ext4_disk(path: Path, uuid: str) -> Path:
 def boot_image(kernel: Kernel, tmp_path: Path) -> str:
     image = tmp_path / "kdump.img"
     assert main(build_args(kernel, write_config(tmp_path, DISK_CONFIG), image)) == 0
+    # Separately compressed cpio segments, concatenated: the kernel must unpack them all
+    # (the modules and the init are in later segments than the directories).
+    assert len(pieces(image.read_bytes())) > 1
     result = run(
         Boot(
             kernel=kernel.vmlinuz,
@@ -37,6 +41,7 @@ def boot_image(kernel: Kernel, tmp_path: Path) -> str:
         )
     )
     assert not result.timed_out, result.log[-3000:]
+    assert "Initramfs unpacking failed" not in result.log, result.log[-3000:]
     return result.log
 
 

@@ -15,7 +15,7 @@ from kdump_mkinitrd.cli import main
 from kdump_mkinitrd.config import load as load_config
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.compress import decompress
-from kdump_mkinitrd.image.cpio import Entry, read_newc
+from kdump_mkinitrd.image.cpio import Entry, read_newc, split_archives
 from kdump_mkinitrd.image.verify import check_image
 from kdump_mkinitrd.qemutest import layouts
 from tests.conftest import Kernel
@@ -74,18 +74,24 @@ def built(kernel61: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_image_is_zstd_newc_readable_by_gnu_cpio(built: Path) -> None:
     assert built.stat().st_mode & 0o777 == 0o600
+    # zstd undoes the concatenated frames into concatenated archives, which cpio and bsdtar
+    # read one at a time (each stops at its trailer).
     raw = subprocess.run(["zstd", "-dc", str(built)], capture_output=True, check=True).stdout
-    listing = (
-        subprocess.run(["cpio", "-t", "--quiet"], input=raw, capture_output=True, check=True)
-        .stdout.decode()
-        .split()
-    )
+    archives = split_archives(raw)
+    assert len(archives) > 1
+    listing = []
+    tar: list[str] = []
+    for archive in archives:
+        listing += subprocess.run(["cpio", "-t", "--quiet"], input=archive, capture_output=True,
+                                  check=True).stdout.decode().split()  # fmt: skip
+        tar += subprocess.run(["bsdtar", "-tf", "-"], input=archive, capture_output=True,
+                              check=True).stdout.decode().split()  # fmt: skip
     assert "init" in listing
     assert "usr/bin/busybox" in listing
     assert "bin" in listing  # the usr-merge symlink, as on the host
     assert "usr/lib/modules/6.1.0-56-amd64/kernel/fs/ext4/ext4.ko" in listing  # /lib -> usr/lib
-    tar = subprocess.run(["bsdtar", "-tf", "-"], input=raw, capture_output=True, check=True)
-    assert sorted(tar.stdout.decode().split()) == sorted(listing)
+    assert sorted(tar) == sorted(listing)
+    assert sorted(listing) == sorted(m.path for m in read_newc(decompress(built.read_bytes())))
 
 
 def test_inspect_says_why_each_piece_is_there(

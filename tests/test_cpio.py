@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kdump_mkinitrd.errors import KdumpError
-from kdump_mkinitrd.image.cpio import Entry, read_newc, write_newc
+from kdump_mkinitrd.image.cpio import Entry, newc_segments, read_newc, split_archives, write_newc
 
 SAMPLE = [
     Entry("bin", "dir", 0o755),
@@ -136,3 +136,65 @@ def test_round_trip_any_files(files: dict[str, bytes]) -> None:
 def test_reader_never_crashes_on_garbage(blob: bytes) -> None:
     with contextlib.suppress(KdumpError):
         read_newc(b"070701" + blob)
+
+
+def big_tree(count: int = 40, size: int = 300_000) -> list[Entry]:
+    """Files enough for several segments; content differs per file and is not all zeros."""
+    entries = [Entry("lib", "dir", 0o755), Entry("lib/mods", "dir", 0o755),
+               Entry("bin", "symlink", 0o777, b"lib")]  # fmt: skip
+    for i in range(count):
+        data = (f"module {i}\n".encode() * (size // 10))[:size]
+        entries.append(Entry(f"lib/mods/m{i:03}.ko", "file", 0o644, data))
+    entries.append(Entry("lib/mods/copy-of-m000.ko", "file", 0o644, entries[3].data))
+    return entries
+
+
+def test_segments_unpack_to_the_same_tree_as_one_archive(tmp_path: Path) -> None:
+    entries = big_tree()
+    segments = newc_segments(entries, mtime=77)
+    assert len(segments) > 2
+    # Directories, symlinks and nodes come first, so every file's folder exists before it.
+    assert {m.kind for m in read_newc(segments[0])} == {"dir", "symlink"}
+    joined = b"".join(segments)
+    assert split_archives(joined) == segments
+    ours = {m.path: (m.kind, m.mode, m.data, m.mtime) for m in read_newc(joined)}
+    single = {m.path: (m.kind, m.mode, m.data, m.mtime) for m in read_newc(archive(entries, 77))}
+    assert ours == single
+    # GNU cpio, given each archive in turn into one folder, builds the same tree.
+    out = tmp_path / "x"
+    out.mkdir()
+    for segment in segments:
+        subprocess.run(["cpio", "-id", "--quiet"], input=segment, cwd=out, check=True)
+    for entry in entries:
+        if entry.kind == "file":
+            assert (out / entry.path).read_bytes() == entry.data
+    assert os.readlink(out / "bin") == "lib"
+
+
+def test_a_changed_file_changes_only_its_own_segment() -> None:
+    entries = big_tree()
+    before = newc_segments(entries)
+    changed = [e if e.path != "lib/mods/m020.ko" else Entry(e.path, "file", 0o644, b"new")
+               for e in entries]  # fmt: skip
+    after = newc_segments(changed)
+    assert len(before) == len(after)
+    differing = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+    assert len(differing) == 1
+    assert b"lib/mods/m020.ko" in after[differing[0]]
+
+
+def test_hard_links_stay_inside_a_segment() -> None:
+    # Identical files in one segment share an inode; the kernel forgets inodes at each
+    # trailer, so each segment numbers its own from 1 and carries its own data.
+    linked = 0
+    for segment in newc_segments(big_tree()):
+        members = {m.path: m for m in read_newc(segment)}
+        by_ino: dict[int, set[bytes]] = {}
+        for m in members.values():
+            by_ino.setdefault(m.ino, set()).add(m.data)
+        assert all(len(contents) == 1 for contents in by_ino.values())
+        if "lib/mods/m000.ko" in members:
+            copy, first = members["lib/mods/copy-of-m000.ko"], members["lib/mods/m000.ko"]
+            assert (copy.ino, copy.nlink) == (first.ino, 2)
+            linked += 1
+    assert linked == 1

@@ -30,6 +30,7 @@ from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.image.build import BuildRequest, build
 from kdump_mkinitrd.image.features import discover
 from kdump_mkinitrd.image.render import render
+from tests import imagerun
 from tests.conftest import Kernel
 
 BUSYBOX = Path("/bin/busybox")
@@ -377,10 +378,7 @@ def test_targets_named_by_host_resolve_through_the_leases_dns(
     image = tmp_path / "kdump.img"
     request = BuildRequest(kernel61.kver, kernel61.kmoddir, image, kernel_image=kernel61.vmlinuz)
     build(parse(text, str(tmp_path / "kdump.yaml")), request)
-    root = tmp_path / "root"
-    root.mkdir()
-    subprocess.run(f"zstd -dc {image} | cpio -idm --quiet --no-absolute-filenames", shell=True,
-                   cwd=root, check=True)  # fmt: skip
+    root = imagerun.unpack(image, tmp_path / "root")
     assert not (root / "etc/resolv.conf").exists()
     (root / "run-hook.sh").write_text(NAME_HARNESS.replace("{name}", name))
     run = link.client.run(shutil.which("chroot") or "chroot", str(root), "/bin/sh",

@@ -37,15 +37,18 @@ import re
 import stat
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from elftools.common.exceptions import ELFError
 from elftools.common.utils import parse_cstring_from_stream, struct_parse
 from elftools.elf.elffile import ELFFile
 
 from kdump_mkinitrd.errors import KdumpError
+
+if TYPE_CHECKING:
+    from kdump_mkinitrd.image.buildcache import StatCache
 
 DEFAULT_SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -238,6 +241,27 @@ def _read_dynamic(elf: ELFFile, stream: IO[bytes], dynamic: Any) -> list[tuple[A
             break
         entries.append((entry["d_tag"], int(entry["d_val"])))
     return entries
+
+
+# Parsed ELF facts kept between builds, by file identity; a build sets it (None: parse).
+INFO_CACHE: StatCache | None = None
+
+
+def _cached_elf_info(host_path: str) -> _ElfInfo | None:
+    cache = INFO_CACHE
+    if cache is None:
+        return _read_elf_info(host_path)
+    st = os.stat(host_path)
+    kept = cache.get(host_path, st)
+    if isinstance(kept, dict):
+        if not kept.get("elf"):
+            return None
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in kept.items() if k != "elf"}  # fmt: skip
+        return _ElfInfo(**fields)
+    info = _read_elf_info(host_path)
+    cache.put(host_path, st, {"elf": False} if info is None else {"elf": True, **asdict(info)})
+    return info
 
 
 def _read_elf_info(host_path: str) -> _ElfInfo | None:
@@ -755,10 +779,12 @@ class ElfResolver:
     # --- file contents ------------------------------------------------------------------
 
     def _info(self, real: str) -> _ElfInfo | None:
-        """Parsed ELF facts for a symlink-free path, read at most once per resolver."""
+        """Parsed ELF facts for a symlink-free path, read at most once per resolver (and,
+        with INFO_CACHE set, once until the file changes)."""
         if real not in self._infos:
+            host = os.fspath(self._host(real))
             try:
-                self._infos[real] = _read_elf_info(os.fspath(self._host(real)))
+                self._infos[real] = _cached_elf_info(host)
             except (ELFError, OSError) as exc:
                 raise KdumpError(f"cannot read ELF file {real}{self._where()}: {exc}") from exc
         return self._infos[real]

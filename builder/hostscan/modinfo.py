@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import lzma
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,8 @@ def normalise_name(name: str) -> str:
 
 def module_name_from_path(path: Path | str) -> str:
     """The normalised module name a file provides, from its file name alone."""
-    filename = Path(path).name
+    # os.path, not Path: depmod's files name every module of the tree (14 000 on Debian).
+    filename = os.path.basename(os.fspath(path))
     stem = module_stem(filename)
     if stem is None:
         raise KdumpError(f"{path} is not a kernel module file (.ko, .ko.xz, .ko.zst, .ko.gz)")

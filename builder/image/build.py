@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -14,9 +13,9 @@ from typing import Any
 from kdump_mkinitrd import targets
 from kdump_mkinitrd.config import Config, require_targets
 from kdump_mkinitrd.errors import KdumpError
-from kdump_mkinitrd.hostscan import hostonly
+from kdump_mkinitrd.hostscan import elfdeps, hostonly
 from kdump_mkinitrd.hostscan.elfdeps import ElfResolver
-from kdump_mkinitrd.image import compress, inputs
+from kdump_mkinitrd.image import buildcache, compress, inputs
 from kdump_mkinitrd.image.assemble import (
     MANIFEST_PATH,
     BuildInputs,
@@ -24,7 +23,8 @@ from kdump_mkinitrd.image.assemble import (
     manifest,
     manifest_bytes,
 )
-from kdump_mkinitrd.image.cpio import Entry, write_newc
+from kdump_mkinitrd.image.buildcache import BlobStore
+from kdump_mkinitrd.image.cpio import Entry, newc_segments
 from kdump_mkinitrd.image.features import discover, select
 from kdump_mkinitrd.image.inspect_image import read_manifest
 from kdump_mkinitrd.image.resolve import capture_settings, resolve
@@ -66,6 +66,9 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
     up_to_date: bool = False  # --if-needed found nothing changed and wrote nothing
     rebuilt_because: list[str] = field(default_factory=list)
+    # Compressed cpio segments taken from the cache, and compressed by this build.
+    segments_reused: int = 0
+    segments_compressed: int = 0
 
     def summary(self) -> str:
         total = sum(self.seconds.values())
@@ -89,17 +92,20 @@ def write_image(
     method: compress.Compression,
     output: Path,
     lap: Callable[[str], None] = lambda _: None,
-) -> tuple[bytes, bytes]:
-    """cpio, compress, write atomically; returns the archive and the compressed image."""
-    archive = io.BytesIO()
-    write_newc(entries, archive, mtime=source_date_epoch())
-    raw = archive.getvalue()
+    store: BlobStore | None = None,
+) -> tuple[int, bytes]:
+    """cpio segments, each compressed (or taken from `store` when these bytes were
+    compressed before), concatenated and written atomically; returns the unpacked size and
+    the image."""
+    segments = newc_segments(entries, mtime=source_date_epoch())
     lap("cpio")
-    image = method.compress(raw)
+    image = compress.compress_segments(segments, method, store)
     lap("compress")
     write_atomic(output, image)
+    if store is not None:
+        store.prune()
     lap("write")
-    return raw, image
+    return sum(map(len, segments)), image
 
 
 def _expected(config: Config, request: BuildRequest) -> dict[str, Any]:
@@ -187,7 +193,23 @@ def _hardware_moved(config: Config, recorded: dict[str, Any]) -> list[str]:
 
 def build(config: Config, request: BuildRequest, if_needed: bool = False) -> BuildReport:
     """Build the image for `config` and write it atomically; on any error nothing is written.
-    With `if_needed`, first check the existing image's recorded inputs and stop if none moved."""
+    With `if_needed`, first check the existing image's recorded inputs and stop if none moved.
+    What this build learns about files (digests, ELF facts) is kept in the cache folder for
+    the next; outside a build nothing is kept."""
+    cache_root = buildcache.cache_root(request.cache_dir)
+    digests = inputs.use_digests(inputs.DigestCache(cache_root / "digests.json"))
+    elf_infos = elfdeps.INFO_CACHE = buildcache.StatCache(cache_root / "elfinfo.json")
+    try:
+        report = _build(config, request, if_needed, cache_root)
+        digests.save()
+        elf_infos.save()
+        return report
+    finally:
+        inputs.use_digests(inputs.DigestCache())
+        elfdeps.INFO_CACHE = None
+
+
+def _build(config: Config, request: BuildRequest, if_needed: bool, cache_root: Path) -> BuildReport:
     require_targets(config)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -218,7 +240,9 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
             up_to_date=True,
         )
 
-    capture = capture_settings(config, ElfResolver(request.root, config.search_path), request.root)
+    capture = capture_settings(
+        config, ElfResolver(request.root, config.search_path), request.root, request.cache_dir
+    )
     feature_dirs = _feature_dirs(request)
     detected: list[tuple[str, str]] = []
     found = None
@@ -272,7 +296,8 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         runners = " and ".join(n for n, t in targets.TYPES.items() if "python-stage" in t.uses)
         notes.append(f"no target here runs the Python stage (only {runners} targets do), "
                      "so the image has no interpreter")  # fmt: skip
-    raw, image = write_image(entries, method, request.output, lap)
+    store = BlobStore(cache_root / "segments")
+    unpacked, image = write_image(entries, method, request.output, lap, store)
     inputs.write_record(
         request.output,
         image,
@@ -289,7 +314,7 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         output=str(request.output),
         kver=request.kver,
         size=len(image),
-        uncompressed_size=len(raw),
+        uncompressed_size=unpacked,
         compression=method.method,
         entries=len(entries),
         kernel_modules=len(resolution.modules.modules),
@@ -300,4 +325,6 @@ def build(config: Config, request: BuildRequest, if_needed: bool = False) -> Bui
         notes=notes,
         seconds=seconds,
         rebuilt_because=reasons,
+        segments_reused=store.hits,
+        segments_compressed=store.misses,
     )

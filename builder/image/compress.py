@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import zstandard
 
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan import kernelfiles
+from kdump_mkinitrd.image.buildcache import BlobStore, key_of
+from kdump_mkinitrd.image.cpio import archive_end
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,33 @@ class Compression:
             return out.getvalue()
         return data
 
+    def cache_key(self, data: bytes) -> str:
+        """What decides the compressed bytes of `data`: the settings, the compressor's
+        version (another version may choose other matches) and the content."""
+        version = zstandard.ZSTD_VERSION if self.method == "zstd" else gzip.__name__
+        settings = f"{self.method} {self.level} {self.threads} {version}"
+        return key_of(settings, data)
+
+
+def compress_segments(
+    segments: list[bytes], method: Compression, store: BlobStore | None = None
+) -> bytes:
+    """The segments compressed one by one and concatenated, as the kernel unpacks them; each
+    compressed segment is taken from `store` when the same bytes were compressed before with
+    the same settings, so a build recompresses only what changed."""
+    if method.method == "none":
+        return b"".join(segments)
+    out = []
+    for segment in segments:
+        key = method.cache_key(segment) if store is not None else ""
+        packed = store.get(key) if store is not None else None
+        if packed is None:
+            packed = method.compress(segment)
+            if store is not None:
+                store.put(key, packed)
+        out.append(packed)
+    return b"".join(out)
+
 
 def kernel_config(
     kver: str,
@@ -66,15 +96,44 @@ def choose(requested: Compression, config: Path | None) -> tuple[Compression, st
     return Compression("gzip", 9, requested.threads), note
 
 
-def decompress(blob: bytes, source: str = "image") -> bytes:
-    """Undo whatever compression the image uses, recognised by its magic number."""
-    try:
-        if blob.startswith(ZSTD_MAGIC):
-            return zstandard.ZstdDecompressor().decompressobj().decompress(blob)
-        if blob.startswith(GZIP_MAGIC):
-            return gzip.decompress(blob)
-    except (zstandard.ZstdError, OSError, EOFError) as exc:
-        raise KdumpError(f"{source}: corrupt compressed data: {exc}") from None
+def _one_frame(blob: bytes, source: str) -> tuple[bytes, bytes]:
+    """The first compressed (or plain) piece of `blob` undone, and the bytes after it."""
+    if blob.startswith(ZSTD_MAGIC):
+        unpacker = zstandard.ZstdDecompressor().decompressobj()
+        data = unpacker.decompress(blob)
+        if not unpacker.eof:
+            raise EOFError("zstd frame ends early")
+        return data, unpacker.unused_data
+    if blob.startswith(GZIP_MAGIC):
+        # zlib's gzip mode stops at the end of one member and leaves the rest unused.
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        data = inflater.decompress(blob)
+        if not inflater.eof:
+            raise EOFError("gzip member ends early")
+        return data, inflater.unused_data
     if blob.startswith(b"070701"):
-        return blob
+        end = archive_end(blob)
+        return blob[:end], blob[end:]
     raise KdumpError(f"{source}: not a zstd, gzip or plain newc cpio image")
+
+
+def pieces(blob: bytes, source: str = "image") -> list[bytes]:
+    """Each compressed or plain piece of the image undone, in order: the kernel unpacks
+    concatenated compressed and plain archives, and so do we."""
+    out = []
+    rest = blob
+    try:
+        while rest:
+            data, rest = _one_frame(rest, source)
+            out.append(data)
+            rest = rest.lstrip(b"\0")  # the kernel skips zero padding between pieces
+    except (zstandard.ZstdError, zlib.error, OSError, EOFError) as exc:
+        raise KdumpError(f"{source}: corrupt compressed data: {exc}") from None
+    if not out:
+        raise KdumpError(f"{source}: not a zstd, gzip or plain newc cpio image")
+    return out
+
+
+def decompress(blob: bytes, source: str = "image") -> bytes:
+    """The whole archive (or concatenated archives) inside the image."""
+    return b"".join(pieces(blob, source))

@@ -8,12 +8,12 @@ links, which the kernel's unpacker and GNU cpio both honour (data travels with t
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
-
-from construct import Bytes, Const, ExprAdapter, Struct
 
 from kdump_mkinitrd.errors import KdumpError
 
@@ -29,33 +29,19 @@ _TYPE_BITS: dict[str, int] = {
 _KIND_OF_BITS = {bits: kind for kind, bits in _TYPE_BITS.items()}
 TRAILER = "TRAILER!!!"
 _ZERO_FIELDS = ("ino", "mode", "mtime", "rdevmajor", "rdevminor")
+# Segments (see newc_segments) of about 1 to 4 MiB: small enough that a change recompresses
+# little, large enough that zstd still finds most of what files share.
+SEGMENT_MIN = 1 << 20
+SEGMENT_MAX = 4 << 20
+SEGMENT_CUT_ODDS = 8
 
 
-def _hex8() -> ExprAdapter:
-    """An unsigned integer stored as eight ASCII hex digits, as newc wants it."""
-    return ExprAdapter(
-        Bytes(8),
-        decoder=lambda obj, ctx: int(obj, 16),
-        encoder=lambda obj, ctx: b"%08X" % obj,
-    )
-
-
-HEADER = Struct(
-    "magic" / Const(b"070701"),
-    "ino" / _hex8(),
-    "mode" / _hex8(),
-    "uid" / _hex8(),
-    "gid" / _hex8(),
-    "nlink" / _hex8(),
-    "mtime" / _hex8(),
-    "filesize" / _hex8(),
-    "devmajor" / _hex8(),
-    "devminor" / _hex8(),
-    "rdevmajor" / _hex8(),
-    "rdevminor" / _hex8(),
-    "namesize" / _hex8(),
-    "check" / _hex8(),
-)
+# The newc header: the magic, then these fields as eight ASCII hex digits each.
+HEADER_FIELDS = (
+    "ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor", "devminor",
+    "rdevmajor", "rdevminor", "namesize", "check",
+)  # fmt: skip
+MAGIC = b"070701"
 HEADER_SIZE = 110
 
 
@@ -101,17 +87,20 @@ def _sort_key(path: str) -> tuple[str, ...]:
 
 def _record(out: BinaryIO, name: str, fields: dict[str, int], data: bytes) -> None:
     encoded = name.encode() + b"\0"
-    header = HEADER.build(
-        dict(
-            fields,
-            uid=0,
-            gid=0,
-            devmajor=0,
-            devminor=0,
-            namesize=len(encoded),
-            check=0,
-            filesize=len(data),
-        )
+    header = MAGIC + b"%08X" * 13 % (
+        fields["ino"],
+        fields["mode"],
+        0,  # uid
+        0,  # gid
+        fields["nlink"],
+        fields["mtime"],
+        len(data),
+        0,  # devmajor
+        0,  # devminor
+        fields["rdevmajor"],
+        fields["rdevminor"],
+        len(encoded),
+        0,  # check
     )
     out.write(header + encoded + b"\0" * _pad4(HEADER_SIZE + len(encoded)))
     out.write(data + b"\0" * _pad4(len(data)))
@@ -123,21 +112,22 @@ def _content_key(entry: Entry) -> bytes | None:
     return hashlib.sha256(entry.data).digest() + entry.mode.to_bytes(4, "little")
 
 
-def write_newc(entries: Iterable[Entry], out: BinaryIO, mtime: int = 0) -> None:
-    """Write `entries` as one newc archive with a trailer. Duplicate paths are an error."""
+def _ordered(entries: Iterable[Entry]) -> list[Entry]:
     ordered = sorted(entries, key=lambda e: _sort_key(e.path))
-    groups: dict[bytes, list[Entry]] = {}
-    previous = None
-    for entry in ordered:
-        if entry.path == previous:
+    for before, entry in itertools.pairwise(ordered):
+        if entry.path == before.path:
             raise KdumpError(f"two image entries claim the same path {entry.path!r}")
-        previous = entry.path
-        key = _content_key(entry)
+    return ordered
+
+
+def _write_archive(ordered: list[Entry], out: BinaryIO, mtime: int) -> None:
+    groups: dict[bytes, list[Entry]] = {}
+    keys = [_content_key(entry) for entry in ordered]
+    for entry, key in zip(ordered, keys, strict=True):
         if key is not None:
             groups.setdefault(key, []).append(entry)
     inode_of: dict[bytes, int] = {}
-    for ino, entry in enumerate(ordered, start=1):
-        key = _content_key(entry)
+    for ino, (entry, key) in enumerate(zip(ordered, keys, strict=True), start=1):
         group = groups[key] if key is not None else [entry]
         # Identical files share the inode of the first; only the last carries the data.
         ino = inode_of.setdefault(key, ino) if key is not None else ino
@@ -158,50 +148,136 @@ def write_newc(entries: Iterable[Entry], out: BinaryIO, mtime: int = 0) -> None:
     _record(out, TRAILER, dict.fromkeys(_ZERO_FIELDS, 0) | {"nlink": 1}, b"")
 
 
-def iter_newc(blob: bytes) -> Iterator[Member]:
-    """Read members up to the trailer; a truncated or corrupt archive raises KdumpError."""
-    pos = 0
+def write_newc(entries: Iterable[Entry], out: BinaryIO, mtime: int = 0) -> None:
+    """Write `entries` as one newc archive with a trailer. Duplicate paths are an error."""
+    _write_archive(_ordered(entries), out, mtime)
+
+
+def _boundary(path: str) -> bool:
+    # Decided by the path alone, so that a file added or dropped moves only the cut next to
+    # it and every other segment keeps its bytes (and its cached compressed form).
+    return hashlib.sha256(path.encode()).digest()[0] < 256 // SEGMENT_CUT_ODDS
+
+
+def newc_segments(entries: Iterable[Entry], mtime: int = 0) -> list[bytes]:
+    """`entries` as a list of complete newc archives (each with its trailer) which, unpacked
+    one after the other as the kernel does with concatenated archives, give the same tree as
+    one archive. The first holds every directory, symlink and device node, so that each
+    file's directory exists before any segment creates it; the files follow in path order,
+    cut where a path's hash says so (once a segment holds SEGMENT_MIN bytes) or at
+    SEGMENT_MAX bytes. Hard links stay inside a segment (the kernel forgets inode numbers
+    at each trailer): identical files in two segments are stored twice."""
+    ordered = _ordered(entries)
+    segments = [[e for e in ordered if e.kind != "file"]]
+    current: list[Entry] = []
+    size = 0
+    for entry in (e for e in ordered if e.kind == "file"):
+        current.append(entry)
+        size += HEADER_SIZE + len(entry.path) + len(entry.data)
+        if size >= SEGMENT_MAX or (size >= SEGMENT_MIN and _boundary(entry.path)):
+            segments.append(current)
+            current, size = [], 0
+    if current:
+        segments.append(current)
+    out = []
+    for members in segments:
+        buf = io.BytesIO()
+        _write_archive(members, buf, mtime)
+        out.append(buf.getvalue())
+    return out
+
+
+def parse_header(raw: bytes) -> dict[str, int]:
+    """The fields of one newc header (HEADER_SIZE bytes), by name."""
+    if raw[:6] != MAGIC:
+        raise KdumpError(f"bad magic {raw[:6]!r}")
+    values = {}
+    for i, name in enumerate(HEADER_FIELDS):
+        digits = raw[6 + 8 * i : 14 + 8 * i]
+        try:
+            values[name] = int(digits, 16)
+        except ValueError:
+            raise KdumpError(f"field {name} is not hexadecimal: {digits!r}") from None
+    return values
+
+
+def _parse_header(blob: bytes, pos: int) -> dict[str, int]:
+    try:
+        return parse_header(blob[pos : pos + HEADER_SIZE])
+    except KdumpError as exc:
+        raise KdumpError(f"not a newc cpio header at offset {pos}: {exc}") from None
+
+
+def _read_archive(blob: bytes, pos: int) -> tuple[list[Member], int]:
+    """The members of the archive starting at `pos`, and where its trailer ends."""
+    members: list[Member] = []
     while True:
         if pos + HEADER_SIZE > len(blob):
             raise KdumpError(f"cpio archive truncated at offset {pos} (no trailer)")
-        try:
-            header = HEADER.parse(blob[pos : pos + HEADER_SIZE])
-        except Exception as exc:  # construct raises many types; all mean "not newc here"
-            raise KdumpError(f"not a newc cpio header at offset {pos}: {exc}") from None
+        header = _parse_header(blob, pos)
         name_start = pos + HEADER_SIZE
-        name_end = name_start + header.namesize
-        data_start = name_end + _pad4(HEADER_SIZE + header.namesize)
-        data_end = data_start + header.filesize
-        if header.namesize < 1 or data_end > len(blob):
+        name_end = name_start + header["namesize"]
+        data_start = name_end + _pad4(HEADER_SIZE + header["namesize"])
+        data_end = data_start + header["filesize"]
+        if header["namesize"] < 1 or data_end > len(blob):
             raise KdumpError(f"cpio entry at offset {pos} runs past the end of the archive")
         name = blob[name_start : name_end - 1].decode(errors="replace")
-        pos = data_end + _pad4(header.filesize)
+        pos = data_end + _pad4(header["filesize"])
         if name == TRAILER:
-            return
-        kind = _KIND_OF_BITS.get(stat.S_IFMT(header.mode))
+            return members, pos
+        kind = _KIND_OF_BITS.get(stat.S_IFMT(header["mode"]))
         if kind is None:
-            raise KdumpError(f"cpio entry {name!r} has an unsupported type {header.mode:o}")
-        yield Member(
-            path=name,
-            kind=kind,  # type: ignore[arg-type]
-            mode=header.mode & 0o7777,
-            data=blob[data_start:data_end],
-            rdev=(header.rdevmajor, header.rdevminor),
-            ino=header.ino,
-            nlink=header.nlink,
-            mtime=header.mtime,
-            uid=header.uid,
-            gid=header.gid,
+            raise KdumpError(f"cpio entry {name!r} has an unsupported type {header['mode']:o}")
+        members.append(
+            Member(
+                path=name,
+                kind=kind,  # type: ignore[arg-type]
+                mode=header["mode"] & 0o7777,
+                data=blob[data_start:data_end],
+                rdev=(header["rdevmajor"], header["rdevminor"]),
+                ino=header["ino"],
+                nlink=header["nlink"],
+                mtime=header["mtime"],
+                uid=header["uid"],
+                gid=header["gid"],
+            )
         )
 
 
+def archive_end(blob: bytes) -> int:
+    """Where the newc archive at the start of `blob` ends (after its trailer's padding)."""
+    return _read_archive(blob, 0)[1]
+
+
+def split_archives(blob: bytes) -> list[bytes]:
+    """Each archive of concatenated newc archives, as the kernel reads them: zero bytes
+    between archives are padding."""
+    archives = []
+    pos = 0
+    while True:
+        while pos < len(blob) and blob[pos] == 0:
+            pos += 1
+        if pos == len(blob):
+            break
+        _, end = _read_archive(blob, pos)
+        archives.append(blob[pos:end])
+        pos = end
+    if not archives:
+        raise KdumpError("no cpio archive: the data is empty")
+    return archives
+
+
 def read_newc(blob: bytes) -> list[Member]:
-    """All members, with hard-linked files given the content their inode carries."""
-    members = list(iter_newc(blob))
-    content: dict[int, bytes] = {m.ino: m.data for m in members if m.kind == "file" and m.data}
-    return [
-        Member(**{**m.__dict__, "data": content.get(m.ino, m.data)})
-        if m.kind == "file" and m.nlink > 1
-        else m
-        for m in members
-    ]
+    """All members of one newc archive or of several concatenated ones, with hard-linked
+    files given the content their inode carries (inode numbers count within an archive)."""
+    result: list[Member] = []
+    for archive in split_archives(blob):
+        members, _ = _read_archive(archive, 0)
+        content = {m.ino: m.data for m in members if m.kind == "file" and m.data}
+        result += [
+            Member(**{**m.__dict__, "data": content.get(m.ino, m.data)})
+            if m.kind == "file" and m.nlink > 1
+            else m
+            for m in members
+        ]
+    return result

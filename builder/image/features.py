@@ -216,7 +216,8 @@ def _python_stage(manifest: Path, value: Any) -> str | None:
 def _load(folder: Path) -> Feature:
     manifest = folder / "module.yaml"
     try:
-        data = yaml.safe_load(manifest.read_text())
+        # libyaml's loader when PyYAML has it: the same safe subset, parsed in C.
+        data = yaml.load(manifest.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         raise _fail(manifest, f"malformed YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from kdump_mkinitrd import __version__
+from kdump_mkinitrd.image.buildcache import StatCache
 from kdump_mkinitrd.output import write_atomic
 from kdump_mkinitrd.paths import HARNESS_DIR, PACKAGE_DIR, TEMPLATES_DIR
 
@@ -31,15 +33,35 @@ MODULE_INDEX_FILES = (
 RECORD_SUFFIX = ".inputs.json"
 
 
+class DigestCache(StatCache):
+    """sha256 of files by their stat identity (see StatCache): a build rehashes only what
+    changed since the last."""
+
+    def digest(self, path: Path, st: os.stat_result, data: bytes | None) -> str:
+        known = self.get(path, st)
+        if not isinstance(known, str):
+            known = hashlib.sha256(path.read_bytes() if data is None else data).hexdigest()
+            self.put(path, st, known)
+        return known
+
+
+# In memory only, until a build opens the one in its cache folder (use_digests).
+_digests = DigestCache()
+
+
+def use_digests(cache: DigestCache) -> DigestCache:
+    global _digests
+    _digests = cache
+    return cache
+
+
 def record(path: Path, data: bytes | None = None) -> dict[str, Any]:
     """Stat and digest of one input; `data` saves a second read when the caller has it."""
     st = path.stat()
-    if data is None:
-        data = path.read_bytes()
     return {
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": _digests.digest(path, st, data),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,10 +13,14 @@ from pathlib import Path
 from kdump_mkinitrd import storage
 from kdump_mkinitrd.config import Config
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan import kmod, modinfo
 from kdump_mkinitrd.hostscan.elfdeps import BinaryClosure, ElfResolver
 from kdump_mkinitrd.hostscan.firmware import FirmwareSet, resolve_firmware
-from kdump_mkinitrd.hostscan.kmod import ModuleClosure, ModuleIndex
+from kdump_mkinitrd.hostscan.kmod import ModuleClosure, ModuleIndex, ResolvedModule
+from kdump_mkinitrd.image import buildcache
+from kdump_mkinitrd.image.buildcache import BlobStore
 from kdump_mkinitrd.image.features import Feature
+from kdump_mkinitrd.image.inputs import MODULE_INDEX_FILES
 from kdump_mkinitrd.targets import ImageFile, image_files
 
 
@@ -53,14 +58,19 @@ class Resolution:
     target_files: tuple[ImageFile, ...] = ()  # made by the target types from host files
 
 
-def _makedumpfile_compression(binary: Path, wanted: str) -> str:
+def _makedumpfile_compression(binary: Path, wanted: str, cache_dir: Path | None = None) -> str:
     """Pick what this makedumpfile build supports: `-v` lists each codec as enabled or not."""
-    try:
-        out = subprocess.run([str(binary), "-v"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KdumpError(f"cannot run {binary} -v: {exc}") from None
+
+    def run() -> str:
+        try:
+            done = subprocess.run([str(binary), "-v"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise KdumpError(f"cannot run {binary} -v: {exc}") from None
+        return done.stdout
+
+    stdout = buildcache.program_output(cache_dir, binary, ["-v"], run)
     enabled = {"zlib", "none"} | {
-        words[0] for words in map(str.split, out.stdout.splitlines())
+        words[0] for words in map(str.split, stdout.splitlines())
         if len(words) == 2 and words[1] == "enabled"
     }  # fmt: skip
     if wanted == "auto":
@@ -79,7 +89,9 @@ def _dump_hostname(name: str) -> str:
     return clean if clean and name != "(none)" else "localhost"
 
 
-def capture_settings(config: Config, resolver: ElfResolver, root: Path) -> CaptureSettings:
+def capture_settings(
+    config: Config, resolver: ElfResolver, root: Path, cache_dir: Path | None = None
+) -> CaptureSettings:
     wanted = config.capture.collector
     found: str | None = None
     if wanted != "native":
@@ -94,7 +106,7 @@ def capture_settings(config: Config, resolver: ElfResolver, root: Path) -> Captu
     compression = "none"
     if found is not None:
         compression = _makedumpfile_compression(
-            root / found.lstrip("/"), config.capture.compression
+            root / found.lstrip("/"), config.capture.compression, cache_dir
         )
     stage = config.capture.stage
     python = None
@@ -119,25 +131,90 @@ def module_requests(config: Config, features: list[Feature]) -> list[tuple[str, 
     return requests
 
 
-def find_busybox(resolver: ElfResolver, busybox: str, root: Path) -> Busybox:
+def find_busybox(
+    resolver: ElfResolver, busybox: str, root: Path, cache_dir: Path | None = None
+) -> Busybox:
     path = resolver.find_program(busybox)
     if not resolver.is_static(path):
         raise KdumpError(
             f"{path} is dynamically linked; the capture init needs a static busybox "
             "(Debian: apt-get install busybox-static), set with config key 'busybox'"
         )
-    try:
-        listing = subprocess.run(
-            [str(root / path.lstrip("/")), "--list-full"],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KdumpError(f"cannot list the applets of {path}: {exc}") from None
+    host = root / path.lstrip("/")
+
+    def run() -> str:
+        try:
+            return subprocess.run([str(host), "--list-full"], check=True, capture_output=True,
+                                  text=True, timeout=30).stdout  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise KdumpError(f"cannot list the applets of {path}: {exc}") from None
+
+    listing = buildcache.program_output(cache_dir, host, ["--list-full"], run)
     applets = tuple(sorted("/" + line.strip() for line in listing.splitlines() if line.strip()))
     return Busybox(path, applets)
+
+
+def _closure_key(kver: str, kmoddir: Path, requests: list[tuple[str, str]]) -> str | None:
+    """What decides a depmod'ed tree's closure: depmod's files, the requests and the code
+    that resolves; None for a tree depmod never saw (kmod caches its own scan of those)."""
+    try:
+        index = [(kmoddir / name).read_bytes() if (kmoddir / name).exists() else b"-"
+                 for name in MODULE_INDEX_FILES]  # fmt: skip
+        code = [Path(m.__file__ or "").read_bytes() for m in (kmod, modinfo, sys.modules[__name__])]
+    except OSError:
+        return None
+    if index[0] == b"-":
+        return None
+    return buildcache.key_of("modules", kver, str(kmoddir.absolute()), json.dumps(requests),
+                             *index, *code)  # fmt: skip
+
+
+def _closure_json(closure: ModuleClosure) -> bytes:
+    modules = []
+    for m in closure.modules:
+        st = m.path.stat()
+        modules.append({"name": m.name, "path": str(m.path), "relpath": m.relpath,
+                        "depends": m.depends, "firmware": m.firmware, "why": m.why,
+                        "stat": [st.st_size, st.st_mtime_ns]})  # fmt: skip
+    return json.dumps({"modules": modules, "builtin": closure.builtin}).encode()
+
+
+def _closure_from_json(data: bytes) -> ModuleClosure | None:
+    """The cached closure, unless one of its modules changed since (each is read for its
+    dependencies and firmware, which depmod's files do not say all of)."""
+    try:
+        stored = json.loads(data)
+        modules = []
+        for m in stored["modules"]:
+            st = os.stat(m["path"])
+            if [st.st_size, st.st_mtime_ns] != m["stat"]:
+                return None
+            modules.append(ResolvedModule(
+                m["name"], Path(m["path"]), m["relpath"], tuple(m["depends"]),
+                tuple(m["firmware"]), m["why"]))  # fmt: skip
+        return ModuleClosure(tuple(modules), tuple(stored["builtin"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def module_closure(
+    kver: str,
+    kmoddir: Path,
+    requests: list[tuple[str, str]],
+    cache_dir: Path | None = None,
+    store: BlobStore | None = None,
+) -> ModuleClosure:
+    """The modules `requests` need, from `store` (by default the one under the cache
+    directory) when the tree and the requests are the same as a build's before."""
+    key = _closure_key(kver, kmoddir, requests)
+    store = store or BlobStore(buildcache.cache_root(cache_dir) / "modules")
+    closure = store.load(key, _closure_from_json) if key else None
+    if closure is None:
+        closure = ModuleIndex.load(kver, kmoddir, cache_dir=cache_dir).resolve(requests)
+        if key:
+            store.put(key, _closure_json(closure))
+            store.prune()
+    return closure
 
 
 def resolve(
@@ -151,14 +228,14 @@ def resolve(
     detected: list[tuple[str, str]] | None = None,
 ) -> Resolution:
     """`detected`: (module, why) pairs found on the host, for host-only images."""
-    index = ModuleIndex.load(kver, kmoddir, cache_dir=cache_dir)
-    modules = index.resolve(module_requests(config, features) + (detected or []))
+    requests = module_requests(config, features) + (detected or [])
+    modules = module_closure(kver, kmoddir, requests, cache_dir)
     firmware = resolve_firmware(modules, kver, root / config.firmware_root.lstrip("/"))
     resolver = ElfResolver(root=root, search_path=config.search_path)
     wanted = {f.name: f.binary_requests(config) for f in features}
     wanted["config"] = [(name, "config key binaries") for name in config.binaries]
     binaries = {who: resolver.resolve(programs) for who, programs in wanted.items() if programs}
-    busybox = find_busybox(resolver, config.busybox, root)
+    busybox = find_busybox(resolver, config.busybox, root, cache_dir)
     return Resolution(
         kver, capture, modules, firmware, binaries, busybox, image_files(config, root)
     )

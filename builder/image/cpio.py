@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
+from construct import Bytes, Const, ExprAdapter, Struct
+
 from kdump_mkinitrd.errors import KdumpError
 
 Kind = Literal["file", "dir", "symlink", "char", "block"]
@@ -36,12 +38,31 @@ SEGMENT_MAX = 4 << 20
 SEGMENT_CUT_ODDS = 8
 
 
-# The newc header: the magic, then these fields as eight ASCII hex digits each.
-HEADER_FIELDS = (
-    "ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor", "devminor",
-    "rdevmajor", "rdevminor", "namesize", "check",
-)  # fmt: skip
-MAGIC = b"070701"
+def _hex8() -> ExprAdapter:
+    """An unsigned integer stored as eight ASCII hex digits, as newc wants it."""
+    return ExprAdapter(
+        Bytes(8),
+        decoder=lambda obj, ctx: int(obj, 16),
+        encoder=lambda obj, ctx: b"%08X" % obj,
+    )
+
+
+HEADER = Struct(
+    "magic" / Const(b"070701"),
+    "ino" / _hex8(),
+    "mode" / _hex8(),
+    "uid" / _hex8(),
+    "gid" / _hex8(),
+    "nlink" / _hex8(),
+    "mtime" / _hex8(),
+    "filesize" / _hex8(),
+    "devmajor" / _hex8(),
+    "devminor" / _hex8(),
+    "rdevmajor" / _hex8(),
+    "rdevminor" / _hex8(),
+    "namesize" / _hex8(),
+    "check" / _hex8(),
+)
 HEADER_SIZE = 110
 
 
@@ -87,20 +108,17 @@ def _sort_key(path: str) -> tuple[str, ...]:
 
 def _record(out: BinaryIO, name: str, fields: dict[str, int], data: bytes) -> None:
     encoded = name.encode() + b"\0"
-    header = MAGIC + b"%08X" * 13 % (
-        fields["ino"],
-        fields["mode"],
-        0,  # uid
-        0,  # gid
-        fields["nlink"],
-        fields["mtime"],
-        len(data),
-        0,  # devmajor
-        0,  # devminor
-        fields["rdevmajor"],
-        fields["rdevminor"],
-        len(encoded),
-        0,  # check
+    header = HEADER.build(
+        dict(
+            fields,
+            uid=0,
+            gid=0,
+            devmajor=0,
+            devminor=0,
+            namesize=len(encoded),
+            check=0,
+            filesize=len(data),
+        )
     )
     out.write(header + encoded + b"\0" * _pad4(HEADER_SIZE + len(encoded)))
     out.write(data + b"\0" * _pad4(len(data)))
@@ -187,59 +205,41 @@ def newc_segments(entries: Iterable[Entry], mtime: int = 0) -> list[bytes]:
     return out
 
 
-def parse_header(raw: bytes) -> dict[str, int]:
-    """The fields of one newc header (HEADER_SIZE bytes), by name."""
-    if raw[:6] != MAGIC:
-        raise KdumpError(f"bad magic {raw[:6]!r}")
-    values = {}
-    for i, name in enumerate(HEADER_FIELDS):
-        digits = raw[6 + 8 * i : 14 + 8 * i]
-        try:
-            values[name] = int(digits, 16)
-        except ValueError:
-            raise KdumpError(f"field {name} is not hexadecimal: {digits!r}") from None
-    return values
-
-
-def _parse_header(blob: bytes, pos: int) -> dict[str, int]:
-    try:
-        return parse_header(blob[pos : pos + HEADER_SIZE])
-    except KdumpError as exc:
-        raise KdumpError(f"not a newc cpio header at offset {pos}: {exc}") from None
-
-
 def _read_archive(blob: bytes, pos: int) -> tuple[list[Member], int]:
     """The members of the archive starting at `pos`, and where its trailer ends."""
     members: list[Member] = []
     while True:
         if pos + HEADER_SIZE > len(blob):
             raise KdumpError(f"cpio archive truncated at offset {pos} (no trailer)")
-        header = _parse_header(blob, pos)
+        try:
+            header = HEADER.parse(blob[pos : pos + HEADER_SIZE])
+        except Exception as exc:  # construct raises many types; all mean "not newc here"
+            raise KdumpError(f"not a newc cpio header at offset {pos}: {exc}") from None
         name_start = pos + HEADER_SIZE
-        name_end = name_start + header["namesize"]
-        data_start = name_end + _pad4(HEADER_SIZE + header["namesize"])
-        data_end = data_start + header["filesize"]
-        if header["namesize"] < 1 or data_end > len(blob):
+        name_end = name_start + header.namesize
+        data_start = name_end + _pad4(HEADER_SIZE + header.namesize)
+        data_end = data_start + header.filesize
+        if header.namesize < 1 or data_end > len(blob):
             raise KdumpError(f"cpio entry at offset {pos} runs past the end of the archive")
         name = blob[name_start : name_end - 1].decode(errors="replace")
-        pos = data_end + _pad4(header["filesize"])
+        pos = data_end + _pad4(header.filesize)
         if name == TRAILER:
             return members, pos
-        kind = _KIND_OF_BITS.get(stat.S_IFMT(header["mode"]))
+        kind = _KIND_OF_BITS.get(stat.S_IFMT(header.mode))
         if kind is None:
-            raise KdumpError(f"cpio entry {name!r} has an unsupported type {header['mode']:o}")
+            raise KdumpError(f"cpio entry {name!r} has an unsupported type {header.mode:o}")
         members.append(
             Member(
                 path=name,
                 kind=kind,  # type: ignore[arg-type]
-                mode=header["mode"] & 0o7777,
+                mode=header.mode & 0o7777,
                 data=blob[data_start:data_end],
-                rdev=(header["rdevmajor"], header["rdevminor"]),
-                ino=header["ino"],
-                nlink=header["nlink"],
-                mtime=header["mtime"],
-                uid=header["uid"],
-                gid=header["gid"],
+                rdev=(header.rdevmajor, header.rdevminor),
+                ino=header.ino,
+                nlink=header.nlink,
+                mtime=header.mtime,
+                uid=header.uid,
+                gid=header.gid,
             )
         )
 

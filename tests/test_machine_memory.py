@@ -24,8 +24,15 @@ MEMMAP = Path("/sys/firmware/memmap")
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("512M", 512 << 20), ("64G", 64 << 30), ("1T", 1 << 40), ("1.5G", 3 << 29),
-     ("4096", 4096), ("2GiB", 2 << 30), ("16g", 16 << 30)],  # fmt: skip
+    [
+        ("512M", 512 << 20),
+        ("64G", 64 << 30),
+        ("1T", 1 << 40),
+        ("1.5G", 3 << 29),
+        ("4096", 4096),
+        ("2GiB", 2 << 30),
+        ("16g", 16 << 30),
+    ],
 )
 def test_sizes_as_users_write_them(text: str, expected: int) -> None:
     assert parse_size(text) == expected

@@ -53,7 +53,8 @@ from typing import Any
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan.elfdeps import ElfResolver
 from kdump_mkinitrd.hostscan.kmod import default_cache_dir
-from kdump_mkinitrd.image import stagefinder
+from kdump_mkinitrd.image import stagefinder, stagepack
+from kdump_mkinitrd.image.elfstrip import loadable_only
 from kdump_mkinitrd.image.plan import ImagePlan
 
 # Module names (with their submodules) not followed when standard-library code imports them
@@ -198,6 +199,8 @@ class PythonStage:
     extensions: tuple[str, ...]  # image paths of the extension modules packed (sorted)
     command: tuple[str, ...]  # argv running the entry module; env() must be set
     pythonpath: str = ""  # set when zip_path is not on the interpreter's default sys.path
+    squashfs: str = ""  # the image path of the squashfs holding all of the above, if packed so
+    mount_point: str = stagepack.MOUNT_POINT
 
     def env(self) -> dict[str, str]:
         """The complete environment the init must give the interpreter."""
@@ -224,10 +227,13 @@ def add_python_stage(
     exclude: Iterable[str] = DEFAULT_EXCLUDE,
     cache_dir: Path | None = None,
     test_switches: bool = False,
+    packing: str = "auto",
 ) -> PythonStage:
     """Add the interpreter, its libraries, the stage's modules and extension modules to
     `plan`; `package_dir` is the directory holding the stage's top-level package. The
-    fault-test switches come along only with `test_switches`."""
+    fault-test switches come along only with `test_switches`. `packing`: "squashfs" (one
+    compressed member the init mounts, see stagepack), "plain" (every file in the image),
+    "auto" (squashfs when mksquashfs is installed)."""
     real = _real_interpreter(interpreter)
     _check_entry(entry)
     package_dir = package_dir.resolve()
@@ -243,12 +249,10 @@ def add_python_stage(
 
     members = [(str(s["arc"]), base64.b64decode(s["pyc"])) for s in sources]
     stdlib = sum(1 for s in sources if not s["stage"])
-    plan.file(
-        zip_path,
-        feature,
+    zip_data = build_zip(members, deflate=bool(found["zlib"]))
+    zip_why = (
         f"{stdlib} stdlib modules imported by {entry}, and the stage's own "
-        f"{len(sources) - stdlib} modules",
-        data=build_zip(members, deflate=bool(found["zlib"])),
+        f"{len(sources) - stdlib} modules"
     )
 
     whys = {real: f"interpreter for the capture stage {entry}"}
@@ -260,13 +264,47 @@ def add_python_stage(
         [(real, f"the capture stage {entry}")]
         + [(str(ext["file"]), f"the capture stage {entry}") for ext in extensions]
     )
-    for link in closure.symlinks:
-        plan.symlink(link.path, link.target, feature, "symlink on the way to a Python stage file")
-    for elf in closure.files:
-        mode = elf.source.stat().st_mode & 0o7777
+    if packing == "auto":
+        packing = "squashfs" if stagepack.mksquashfs() else "plain"
+    squashfs = ""
+    if packing == "squashfs":
+        # What the image holds already (libc, which makedumpfile needs too) stays out.
+        packed = [stagepack.Member(zip_path, zip_data)]
+        packed += [
+            stagepack.Member(link.path, link.target.encode(), symlink=True)
+            for link in closure.symlinks
+            if not plan.has(link.path)
+        ]
+        packed += [
+            stagepack.Member(
+                elf.path, loadable_only(elf.source.read_bytes()), elf.source.stat().st_mode & 0o7777
+            )
+            for elf in closure.files
+            if not plan.has(elf.path)
+        ]
+        squashfs = stagepack.IMAGE_PATH
         plan.file(
-            elf.path, feature, whys.get(elf.path, elf.why), source=elf.source, mode=mode, strip=True
+            squashfs,
+            feature,
+            f"the Python stage, mounted at {stagepack.MOUNT_POINT} when it runs: the "
+            f"interpreter, {len(packed) - 1} other files and links, and the zip of {zip_why}",
+            data=stagepack.squash(packed, cache_dir or default_cache_dir()),
+            origin=Path(real),
         )
+    elif packing == "plain":
+        plan.file(zip_path, feature, zip_why, data=zip_data)
+        for link in closure.symlinks:
+            plan.symlink(
+                link.path, link.target, feature, "symlink on the way to a Python stage file"
+            )
+        for elf in closure.files:
+            mode = elf.source.stat().st_mode & 0o7777
+            plan.file(
+                elf.path, feature, whys.get(elf.path, elf.why), source=elf.source, mode=mode,
+                strip=True,
+            )  # fmt: skip
+    else:
+        raise KdumpError(f"unknown Python stage packing {packing!r}")
 
     command = [real, "-S", "-s", "-B"]
     if tuple(found["version"]) >= (3, 11):
@@ -281,6 +319,7 @@ def add_python_stage(
         extensions=tuple(sorted(str(ext["file"]) for ext in extensions)),
         command=(*command, "-m", entry),
         pythonpath=zip_path if found["pythonpath"] else "",
+        squashfs=squashfs,
     )
 
 

@@ -42,10 +42,11 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import shutil
 import subprocess
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,18 +270,19 @@ def add_python_stage(
     squashfs = ""
     if packing == "squashfs":
         # What the image holds already (libc, which makedumpfile needs too) stays out.
+        held = _held(plan)
         packed = [stagepack.Member(zip_path, zip_data)]
         packed += [
             stagepack.Member(link.path, link.target.encode(), symlink=True)
             for link in closure.symlinks
-            if not plan.has(link.path)
+            if not held(link.path)
         ]
         packed += [
             stagepack.Member(
                 elf.path, loadable_only(elf.source.read_bytes()), elf.source.stat().st_mode & 0o7777
             )
             for elf in closure.files
-            if not plan.has(elf.path)
+            if not held(elf.path)
         ]
         squashfs = stagepack.IMAGE_PATH
         plan.file(
@@ -321,6 +323,27 @@ def add_python_stage(
         pythonpath=zip_path if found["pythonpath"] else "",
         squashfs=squashfs,
     )
+
+
+def _held(plan: ImagePlan) -> Callable[[str], bool]:
+    """Whether the plan holds a path, also through its directory links (/lib -> usr/lib)."""
+    items = {item.path: item for item in plan.items()}
+
+    def resolve(path: str, depth: int = 0) -> str:
+        parts = [p for p in path.split("/") if p]
+        current = "/"
+        for i, part in enumerate(parts):
+            current = posixpath.join(current, part)
+            item = items.get(current)
+            if item is not None and item.kind == "symlink" and depth < 40:
+                target = posixpath.join(posixpath.dirname(current), item.data.decode())
+                return resolve(posixpath.join(target, *parts[i + 1 :]), depth + 1)
+        return posixpath.normpath(current)
+
+    def held(path: str) -> bool:
+        return resolve(path) in items
+
+    return held
 
 
 def build_zip(members: Iterable[tuple[str, bytes]], deflate: bool = True) -> bytes:

@@ -29,10 +29,12 @@ ENTRY = "capture.stage"
 FEATURE = "python-stage"
 UNSQUASHFS = shutil.which("unsquashfs") or "unsquashfs"
 
-pytestmark = pytest.mark.skipif(
-    stagepack.mksquashfs() is None or shutil.which(UNSQUASHFS) is None,
-    reason="squashfs-tools is a build dependency (Makefile DEBS)",
-)
+
+@pytest.fixture(autouse=True)
+def squashfs_tools() -> None:
+    assert stagepack.mksquashfs() and shutil.which(UNSQUASHFS), (
+        "squashfs-tools is a build dependency (Makefile DEBS)"
+    )
 
 
 def pack(packing: str, cache: Path) -> tuple[ImagePlan, str]:

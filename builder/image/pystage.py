@@ -25,7 +25,9 @@ Crash-kernel memory is scarce, so the module set is found, not guessed:
 In the image the interpreter and its extension modules keep their host paths (RUNPATH and
 $ORIGIN keep working, lib-dynload stays on the default sys.path); pure-Python modules go
 into one zip at the interpreter's own default zip entry, `{prefix}/lib/python3XY.zip`, so
-only PYTHONHOME is needed.
+only PYTHONHOME is needed. All of it is packed into one squashfs that the init mounts when
+the stage runs and links at those paths (`stagepack`, for the capture kernel's memory);
+`packing="plain"` puts the files in the image itself.
 
 The zip is ZIP_DEFLATED when the interpreter has zlib (zipimport needs it to read deflated
 members). Stored members would make the zstd-compressed image about 50 kB smaller, but the

@@ -43,6 +43,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -59,6 +60,8 @@ from kdump_mkinitrd.hostscan.kmod import default_cache_dir
 from kdump_mkinitrd.image import stagefinder, stagepack
 from kdump_mkinitrd.image.elfstrip import loadable_only
 from kdump_mkinitrd.image.plan import ImagePlan
+
+log = logging.getLogger(__name__)
 
 # Module names (with their submodules) not followed when standard-library code imports them
 # lazily or optionally; see the module docstring for what is always followed anyway.
@@ -269,6 +272,9 @@ def add_python_stage(
     )
     if packing == "auto":
         packing = "squashfs" if stagepack.mksquashfs() else "plain"
+        if packing == "plain":
+            log.warning("no mksquashfs (squashfs-tools): the Python stage is packed file by "
+                        "file, which costs the capture kernel more memory")  # fmt: skip
     squashfs = ""
     if packing == "squashfs":
         # What the image holds already (libc, which makedumpfile needs too) stays out.
@@ -279,13 +285,7 @@ def add_python_stage(
             for link in closure.symlinks
             if not held(link.path)
         ]
-        packed += [
-            stagepack.Member(
-                elf.path, loadable_only(elf.source.read_bytes()), elf.source.stat().st_mode & 0o7777
-            )
-            for elf in closure.files
-            if not held(elf.path)
-        ]
+        packed += [_elf_member(elf.path, elf.source) for elf in closure.files if not held(elf.path)]
         squashfs = stagepack.IMAGE_PATH
         plan.file(
             squashfs,
@@ -325,6 +325,15 @@ def add_python_stage(
         pythonpath=zip_path if found["pythonpath"] else "",
         squashfs=squashfs,
     )
+
+
+def _elf_member(path: str, source: Path) -> stagepack.Member:
+    try:
+        return stagepack.Member(
+            path, loadable_only(source.read_bytes()), source.stat().st_mode & 0o7777
+        )
+    except OSError as exc:
+        raise KdumpError(f"cannot read {source} for the Python stage: {exc.strerror}") from None
 
 
 def _held(plan: ImagePlan) -> Callable[[str], bool]:

@@ -20,9 +20,11 @@ from kdump_mkinitrd.image.build import BuildRequest, build
 from kdump_mkinitrd.image.compress import decompress
 from kdump_mkinitrd.image.cpio import read_newc
 from kdump_mkinitrd.image.plan import ImagePlan
-from kdump_mkinitrd.image.pystage import add_python_stage
+from kdump_mkinitrd.image.pystage import PythonStage, add_python_stage
 from kdump_mkinitrd.qemutest.run import Options, Report, run_qemu_test
 from tests.conftest import Kernel
+from tests.test_capture_lib_sh import capture_hooks, run_sh, use_vmcore
+from tests.test_vmcore import prb_core
 
 INTERPRETER = "/usr/bin/python3.11"
 ENTRY = "capture.stage"
@@ -177,3 +179,41 @@ def test_static_capture_saves_the_dump_when_the_squashfs_cannot_be_mounted(
     assert f"cannot mount the Python stage {stagepack.IMAGE_PATH}: static capture only" in log
     assert "mounted the Python stage" not in log
     assert '"stage": "static"' in record
+
+
+# --- a stage stalled on memory -----------------------------------------------------------
+
+STALLED_STAGE = """#!/bin/sh
+echo stalled-stage-started
+exec sleep 600
+"""
+
+
+@pytest.mark.parametrize(("full", "stopped"), [("92.31", True), ("12.00", False)])
+def test_stage_stalled_on_memory_is_stopped_and_the_fallback_saves_the_dump(
+    full: str, stopped: bool, tmp_path: Path
+) -> None:
+    """Under the real busybox sh: the stage sleeps; the pressure file says whether all tasks
+    wait on memory. A stall stops it and the static capture runs; no stall, no stop."""
+    program = tmp_path / "stage"
+    program.write_text(STALLED_STAGE if stopped else "#!/bin/sh\nsleep 40\nexit 3\n")
+    program.chmod(0o755)
+    stage = PythonStage(str(program), "/usr", "", (), (), (str(program),))
+    psi = tmp_path / "memory"
+    psi.write_text(
+        f"some avg10={full} avg60=40.00 avg300=10.00 total=1\n"
+        f"full avg10={full} avg60=30.00 avg300=9.00 total=1\n"
+    )
+    core = tmp_path / "vmcore"
+    core.write_bytes(prb_core(fill=True))
+    (tmp_path / "crash").mkdir()
+    hooks = capture_hooks("capture: {keep: 0}\n", python=stage)
+    result = run_sh(tmp_path, hooks + use_vmcore() + f"KDUMP_PSI='{psi}'\n"
+                    f'kdump_capture "{tmp_path}/crash" && echo CAPTURED\n', core)  # fmt: skip
+    console = result.stdout
+    assert "CAPTURED" in console, console + result.stderr
+    said = "the Python capture stage has been stalled on memory for 30 s: stopping it"
+    assert (said in console) == stopped, console
+    status = 137 if stopped else 3
+    assert f"the Python capture stage failed (exit status {status}); static fallback" in console
+    assert (tmp_path / "crash" / "vmcore").read_bytes() == core.read_bytes()

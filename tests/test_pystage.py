@@ -98,9 +98,12 @@ def pack(
     exclude: tuple[str, ...] = pystage.DEFAULT_EXCLUDE,
 ) -> tuple[ImagePlan, PythonStage]:
     plan = ImagePlan()
+    # Every file in the plan, where a chroot can run it (the squashfs packing of the same
+    # files is compared with this one in test_pystage_squashfs).
     stage = add_python_stage(
-        plan, interpreter, entry, package_dir, FEATURE, ElfResolver(), exclude, cache_dir
-    )
+        plan, interpreter, entry, package_dir, FEATURE, ElfResolver(), exclude, cache_dir,
+        packing="plain",
+    )  # fmt: skip
     return plan, stage
 
 

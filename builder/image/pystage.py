@@ -25,7 +25,9 @@ Crash-kernel memory is scarce, so the module set is found, not guessed:
 In the image the interpreter and its extension modules keep their host paths (RUNPATH and
 $ORIGIN keep working, lib-dynload stays on the default sys.path); pure-Python modules go
 into one zip at the interpreter's own default zip entry, `{prefix}/lib/python3XY.zip`, so
-only PYTHONHOME is needed.
+only PYTHONHOME is needed. All of it is packed into one squashfs that the init mounts when
+the stage runs and links at those paths (`stagepack`, for the capture kernel's memory);
+`packing="plain"` puts the files in the image itself.
 
 The zip is ZIP_DEFLATED when the interpreter has zlib (zipimport needs it to read deflated
 members). Stored members would make the zstd-compressed image about 50 kB smaller, but the
@@ -41,11 +43,13 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
+import posixpath
 import shutil
 import subprocess
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +57,11 @@ from typing import Any
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan.elfdeps import ElfResolver
 from kdump_mkinitrd.hostscan.kmod import default_cache_dir
-from kdump_mkinitrd.image import stagefinder
+from kdump_mkinitrd.image import stagefinder, stagepack
+from kdump_mkinitrd.image.elfstrip import loadable_only
 from kdump_mkinitrd.image.plan import ImagePlan
+
+log = logging.getLogger(__name__)
 
 # Module names (with their submodules) not followed when standard-library code imports them
 # lazily or optionally; see the module docstring for what is always followed anyway.
@@ -198,6 +205,8 @@ class PythonStage:
     extensions: tuple[str, ...]  # image paths of the extension modules packed (sorted)
     command: tuple[str, ...]  # argv running the entry module; env() must be set
     pythonpath: str = ""  # set when zip_path is not on the interpreter's default sys.path
+    squashfs: str = ""  # the image path of the squashfs holding all of the above, if packed so
+    mount_point: str = stagepack.MOUNT_POINT
 
     def env(self) -> dict[str, str]:
         """The complete environment the init must give the interpreter."""
@@ -224,10 +233,13 @@ def add_python_stage(
     exclude: Iterable[str] = DEFAULT_EXCLUDE,
     cache_dir: Path | None = None,
     test_switches: bool = False,
+    packing: str = "auto",
 ) -> PythonStage:
     """Add the interpreter, its libraries, the stage's modules and extension modules to
     `plan`; `package_dir` is the directory holding the stage's top-level package. The
-    fault-test switches come along only with `test_switches`."""
+    fault-test switches come along only with `test_switches`. `packing`: "squashfs" (one
+    compressed member the init mounts, see stagepack), "plain" (every file in the image),
+    "auto" (squashfs when mksquashfs is installed)."""
     real = _real_interpreter(interpreter)
     _check_entry(entry)
     package_dir = package_dir.resolve()
@@ -243,12 +255,10 @@ def add_python_stage(
 
     members = [(str(s["arc"]), base64.b64decode(s["pyc"])) for s in sources]
     stdlib = sum(1 for s in sources if not s["stage"])
-    plan.file(
-        zip_path,
-        feature,
+    zip_data = build_zip(members, deflate=bool(found["zlib"]))
+    zip_why = (
         f"{stdlib} stdlib modules imported by {entry}, and the stage's own "
-        f"{len(sources) - stdlib} modules",
-        data=build_zip(members, deflate=bool(found["zlib"])),
+        f"{len(sources) - stdlib} modules"
     )
 
     whys = {real: f"interpreter for the capture stage {entry}"}
@@ -260,13 +270,45 @@ def add_python_stage(
         [(real, f"the capture stage {entry}")]
         + [(str(ext["file"]), f"the capture stage {entry}") for ext in extensions]
     )
-    for link in closure.symlinks:
-        plan.symlink(link.path, link.target, feature, "symlink on the way to a Python stage file")
-    for elf in closure.files:
-        mode = elf.source.stat().st_mode & 0o7777
+    if packing == "auto":
+        packing = "squashfs" if stagepack.mksquashfs() else "plain"
+        if packing == "plain":
+            log.warning("no mksquashfs (squashfs-tools): the Python stage is packed file by "
+                        "file, which costs the capture kernel more memory")  # fmt: skip
+    squashfs = ""
+    if packing == "squashfs":
+        # What the image holds already (libc, which makedumpfile needs too) stays out.
+        held = _held(plan)
+        packed = [stagepack.Member(zip_path, zip_data)]
+        packed += [
+            stagepack.Member(link.path, link.target.encode(), symlink=True)
+            for link in closure.symlinks
+            if not held(link.path)
+        ]
+        packed += [_elf_member(elf.path, elf.source) for elf in closure.files if not held(elf.path)]
+        squashfs = stagepack.IMAGE_PATH
         plan.file(
-            elf.path, feature, whys.get(elf.path, elf.why), source=elf.source, mode=mode, strip=True
+            squashfs,
+            feature,
+            f"the Python stage, mounted at {stagepack.MOUNT_POINT} when it runs: the "
+            f"interpreter, {len(packed) - 1} other files and links, and the zip of {zip_why}",
+            data=stagepack.squash(packed, cache_dir or default_cache_dir()),
+            origin=Path(real),
         )
+    elif packing == "plain":
+        plan.file(zip_path, feature, zip_why, data=zip_data)
+        for link in closure.symlinks:
+            plan.symlink(
+                link.path, link.target, feature, "symlink on the way to a Python stage file"
+            )
+        for elf in closure.files:
+            mode = elf.source.stat().st_mode & 0o7777
+            plan.file(
+                elf.path, feature, whys.get(elf.path, elf.why), source=elf.source, mode=mode,
+                strip=True,
+            )  # fmt: skip
+    else:
+        raise KdumpError(f"unknown Python stage packing {packing!r}")
 
     command = [real, "-S", "-s", "-B"]
     if tuple(found["version"]) >= (3, 11):
@@ -281,7 +323,38 @@ def add_python_stage(
         extensions=tuple(sorted(str(ext["file"]) for ext in extensions)),
         command=(*command, "-m", entry),
         pythonpath=zip_path if found["pythonpath"] else "",
+        squashfs=squashfs,
     )
+
+
+def _elf_member(path: str, source: Path) -> stagepack.Member:
+    try:
+        return stagepack.Member(
+            path, loadable_only(source.read_bytes()), source.stat().st_mode & 0o7777
+        )
+    except OSError as exc:
+        raise KdumpError(f"cannot read {source} for the Python stage: {exc.strerror}") from None
+
+
+def _held(plan: ImagePlan) -> Callable[[str], bool]:
+    """Whether the plan holds a path, also through its directory links (/lib -> usr/lib)."""
+    items = {item.path: item for item in plan.items()}
+
+    def resolve(path: str, depth: int = 0) -> str:
+        parts = [p for p in path.split("/") if p]
+        current = "/"
+        for i, part in enumerate(parts):
+            current = posixpath.join(current, part)
+            item = items.get(current)
+            if item is not None and item.kind == "symlink" and depth < 40:
+                target = posixpath.join(posixpath.dirname(current), item.data.decode())
+                return resolve(posixpath.join(target, *parts[i + 1 :]), depth + 1)
+        return posixpath.normpath(current)
+
+    def held(path: str) -> bool:
+        return resolve(path) in items
+
+    return held
 
 
 def build_zip(members: Iterable[tuple[str, bytes]], deflate: bool = True) -> bytes:

@@ -707,7 +707,7 @@ def part_crash_memory(kver: str) -> dict[str, Any]:
     searches: list[tuple[str, Callable[[int], harness.Probe], int, int]] = [
         ("floor", floor, 64, 128),
         ("static", stage_probe("static", static_config()), 96, 256),
-        ("python", stage_probe("python", python_config()), 96, 256),
+        ("python", stage_probe("python", debian_python_config()), 96, 256),
     ]
     for name, probe, low, high in searches:
         try:
@@ -732,7 +732,7 @@ def part_capture(kver: str) -> dict[str, Any]:
     work.mkdir(parents=True)
     out: dict[str, Any] = {"kver": kver, "crashkernel_mb": 256, "memory": "1G",
                            "capture_cmdline": harness.capture_cmdline()}  # fmt: skip
-    configs = {"python": python_config(), "static": static_config()}
+    configs = {"python": debian_python_config(), "static": static_config()}
     images = {stage: work / f"ours-{stage}.img" for stage in configs}
     for stage, path in configs.items():
         timed(ours_cmd(k, path, images[stage])).check(f"build the {stage}-stage image")
@@ -838,7 +838,7 @@ def part_curve(kver: str, progress: Callable[[list[dict[str, Any]]], None]) -> d
     minutes = float(os.environ.get("BENCH_CURVE_MINUTES", "55"))
     images_dir = CACHE / "curve-images" / kver
     images_dir.mkdir(parents=True, exist_ok=True)
-    configs = {"static": static_config(), "python": python_config()}
+    configs = {"static": static_config(), "python": debian_python_config()}
     images = {stage: images_dir / f"ours-{stage}.img" for stage in configs}
     estimates: dict[int, dict[str, int | None]] = {g: {} for g in sizes}
     for stage, config in configs.items():

@@ -16,7 +16,7 @@ KERNELS := $(KERNEL_61) $(KERNEL_612)
 DEBS := python3-venv busybox-static kexec-tools makedumpfile qemu-system-x86 cpio \
 	e2fsprogs xfsprogs btrfs-progs fdisk libarchive-tools zstd xz-utils kmod \
 	openssh-client openssh-server dropbear-bin nfs-ganesha nfs-ganesha-vfs rpcbind crash \
-	lvm2 mdadm cryptsetup-bin
+	lvm2 mdadm cryptsetup-bin squashfs-tools
 # What only the tests need, so that none of them skips on a fresh machine: gcc and libc6-dev
 # build the resolver's RPATH/RUNPATH/$ORIGIN fixtures and fake old-glibc roots, gdb reads the
 # collector's ELF output, Debian's java is a real DT_RPATH $ORIGIN program for the resolver, groff

@@ -160,6 +160,8 @@ def test_control_fields(built: Built) -> None:
     }  # fmt: skip
     # kexec_file_load(2) is called directly; kexec-tools is only the fallback loader.
     assert "kexec-tools" in _names(_field(built.deb, "Recommends"))
+    # Without mksquashfs the Python stage is packed file by file, at more crash memory.
+    assert "squashfs-tools" in _names(_field(built.deb, "Recommends"))
     assert "kexec-tools" not in _names(depends)
     # Only stacked or ssh targets need these on the build host.
     assert _names(_field(built.deb, "Suggests")) >= {"lvm2", "mdadm", "cryptsetup-bin"}

@@ -7,9 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from kdump_mkinitrd.cli import main
-from kdump_mkinitrd.image.compress import pieces
+from kdump_mkinitrd.image.compress import ZSTD_WINDOW_LOG, pieces
 from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
 from tests.conftest import Kernel
 from tests.test_build import DISK_CONFIG, UUID, build_args, write_config
@@ -23,12 +24,25 @@ def ext4_disk(path: Path, uuid: str) -> Path:
     return path
 
 
+def frame_windows(blob: bytes) -> list[int]:
+    """The window size each zstd frame of a compressed image declares."""
+    windows = []
+    while blob:
+        windows.append(zstandard.get_frame_parameters(blob).window_size)
+        unpacker = zstandard.ZstdDecompressor().decompressobj()
+        unpacker.decompress(blob)
+        blob = unpacker.unused_data
+    return windows
+
+
 def boot_image(kernel: Kernel, tmp_path: Path) -> str:
     image = tmp_path / "kdump.img"
     assert main(build_args(kernel, write_config(tmp_path, DISK_CONFIG), image)) == 0
     # Separately compressed cpio segments, concatenated: the kernel must unpack them all
     # (the modules and the init are in later segments than the directories).
     assert len(pieces(image.read_bytes())) > 1
+    # Each frame asks the kernel's unpacker for a small window (its memory while unpacking).
+    assert max(frame_windows(image.read_bytes())) <= 1 << ZSTD_WINDOW_LOG
     result = run(
         Boot(
             kernel=kernel.vmlinuz,

@@ -4,10 +4,13 @@ capture kernel both when it mounts and when it cannot (the static capture saves 
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -85,9 +88,17 @@ def test_squashfs_holds_exactly_what_the_plain_packing_puts_in_the_image(tmp_pat
     # The image itself holds one file for the whole stage, and not the interpreter.
     assert list(items) == [stagepack.IMAGE_PATH] == [member]
     got = unsquash(items[member].data, tmp_path)
+    # The same zip members; inside the squashfs stored rather than deflated.
+    zips = [path for path in got if path.endswith(".zip")]
+    assert len(zips) == 1
+    assert zip_members(got.pop(zips[0])[2]) == zip_members(expected.pop(zips[0])[2])
     assert got == expected
-    assert any(path.endswith(".zip") for path in got)
     assert os.path.realpath(INTERPRETER) in got
+
+
+def zip_members(blob: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
 
 
 def test_same_files_give_the_same_squashfs_bytes_cold_and_from_the_cache(tmp_path: Path) -> None:
@@ -135,6 +146,17 @@ def test_real_image_carries_the_stage_as_one_squashfs_and_mounts_it(
     assert len(modules) == 2
     hook = members[host_path("/lib/kdump/hooks/30-capture-lib.sh")].data.decode()
     assert f"mount -t squashfs -o ro,nodev,nosuid {stagepack.IMAGE_PATH}" in hook
+    # Every packed program and library is an input, so `build --if-needed` sees it change.
+    recorded = json.loads(Path(f"{image}.inputs.json").read_text())["inputs"]
+    packed_elves = [p for p, (_, _, data) in got.items() if data.startswith(b"\x7fELF")]
+    assert len(packed_elves) > 1
+    for path in packed_elves:
+        assert any(os.path.samefile(path, host) for host in recorded if os.path.exists(host)), path
+    # The zip inside is stored, not deflated: xz packs the bytecode, and imports need no zlib.
+    zips = [data for p, (_, _, data) in got.items() if p.endswith(".zip")]
+    assert len(zips) == 1
+    with zipfile.ZipFile(io.BytesIO(zips[0])) as archive:
+        assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}
 
 
 # --- in a real capture kernel ----------------------------------------------------------------

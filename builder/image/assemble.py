@@ -95,7 +95,7 @@ def add_modules(plan: ImagePlan, modules: ModuleClosure, kver: str) -> None:
                 feature,
                 mod.why,
                 data=module_bytes(mod.path),
-                origin=mod.path,
+                origins=(mod.path,),
             )
     plan.file(
         f"{base}/modules.dep",
@@ -125,7 +125,7 @@ def _add_firmware(plan: ImagePlan, resolution: Resolution) -> None:
             "kernel-modules",
             f"firmware of {fw.module}",
             data=_read_firmware(fw),
-            origin=fw.path,
+            origins=(fw.path,),
         )
 
 
@@ -257,7 +257,7 @@ def assemble(
         _copy_host_file(plan, inputs.root, extra.src, extra.dst, "config", "config key files")
     for made in resolution.target_files:
         plan.file(made.path, made.feature, made.why, data=made.data, mode=made.mode,
-                  origin=made.origin)  # fmt: skip
+                  origins=(made.origin,))  # fmt: skip
     add_binaries(plan, resolution.busybox, resolution.binaries, inputs.root)
     add_modules(plan, resolution.modules, inputs.kver)
     _add_firmware(plan, resolution)

@@ -29,7 +29,7 @@ class Planned:
     data: bytes = b""  # generated content, or a symlink's target
     rdev: tuple[int, int] = (0, 0)
     strip: bool = False  # an ELF program or library: keep only what the loader maps
-    origin: Path | None = None  # the host file generated `data` came from (an input)
+    origins: tuple[Path, ...] = ()  # the host files generated `data` came from (inputs)
 
     def same_as(self, other: Planned) -> bool:
         return (self.kind, self.mode, self.source, self.data, self.rdev) == (
@@ -67,7 +67,7 @@ class ImagePlan:
         data: bytes = b"",
         mode: int = 0o644,
         strip: bool = False,
-        origin: Path | None = None,
+        origins: tuple[Path, ...] = (),
     ) -> None:
         self._add(
             Planned(
@@ -79,7 +79,7 @@ class ImagePlan:
                 source=source,
                 data=data,
                 strip=strip,
-                origin=origin,
+                origins=origins,
             )
         )
 
@@ -148,10 +148,11 @@ class ImagePlan:
                     inputs[str(item.source)] = record(item.source, data)
                     if item.strip:
                         data = loadable_only(data)
-                elif item.origin is not None:
-                    inputs[str(item.origin)] = record(item.origin)
+                else:
+                    for origin in item.origins:
+                        inputs[str(origin)] = record(origin)
             except OSError as exc:
-                host = item.source or item.origin
+                host = exc.filename or item.source
                 raise KdumpError(
                     f"cannot read {host} for {item.path} ({item.feature}: {item.why}):"
                     f" {exc.strerror}"

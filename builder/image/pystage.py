@@ -253,9 +253,16 @@ def add_python_stage(
     ]
     extensions: list[dict[str, Any]] = found["extensions"]
 
+    if packing == "auto":
+        packing = "squashfs" if stagepack.mksquashfs() else "plain"
+        if packing == "plain":
+            log.warning("no mksquashfs (squashfs-tools): the Python stage is packed file by "
+                        "file, which costs the capture kernel more memory")  # fmt: skip
     members = [(str(s["arc"]), base64.b64decode(s["pyc"])) for s in sources]
     stdlib = sum(1 for s in sources if not s["stage"])
-    zip_data = build_zip(members, deflate=bool(found["zlib"]))
+    # Inside the squashfs the zip is stored: xz packs raw bytecode tighter than deflate's
+    # output, the build skips deflate, and an import reads the page without inflating it.
+    zip_data = build_zip(members, deflate=bool(found["zlib"]) and packing == "plain")
     zip_why = (
         f"{stdlib} stdlib modules imported by {entry}, and the stage's own "
         f"{len(sources) - stdlib} modules"
@@ -270,11 +277,6 @@ def add_python_stage(
         [(real, f"the capture stage {entry}")]
         + [(str(ext["file"]), f"the capture stage {entry}") for ext in extensions]
     )
-    if packing == "auto":
-        packing = "squashfs" if stagepack.mksquashfs() else "plain"
-        if packing == "plain":
-            log.warning("no mksquashfs (squashfs-tools): the Python stage is packed file by "
-                        "file, which costs the capture kernel more memory")  # fmt: skip
     squashfs = ""
     if packing == "squashfs":
         # What the image holds already (libc, which makedumpfile needs too) stays out.
@@ -293,7 +295,9 @@ def add_python_stage(
             f"the Python stage, mounted at {stagepack.MOUNT_POINT} when it runs: the "
             f"interpreter, {len(packed) - 1} other files and links, and the zip of {zip_why}",
             data=stagepack.squash(packed, cache_dir or default_cache_dir()),
-            origin=Path(real),
+            # Every packed program and library is an input: a changed libpython or
+            # extension module makes `build --if-needed` rebuild, as in the plain packing.
+            origins=(Path(real), *(elf.source for elf in closure.files if not held(elf.path))),
         )
     elif packing == "plain":
         plan.file(zip_path, feature, zip_why, data=zip_data)

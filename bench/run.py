@@ -22,8 +22,8 @@ Parts (each records an error string in the JSON when it fails; the others still 
 * curve (skipped with BENCH_QUICK=1): the smallest crashkernel= and the capture time on
   guests of 1, 4 and 16 GiB with most of their memory filled (`bench/curve.py`).
 
-BENCH_ONLY=storage (or peer, or curve) runs only that part and merges it into the existing
-results.
+BENCH_ONLY=storage (or peer, curve, capture, or build: the build, size and profile parts) runs
+only that part and merges it into the existing results.
 
 Writes bench/results.json and bench/results.md and prints the table. Timings are noisy on a
 shared 2-core machine: runs are alternated, medians reported, nothing asserted on time.
@@ -58,7 +58,7 @@ import harness  # noqa: E402
 import peer_debian  # noqa: E402
 from harness import Kernel  # noqa: E402
 
-from kdump_mkinitrd.arming.registration import estimate  # noqa: E402
+from kdump_mkinitrd.arming.crashmemory import estimate  # noqa: E402
 from kdump_mkinitrd.config import load as load_config  # noqa: E402
 from kdump_mkinitrd.qemutest import layouts  # noqa: E402
 from kdump_mkinitrd.qemutest.run import DEFAULT_CONFIG  # noqa: E402
@@ -81,13 +81,17 @@ GOALS = {
     "size_ratio_static": 0.2,
     "size_ratio_python": 0.6,
     "capture_ratio_makedumpfile": 1.1,
+    "capture_ratio_stage_total": 1.15,
 }
 CRASH_SLACK_MB = 16
+PYTHON_OVER_STATIC_MB = 8  # the Python stage's crash memory beyond the static image's
+ESTIMATE_ABOVE_MB = (8, 24)  # where `estimate` lands above each measured minimum
 # The stacked-storage part measures the Python stage (the default) and compares it with the
 # plain disk's Python-stage figures: same kernel, same stage, only the stack differs.
 STORAGE_STAGE = "python"
 # BENCH_ONLY values: their part
-ONLY_PARTS = {"storage": "storage", "peer": "peer debian", "curve": "curve"}
+ONLY_PARTS = {"storage": "storage", "peer": "peer debian", "curve": "curve", "build": "profile",
+              "capture": "capture"}  # fmt: skip
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -967,6 +971,7 @@ def goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         "size_ratio_static": "image size, static stage / dracut (6.1, zstd)",
         "size_ratio_python": "image size, Python stage / dracut (6.1, zstd)",
         "capture_ratio_makedumpfile": "capture time, our stage's dump step / makedumpfile alone",
+        "capture_ratio_stage_total": "capture time, our whole stage / makedumpfile alone",
     }
     for key, goal in GOALS.items():
         value = results.get(key)
@@ -1004,6 +1009,44 @@ def goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"({abs(over)}M {'inside' if met else 'over'})",
             )
         rows.append(row)
+    rows += curve_goal_rows(results.get("by_guest_memory") or [])
+    return rows
+
+
+def curve_goal_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per guest size: the Python stage within PYTHON_OVER_STATIC_MB of the static image, and
+    `estimate` between ESTIMATE_ABOVE_MB above each measured minimum."""
+    rows: list[dict[str, Any]] = []
+    low, high = ESTIMATE_ABOVE_MB
+    for e in entries:
+        gib = e.get("memory_gib")
+        static, python = e.get("crashkernel_min_static_mb"), e.get("crashkernel_min_python_mb")
+        row: dict[str, Any] = {
+            "metric": f"python_over_static_mb_{gib}g",
+            "what": f"crash memory, Python stage minus static stage, {gib} GiB guest (MB)",
+            "value": None if static is None or python is None else python - static,
+            "goal": f"<= {PYTHON_OVER_STATIC_MB}M",
+        }
+        if row["value"] is None:
+            row.update(met=None, verdict="not measured")
+        else:
+            met = row["value"] <= PYTHON_OVER_STATIC_MB
+            row.update(met=met, verdict=f"{'met' if met else 'MISSED'} ({python}M vs {static}M)")
+        rows.append(row)
+        for stage, minimum in (("static", static), ("python", python)):
+            found = e.get(f"estimate_{stage}_mb")
+            row = {
+                "metric": f"estimate_above_min_{stage}_{gib}g",
+                "what": f"`estimate` above the smallest crashkernel=, {stage}, {gib} GiB (MB)",
+                "value": None if found is None or minimum is None else found - minimum,
+                "goal": f"{low}M to {high}M",
+            }
+            if row["value"] is None:
+                row.update(met=None, verdict="not measured")
+            else:
+                met = low <= row["value"] <= high
+                row.update(met=met, verdict=f"{'met' if met else 'MISSED'} ({found}M)")
+            rows.append(row)
     return rows
 
 
@@ -1287,6 +1330,7 @@ def headline(results: dict[str, Any]) -> None:
     capture = results.get("capture") or {}
     results["capture_ratio_makedumpfile"] = capture.get("ratio_dump_step")
     results["capture_ratio_makedumpfile_stage_total"] = capture.get("ratio_stage_total")
+    results["capture_ratio_stage_total"] = capture.get("ratio_stage_total")
     if_needed = build.get("if_needed")
     results["if_needed_noop_s"] = if_needed.get("wall_median_s") if if_needed else None
     stacked = (results.get("storage") or {}).get("layouts", {})
@@ -1354,17 +1398,18 @@ def main() -> int:
             results["meta"]["duration_s"] = round(time.monotonic() - start, 1)
         return value
 
-    for kver in KERNELS if not only else ():
+    for kver in KERNELS if only in ("", "build") else ():
         results["build"][kver] = part(f"build {kver}", functools.partial(part_build, kver))
         save(results)
         results["size"][kver] = part(f"size {kver}", functools.partial(part_size, kver))
         save(results)
-    if not only:
+    if only in ("", "build"):
         results["profile"] = part("profile", lambda: part_profile(KERNELS[0]))
         save(results)
     if not quick and not only:
         results["crash_memory"] = part("crash memory", lambda: part_crash_memory(crash_kver))
         save(results)
+    if only == "capture" or not (quick or only):
         results["capture"] = part("capture", lambda: part_capture(crash_kver))
         save(results)
     plain = plain_crash_minimum(results, crash_kver)

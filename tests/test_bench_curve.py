@@ -339,3 +339,23 @@ def test_the_markdown_table_has_a_row_per_size_and_every_probe() -> None:
     assert "crashkernel=256M (median of 3 boots at 1 GiB, 2 boots at 16 GiB per kind)" in text
     assert "- 16 GiB, python: 136M#1 ok, 136M#2 ok, 136M#3 ok, 128M#1 OOM" in text
     assert "not measured" in "\n".join(curve.markdown({}))
+
+
+def test_goal_rows_per_guest_size() -> None:
+    """The issue's per-size goals: Python within 8M of static, `estimate` 8M to 24M above
+    each minimum; a size not measured says so instead of passing."""
+    run: Any = importlib.import_module("run")
+    entries = [
+        {"memory_gib": 1, "crashkernel_min_static_mb": 96, "crashkernel_min_python_mb": 104,
+         "estimate_static_mb": 112, "estimate_python_mb": 136},
+        {"memory_gib": 16, "crashkernel_min_static_mb": 104, "crashkernel_min_python_mb": 120,
+         "estimate_static_mb": 104, "estimate_python_mb": None},
+    ]  # fmt: skip
+    rows = {r["metric"]: r for r in run.curve_goal_rows(entries)}
+    assert rows["python_over_static_mb_1g"]["met"] is True
+    assert rows["python_over_static_mb_16g"]["met"] is False
+    assert rows["python_over_static_mb_16g"]["value"] == 16
+    assert rows["estimate_above_min_static_1g"]["met"] is True
+    assert rows["estimate_above_min_python_1g"]["met"] is False  # 32M above
+    assert rows["estimate_above_min_static_16g"]["met"] is False  # not above at all
+    assert rows["estimate_above_min_python_16g"]["met"] is None

@@ -167,7 +167,8 @@ deb:
 # bisection, capture timing); the full run takes a while. BENCH_ONLY=storage runs only the
 # stacked-storage part (qemu-test --storage layouts) and merges it into the last results;
 # BENCH_ONLY=peer and BENCH_ONLY=curve (crash memory on 1/4/16 GiB guests, about 45 minutes;
-# BENCH_CURVE_SIZES, BENCH_CURVE_MINUTES, BENCH_CURVE_LANES bound it) do the same.
+# BENCH_CURVE_SIZES, BENCH_CURVE_MINUTES, BENCH_CURVE_LANES bound it), BENCH_ONLY=capture and
+# BENCH_ONLY=build (build, size and profile) do the same.
 BENCH_DEBS := dracut-core zstd busybox-static makedumpfile kexec-tools openssh-client \
 	mmdebstrap qemu-utils dpkg-dev debhelper dh-python
 .PHONY: bench

@@ -241,18 +241,38 @@ def test_post_build_check_refuses_an_image_that_cannot_work(built: Path) -> None
         check_image([*entries, Entry("bin/nothing", "symlink", 0o777, b"/usr/bin/missing")])
 
 
-@pytest.mark.parametrize(("stage", "measured_minimum_mb"), [("static", 96), ("python", 112)])
-def test_estimate_stays_above_the_measured_minimum(
-    stage: str, measured_minimum_mb: int, kernel61: Kernel, tmp_path: Path
+# The smallest crashkernel= that saved the dump in 3 boots of 3 (make bench BENCH_ONLY=curve,
+# Debian 6.1, TCG guests with a filled ramdisk; bench/results.json "by_guest_memory"), by
+# guest memory in GiB, for bench's config (qemu-test's, Debian's python3 for the stage).
+CURVE_MINIMA_MB = {("static", 1): 96, ("static", 4): 96, ("static", 16): 96,
+                   ("python", 1): 104, ("python", 4): 104, ("python", 16): 104}  # fmt: skip
+BENCH_CONFIG = """\
+targets:
+  - {type: disk, device: UUID=2f6e0c1a-1111-4222-8333-944455556666, fstype: ext4, path: /var/crash}
+kernel_modules: [virtio_blk, virtio_pci]
+failure_action: poweroff
+final_action: poweroff
+device_timeout: 30
+"""
+
+
+@pytest.mark.parametrize("stage", ["static", "python"])
+def test_estimate_lands_8m_to_24m_above_each_measured_minimum(
+    stage: str, kernel61: Kernel, tmp_path: Path
 ) -> None:
-    """The smallest crashkernel= at which qemu-test passed (make bench, Debian 6.1, 1 GiB)."""
     image = tmp_path / "k.img"
-    text = DISK_CONFIG.replace("capture: {stage: static}", f"capture: {{stage: {stage}}}")
+    python = ", python: /usr/bin/python3" if stage == "python" else ""
+    text = BENCH_CONFIG + f"capture: {{stage: {stage}{python}}}\n"
     assert main(build_args(kernel61, write_config(tmp_path, text), image)) == 0
-    result = estimate(image, 128 * 2**20)
-    assert result.total_mb % 8 == 0
-    assert measured_minimum_mb < result.total_mb <= measured_minimum_mb + 24
-    assert result.python_mb == (8 if stage == "python" else 0)
+    for (measured_stage, gib), minimum in CURVE_MINIMA_MB.items():
+        if measured_stage != stage:
+            continue
+        result = estimate(image, 128 * 2**20, gib * 2**30)
+        assert result.total_mb % 8 == 0
+        assert minimum + 8 <= result.total_mb <= minimum + 24, (gib, result)
+        assert result.python_mb == (8 if stage == "python" else 0)
+    # Beyond what was measured the page bitmaps keep the estimate growing, up to their cap.
+    assert estimate(image, None, 1 << 40).total_mb >= estimate(image, None, 1 << 30).total_mb + 24
 
 
 # The smallest crashkernel= at which `qemu-test --storage LAYOUT` passed with the Python stage

@@ -52,8 +52,6 @@ MKSQUASHFS_OPTIONS = (
     "x86",
     "-b",
     "128K",
-    "-processors",
-    "1",
     "-quiet",
     "-no-progress",
 )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 
+from kdump_mkinitrd.image import stagepack
 from kdump_mkinitrd.image.compress import decompress
 from kdump_mkinitrd.image.cpio import split_archives
 
@@ -37,7 +38,47 @@ def unpack(image: Path, dest: Path) -> Path:
             check=True,
             timeout=120,
         )
+    mount_stage(dest)
     return dest
+
+
+def mount_stage(root: Path) -> None:
+    """What the init does when the Python stage runs: its squashfs unpacked at the mount
+    point (by unsquashfs, not our code) and each file linked at its build-host path."""
+    squashfs = root / stagepack.IMAGE_PATH.lstrip("/")
+    if not squashfs.is_file():
+        return
+    mount = root / stagepack.MOUNT_POINT.lstrip("/")
+    mount.parent.mkdir(parents=True, exist_ok=True)  # the init's mkdir -p
+    done = subprocess.run(["unsquashfs", "-no-xattrs", "-f", "-d", str(mount), str(squashfs)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    for path in sorted(mount.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        link = root / path.relative_to(mount)
+        if link.exists() or link.is_symlink():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        # Relative, so that it leads to the same file outside a chroot of `root` too.
+        link.symlink_to(os.path.relpath(path, link.parent))
+
+
+def unsquash(blob: bytes, tmp: Path) -> dict[str, tuple[str, int, bytes]]:
+    """path -> (kind, mode, content or link target) of every file and link in a squashfs."""
+    image = tmp / "stage.squashfs"
+    image.write_bytes(blob)
+    out = tmp / "unsquashed"
+    subprocess.run(["unsquashfs", "-no-xattrs", "-d", str(out), str(image)], check=True,
+                   capture_output=True)  # fmt: skip
+    found = {}
+    for path in out.rglob("*"):
+        name = "/" + str(path.relative_to(out))
+        if path.is_symlink():
+            found[name] = ("symlink", 0o777, os.readlink(path).encode())
+        elif path.is_file():
+            found[name] = ("file", path.stat().st_mode & 0o7777, path.read_bytes())
+    return found
 
 
 def programs(root: Path) -> dict[str, bool]:

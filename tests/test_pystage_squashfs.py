@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from kdump_mkinitrd.image.plan import ImagePlan
 from kdump_mkinitrd.image.pystage import PythonStage, add_python_stage
 from kdump_mkinitrd.qemutest.run import Options, Report, run_qemu_test
 from tests.conftest import Kernel
+from tests.imagerun import unsquash
 from tests.test_capture_lib_sh import capture_hooks, run_sh, use_vmcore
 from tests.test_vmcore import prb_core
 
@@ -49,23 +49,6 @@ def pack(packing: str, cache: Path) -> tuple[ImagePlan, str]:
         packing=packing,
     )  # fmt: skip
     return plan, stage.squashfs
-
-
-def unsquash(blob: bytes, tmp: Path) -> dict[str, tuple[str, int, bytes]]:
-    """path -> (kind, mode, content or link target) of every file and link in the squashfs."""
-    image = tmp / "stage.squashfs"
-    image.write_bytes(blob)
-    out = tmp / "unpacked"
-    subprocess.run([UNSQUASHFS, "-no-xattrs", "-d", str(out), str(image)], check=True,
-                   capture_output=True)  # fmt: skip
-    found = {}
-    for path in out.rglob("*"):
-        name = "/" + str(path.relative_to(out))
-        if path.is_symlink():
-            found[name] = ("symlink", 0o777, os.readlink(path).encode())
-        elif path.is_file():
-            found[name] = ("file", path.stat().st_mode & 0o7777, path.read_bytes())
-    return found
 
 
 def host_path(path: str) -> str:

@@ -16,6 +16,7 @@ from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.image.build import BuildRequest, build
 from kdump_mkinitrd.image.inspect_image import load_image
 from tests.conftest import Kernel
+from tests.imagerun import unsquash
 
 CONFIG = """\
 targets:
@@ -29,11 +30,15 @@ compression: {level: 1}
 MARKS = (b"fail_stage", b"kill_stage", b"oom_stage", b"exhaust_memory")
 
 
-def _stage_zip(image: Path) -> dict[str, bytes]:
+def _stage_zip(image: Path, tmp_path: Path) -> dict[str, bytes]:
+    """The stage's zip, from inside the stage's squashfs (stagepack)."""
     loaded = load_image(image)
-    zips = [m for m in loaded.members if m.kind == "file" and m.path.endswith(".zip")]
-    assert len(zips) == 1, [m.path for m in zips]
-    with zipfile.ZipFile(io.BytesIO(zips[0].data)) as archive:
+    squashfs = [m for m in loaded.members if m.path.endswith("/kdump/pystage.squashfs")]
+    assert len(squashfs) == 1, [m.path for m in loaded.members if "kdump" in m.path]
+    files = unsquash(squashfs[0].data, tmp_path)
+    zips = [data for path, (_, _, data) in files.items() if path.endswith(".zip")]
+    assert len(zips) == 1, list(files)
+    with zipfile.ZipFile(io.BytesIO(zips[0])) as archive:
         return {name: archive.read(name) for name in archive.namelist()}
 
 
@@ -45,7 +50,7 @@ def test_fault_switches_only_in_images_qemu_test_builds(
     request = BuildRequest(kernel61.kver, kernel61.kmoddir, image, kernel61.vmlinuz,
                            test_switches=switches)  # fmt: skip
     build(parse(CONFIG, "kdump.yaml"), request)
-    members = _stage_zip(image)
+    members = _stage_zip(image, tmp_path)
     assert "capture/stage.pyc" in members  # the stage itself is there either way
     found = {mark for data in members.values() for mark in MARKS if mark in data}
     if switches:

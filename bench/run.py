@@ -1016,37 +1016,34 @@ def goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 def curve_goal_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per guest size: the Python stage within PYTHON_OVER_STATIC_MB of the static image, and
     `estimate` between ESTIMATE_ABOVE_MB above each measured minimum."""
-    rows: list[dict[str, Any]] = []
     low, high = ESTIMATE_ABOVE_MB
+
+    def row(metric: str, what: str, value: int | None, goal: str, lo: int, hi: int,
+            detail: str) -> dict[str, Any]:  # fmt: skip
+        met = None if value is None else lo <= value <= hi
+        verdict = "not measured" if met is None else f"{'met' if met else 'MISSED'} ({detail})"
+        return {"metric": metric, "what": what, "value": value, "goal": goal, "met": met,
+                "verdict": verdict}  # fmt: skip
+
+    rows: list[dict[str, Any]] = []
     for e in entries:
         gib = e.get("memory_gib")
         static, python = e.get("crashkernel_min_static_mb"), e.get("crashkernel_min_python_mb")
-        row: dict[str, Any] = {
-            "metric": f"python_over_static_mb_{gib}g",
-            "what": f"crash memory, Python stage minus static stage, {gib} GiB guest (MB)",
-            "value": None if static is None or python is None else python - static,
-            "goal": f"<= {PYTHON_OVER_STATIC_MB}M",
-        }
-        if row["value"] is None:
-            row.update(met=None, verdict="not measured")
-        else:
-            met = row["value"] <= PYTHON_OVER_STATIC_MB
-            row.update(met=met, verdict=f"{'met' if met else 'MISSED'} ({python}M vs {static}M)")
-        rows.append(row)
+        rows.append(row(
+            f"python_over_static_mb_{gib}g",
+            f"crash memory, Python stage minus static stage, {gib} GiB guest (MB)",
+            None if static is None or python is None else python - static,
+            f"<= {PYTHON_OVER_STATIC_MB}M", -(2**31), PYTHON_OVER_STATIC_MB,
+            f"{python}M vs {static}M",
+        ))  # fmt: skip
         for stage, minimum in (("static", static), ("python", python)):
             found = e.get(f"estimate_{stage}_mb")
-            row = {
-                "metric": f"estimate_above_min_{stage}_{gib}g",
-                "what": f"`estimate` above the smallest crashkernel=, {stage}, {gib} GiB (MB)",
-                "value": None if found is None or minimum is None else found - minimum,
-                "goal": f"{low}M to {high}M",
-            }
-            if row["value"] is None:
-                row.update(met=None, verdict="not measured")
-            else:
-                met = low <= row["value"] <= high
-                row.update(met=met, verdict=f"{'met' if met else 'MISSED'} ({found}M)")
-            rows.append(row)
+            rows.append(row(
+                f"estimate_above_min_{stage}_{gib}g",
+                f"`estimate` above the smallest crashkernel=, {stage}, {gib} GiB (MB)",
+                None if found is None or minimum is None else found - minimum,
+                f"{low}M to {high}M", low, high, f"{found}M",
+            ))  # fmt: skip
     return rows
 
 

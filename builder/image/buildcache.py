@@ -98,7 +98,8 @@ class BlobStore:
             os.replace(tmp, path)
         except OSError as exc:
             log.debug("cannot write cache entry %s: %s", path, exc)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only mount refuses even this
+                tmp.unlink(missing_ok=True)
 
     def prune(self) -> None:
         """Drop the least recently used entries until the store fits its limit."""
@@ -184,5 +185,6 @@ class StatCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(merged))
             os.replace(tmp, self.path)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # unwritable: costs time on the next build, no more
+        except OSError:  # unwritable: costs time on the next build, no more
+            with contextlib.suppress(OSError):  # a read-only mount refuses even this
+                tmp.unlink(missing_ok=True)

@@ -270,7 +270,7 @@ def _first_stage_with_register(
         crash=True, network=network,
         # Not /tmp: configs and work directories often live there on the host.
         writable=["/run"],
-        environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",
+        environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run", "TMPDIR=/run",
                      "XDG_CACHE_HOME=/run/cache", "PYTHONDONTWRITEBYTECODE=1",
                      "KDUMP_MKINITRD_STATE_DIR=/run/kdump-mkinitrd"],
         modules=["virtio_blk", *(["virtio_net"] if network else []),

@@ -220,6 +220,17 @@ def parser() -> argparse.ArgumentParser:
         "built once with mmdebstrap and cached), crash it, and check the dump its boot service "
         "reports; also a second kernel package through the hooks, then removal and purge",
     )
+    q.add_argument(
+        "--arch",
+        default=os.uname().machine,
+        help="the guest's architecture: x86_64 or arm64 (aarch64); default this host's",
+    )
+    q.add_argument(
+        "--sysroot",
+        type=Path,
+        help="a root tree of the guest's architecture the images and the guest's register "
+        "take their programs from (needed for another architecture than this host's)",
+    )
     i = sub.add_parser("inspect", help="list an image's contents and why each piece is there")
     i.add_argument("image", type=Path)
     i.add_argument("--json", action="store_true")
@@ -325,7 +336,7 @@ def _run_qemu_test(args: argparse.Namespace) -> int:
     kernel = args.kernel or kernelfiles.find_kernel(kver, kmoddir) or Path(f"/boot/vmlinuz-{kver}")
     if not kernel.is_file():
         raise KdumpError(f"kernel image {kernel} does not exist (give --kernel)")
-    qemutest.check_tools()
+    qemutest.check_tools(args.arch)
     options = qemutest.Options(
         kver=kver,
         kmoddir=args.kmoddir or Path("/lib/modules") / kver,
@@ -341,6 +352,8 @@ def _run_qemu_test(args: argparse.Namespace) -> int:
         target=args.target,
         ssh_client=args.ssh_client,
         storage=args.storage,
+        arch=args.arch,
+        sysroot=args.sysroot,
         progress=progress,
     )
     report = qemutest.run_qemu_test(options)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import platform
 import shutil
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 from kdump_mkinitrd.arming.cmdline import normalise_arch
+from kdump_mkinitrd.arming.kexectext import kexec_tools_setup
 from kdump_mkinitrd.errors import KdumpError
 
 KEXEC_FILE_UNLOAD = 0x1
@@ -454,7 +456,12 @@ def load_crash_kernel(
         )
     reason = _fallback_reason(code, number, machine)
     try:
-        command = _kexec_tools_load(attempt, cmdline, reason, kexec, run or _run)
+        if run is not None:
+            command = _kexec_tools_load(attempt, cmdline, reason, kexec, run)
+        else:
+            with kexec_tools_setup(normalise_arch(machine or platform.machine())) as setup:
+                command = _kexec_tools_load(attempt, cmdline, reason, kexec,
+                                            functools.partial(_run, setup=setup))  # fmt: skip
     except KdumpError as exc:
         raise KdumpError(f"{exc}{_unloaded_note(before, sysfs)}") from None
     return replace(result, method="kexec_load", fallback_reason=reason, command=command)
@@ -473,10 +480,11 @@ def _fallback_reason(code: int, number: int | None, machine: str | None) -> str:
 # The kexec-tools fallback
 
 
-def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=KEXEC_TOOLS_TIMEOUT, check=False
-    )
+def _run(
+    argv: Sequence[str], setup: Callable[[], None] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True,
+                          timeout=KEXEC_TOOLS_TIMEOUT, check=False, preexec_fn=setup)  # fmt: skip
 
 
 def _find_kexec(kexec: str) -> str | None:

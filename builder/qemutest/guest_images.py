@@ -34,13 +34,16 @@ def utility_image(
     modules: Sequence[str] = (),
     programs: Sequence[str] = (),
     files: dict[str, Path] | None = None,
+    root: Path = Path("/"),
 ) -> None:
+    """An image whose /init is `template`; its programs come from `root` (a sysroot for a
+    guest of another architecture)."""
     plan = ImagePlan()
     # The same skeleton as every capture image: the base feature's layout and device nodes.
-    add_feature_static(plan, discover()["base"], Path("/"))
-    resolver = ElfResolver()
+    add_feature_static(plan, discover()["base"], root)
+    resolver = ElfResolver(root)
     closures = {FEATURE: resolver.resolve([(p, FEATURE) for p in programs])} if programs else {}
-    add_binaries(plan, find_busybox(resolver, "/bin/busybox", Path("/")), closures, Path("/"))
+    add_binaries(plan, find_busybox(resolver, "/bin/busybox", root), closures, root)
     if modules:
         index = ModuleIndex.load(kver, kmoddir)
         add_modules(plan, index.resolve([(m, FEATURE) for m in modules]), kver)
@@ -67,13 +70,16 @@ def host_root_image(
     environment: Sequence[str],
     network: bool = False,
     modules: Sequence[str] = (),
+    sysroot: Path | None = None,
 ) -> tuple[str, ...]:
     """An image whose guest runs `commands` from the build host's root (chroot over 9p), then
-    crashes (a first stage) or powers off; returns the QEMU arguments the boot needs."""
+    crashes (a first stage) or powers off; returns the QEMU arguments the boot needs. With a
+    `sysroot` (a guest of another architecture), its /usr, /etc and /bin, /sbin, /lib come
+    from there instead."""
     utility_image(
         output, kver, kmoddir, "first-stage-register.sh.j2",
         {"commands": commands, "crash": crash, "network": network, "writable": writable,
-         "environment": environment},
-        modules=["9p", "9pnet_virtio", "virtio_pci", *modules],
+         "environment": environment, "sysroot": str(sysroot) if sysroot else ""},
+        modules=["9p", "9pnet_virtio", "virtio_pci", *modules], root=sysroot or Path("/"),
     )  # fmt: skip
     return HOST_ROOT

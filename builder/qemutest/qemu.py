@@ -12,7 +12,46 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdump_mkinitrd.arming.cmdline import normalise_arch
 from kdump_mkinitrd.errors import KdumpError
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A QEMU system emulator and the virtual board, CPU and console it gives a guest."""
+
+    arch: str  # the kernel's name for the architecture (uname -m)
+    program: str
+    package: str  # the Debian package that has `program`
+    board: tuple[str, ...]
+    console: str  # the serial console's device name in the guest
+
+
+MACHINES = {
+    # QEMU's default PC board; the first serial port is the 16550 ttyS0.
+    "x86_64": Machine("x86_64", "qemu-system-x86_64", "qemu-system-x86", (), "ttyS0"),
+    # `virt`, the board made for virtual machines: virtio over PCIe, a PL011 serial port
+    # (ttyAMA0) and a device tree QEMU writes, which kexec_file_load hands on to the capture
+    # kernel. The kernel is booted directly (-kernel), without UEFI firmware: nothing here
+    # needs EFI, and the firmware would add seconds to every boot under TCG. cortex-a57 is a
+    # plain ARMv8.0 core, the model SUSE's kdump calibration uses: TCG emulates it much faster
+    # than `-cpu max`, whose pointer authentication makes every function call costly.
+    "aarch64": Machine(
+        "aarch64",
+        "qemu-system-aarch64",
+        "qemu-system-arm",
+        ("-M", "virt", "-cpu", "cortex-a57"),
+        "ttyAMA0",
+    ),
+}
+
+
+def machine(arch: str = "x86_64") -> Machine:
+    """The QEMU machine for `arch` (``amd64``/``arm64`` are accepted, as Debian names them)."""
+    name = normalise_arch(arch)
+    if name not in MACHINES:
+        raise KdumpError(f"qemu-test boots x86_64 and aarch64 guests, not {arch}")
+    return MACHINES[name]
 
 
 @dataclass(frozen=True)
@@ -38,6 +77,7 @@ class Boot:
     on_line: Callable[[str], None] | None = None
     # Runs QEMU through this command prefix (nsenter: the test NFS server's namespace).
     wrapper: tuple[str, ...] = ()
+    arch: str = "x86_64"
 
 
 @dataclass
@@ -52,17 +92,19 @@ class BootResult:
         return self.exit_code is None
 
 
-def qemu_binary() -> str:
-    found = shutil.which("qemu-system-x86_64")
+def qemu_binary(arch: str = "x86_64") -> str:
+    wanted = machine(arch)
+    found = shutil.which(wanted.program)
     if found is None:
-        raise KdumpError("qemu-system-x86_64 not found (Debian: apt-get install qemu-system-x86)")
+        raise KdumpError(f"{wanted.program} not found (Debian: apt-get install {wanted.package})")
     return found
 
 
 def command(boot: Boot) -> list[str]:
     cmd = [
         *boot.wrapper,
-        qemu_binary(),
+        qemu_binary(boot.arch),
+        *machine(boot.arch).board,
         "-accel",
         boot.accel,
         "-m",

@@ -9,6 +9,7 @@ and asks makedumpfile, an independent reader, for the same panic line.
 from __future__ import annotations
 
 import json
+import platform
 import re
 import shutil
 import subprocess
@@ -17,13 +18,15 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import kdump_mkinitrd
 from kdump_mkinitrd import config as config_mod
+from kdump_mkinitrd.arming.cmdline import normalise_arch
 from kdump_mkinitrd.arming.sshsetup import ensure_key
 from kdump_mkinitrd.capture.filedigest import sha256_file
 from kdump_mkinitrd.capture.vmcore_json import problems
@@ -36,6 +39,7 @@ from kdump_mkinitrd.qemutest import faults, guest_traffic, layouts
 from kdump_mkinitrd.qemutest.guest_images import host_root_image, utility_image
 from kdump_mkinitrd.qemutest.nfsserver import TestNfsServer
 from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
+from kdump_mkinitrd.qemutest.qemu import machine as guest_machine
 from kdump_mkinitrd.qemutest.sshd import TestServer
 from kdump_mkinitrd.targets import Target
 from kdump_mkinitrd.targets.nfs import NfsTarget
@@ -124,6 +128,10 @@ class Options:
     nfs_protocols: str = "3, 4"  # what the test NFS server offers
     ssh_client: str = "openssh"  # the client that @SSH_CLIENT@ names
     storage: str | None = None  # a layout from kdump_mkinitrd.qemutest.layouts.LAYOUTS
+    # The guest's architecture; another than the host's needs a `sysroot` of it (the programs
+    # the images and the first stage's `register` run).
+    arch: str = "x86_64"
+    sysroot: Path | None = None
     progress: Progress = field(default_factory=Progress)  # silent unless given a stream
 
 
@@ -250,8 +258,9 @@ def _first_stage_with_register(
 ) -> tuple[str, ...]:
     """The guest runs this very installation of kdump-mkinitrd from the host's root (9p);
     `prepare`, a command run first (--storage: build the stack on the blank disks)."""
+    python, environment = _guest_python(options, first.parent)
     command = [
-        sys.executable, "-m", "kdump_mkinitrd.cli", "register", "-k", options.kver,
+        python, "-m", "kdump_mkinitrd.cli", "register", "-k", options.kver,
         "--kmoddir", str(options.kmoddir.resolve()),
         "--kernel", str(options.kernel.resolve()),
         "-c", str(config_path.resolve()),
@@ -264,7 +273,7 @@ def _first_stage_with_register(
     if options.append:
         command += ["--append", options.append]
     # `status` must then say: loaded, and the image up to date (exit 0), or the guest stops.
-    status = [sys.executable, "-m", "kdump_mkinitrd.cli", "status"]
+    status = [python, "-m", "kdump_mkinitrd.cli", "status"]
     return host_root_image(
         first, options.kver, options.kmoddir, [*([prepare] if prepare else []), command, status],
         crash=True, network=network,
@@ -272,10 +281,30 @@ def _first_stage_with_register(
         writable=["/run"],
         environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run", "TMPDIR=/run",
                      "XDG_CACHE_HOME=/run/cache", "PYTHONDONTWRITEBYTECODE=1",
-                     "KDUMP_MKINITRD_STATE_DIR=/run/kdump-mkinitrd"],
+                     "KDUMP_MKINITRD_STATE_DIR=/run/kdump-mkinitrd", *environment],
         modules=["virtio_blk", *(["virtio_net"] if network else []),
                  *(layouts.GUEST_MODULES if prepare else [])],
+        sysroot=options.sysroot,
     )  # fmt: skip
+
+
+def _guest_python(options: Options, workdir: Path) -> tuple[str, list[str]]:
+    """The interpreter the first stage runs kdump-mkinitrd with, and the environment it needs.
+    A guest of the host's architecture runs the host's own; another runs the sysroot's
+    python3, which finds this checkout's package through a folder on PYTHONPATH (the
+    sysroot holds the package's dependencies, Debian's python3-* of that architecture)."""
+    if options.sysroot is None:
+        return sys.executable, []
+    folder = workdir / "pythonpath"
+    folder.mkdir(exist_ok=True)
+    link = folder / "kdump_mkinitrd"
+    link.unlink(missing_ok=True)
+    link.symlink_to(Path(kdump_mkinitrd.__file__).resolve().parent)
+    return "/usr/bin/python3", [f"PYTHONPATH={folder}"]
+
+
+def _cmdline(options: Options, rest: str) -> str:
+    return f"console={guest_machine(options.arch).console} {rest}"
 
 
 def _capture_boot(
@@ -308,13 +337,14 @@ def _capture_boot(
         Boot(
             kernel=options.kernel,
             initrd=first,
-            cmdline=f"console=ttyS0 crashkernel={options.crashkernel} panic=-1",
+            cmdline=_cmdline(options, f"crashkernel={options.crashkernel} panic=-1"),
             serial_log=workdir / serial_log,
             memory=options.memory,
             disks=tuple(disks),
             accel=default_accel(),
             timeout=options.timeout,
             extra=extra + network + machine,
+            arch=options.arch,
             kill_when=kill_when,
             monitor_when=monitor_when,
             monitor_command=monitor_command,
@@ -348,16 +378,18 @@ def _read_back(options: Options, config: Config, workdir: Path, disks: list[Path
     fstypes = sorted({t.fstype for t, _ in readable if t.fstype})
     image = workdir / "read-back.img"
     utility_image(image, options.kver, options.kmoddir, "read-back.sh.j2", context,
-                  modules=["virtio_blk", "virtio_pci", *fstypes])  # fmt: skip
+                  modules=["virtio_blk", "virtio_pci", *fstypes],
+                  root=options.sysroot or Path("/"))  # fmt: skip
     result = run(
         Boot(
             kernel=options.kernel,
             initrd=image,
-            cmdline="console=ttyS0 panic=-1 quiet",
+            cmdline=_cmdline(options, "panic=-1 quiet"),
             serial_log=workdir / "read-back.log",
             disks=(*disks, scratch),
             accel=default_accel(),
             timeout=300,
+            arch=options.arch,
         )
     )
     if "kdump-test: read-back done" not in result.log:
@@ -445,8 +477,11 @@ def _read_back_storage(options: Options, workdir: Path, disks: list[Path],
     scratch.unlink()
 
 
-def verify_dump(dump: Path, report: Report) -> None:
-    """Every check the issue names, against one dump directory copied out of the guest."""
+def verify_dump(
+    dump: Path, report: Report, makedumpfile: Sequence[str] = ("makedumpfile",)
+) -> None:
+    """Every check the issue names, against one dump directory copied out of the guest;
+    `makedumpfile`, the independent reader's command (the guest architecture's)."""
     report.dump_dir = str(dump)
     report.check("dump_dir_mode_0700", dump.stat().st_mode & 0o777 == 0o700,
                  f"{dump.stat().st_mode & 0o777:o}")  # fmt: skip
@@ -480,12 +515,12 @@ def verify_dump(dump: Path, report: Report) -> None:
         # A streamed dump (ssh, raw) is makedumpfile's flattened format: rebuild it first.
         readable = dump.parent / f"{dump.name}.rebuilt-vmcore"
         with vmcore.open("rb") as stream:
-            proc = subprocess.run(["makedumpfile", "-R", str(readable)], stdin=stream,
+            proc = subprocess.run([*makedumpfile, "-R", str(readable)], stdin=stream,
                                   capture_output=True, text=True)  # fmt: skip
         report.check("makedumpfile_rebuilds_flattened", proc.returncode == 0,
                      proc.stderr.strip()[-300:])  # fmt: skip
     independent = dump.parent / f"{dump.name}.makedumpfile-dmesg.txt"
-    proc = subprocess.run(["makedumpfile", "--dump-dmesg", str(readable), str(independent)],
+    proc = subprocess.run([*makedumpfile, "--dump-dmesg", str(readable), str(independent)],
                           capture_output=True, text=True)  # fmt: skip
     theirs = independent.read_text(errors="replace") if independent.exists() else ""
     report.check("makedumpfile_agrees", PANIC_LINE in theirs,
@@ -637,6 +672,7 @@ def run_qemu_test(options: Options) -> Report:
         append = f"{options.append} {faults.FAULTS[options.fault].append}".strip()
         options = replace(options, append=append)
     _check_storage(options)
+    options = _check_arch(options)
     if options.storage and options.first_stage == "kexec-tools":
         # The stack is built by the first guest, from the host's tools: register's way.
         options = replace(options, first_stage="register")
@@ -669,6 +705,26 @@ def _check_storage(options: Options) -> None:
         raise KdumpError(f"--fault {fault.name} works on plain disks, not with --storage")
     if options.target != "disk":
         raise KdumpError("--storage makes local disks only: it takes no --target ssh or nfs")
+
+
+def _check_arch(options: Options) -> Options:
+    """A guest of another architecture than the host's: what qemu-test can do with it."""
+    arch = guest_machine(options.arch).arch
+    options = replace(options, arch=arch)
+    if options.sysroot is not None:
+        options = replace(options, sysroot=options.sysroot.resolve())
+    if arch == normalise_arch(platform.machine()):
+        return options
+    if options.sysroot is None:
+        raise KdumpError(f"an {arch} guest needs --sysroot: a root tree of {arch} programs "
+                         "(`make sysroot-arm64` unpacks one from Debian's packages)")  # fmt: skip
+    if options.first_stage == "kexec-tools":
+        raise KdumpError(f"--first-stage kexec-tools arms {platform.machine()} guests only; an "
+                         f"{arch} guest runs the sysroot's `register`")  # fmt: skip
+    if options.storage or options.fault or options.target != "disk":
+        raise KdumpError(f"an {arch} guest saves to plain disks: --storage, --fault and "
+                         "--target ssh or nfs run on this host's architecture only")  # fmt: skip
+    return options
 
 
 def _with_machine_drivers(config: Config) -> tuple[Config, list[str]]:
@@ -751,7 +807,8 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
     start = time.monotonic()
     config, report.machine_drivers = _with_machine_drivers(config)
     # The Python stage's fault switches come only in images built here, never in production.
-    request = BuildRequest(options.kver, options.kmoddir, image, options.kernel, test_switches=True)
+    request = BuildRequest(options.kver, options.kmoddir, image, options.kernel, test_switches=True,
+                           root=options.sysroot or Path("/"))  # fmt: skip
     built = build(config, request)
     report.timings["build"] = time.monotonic() - start
     report.image_size = built.size
@@ -832,7 +889,7 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
         dump = _saved_dump(log, config, out)
         report.check("dump_dir_found", dump is not None, f"nothing under {out} or the ssh paths")
     if dump is not None:
-        verify_dump(dump, report)
+        verify_dump(dump, report, _makedumpfile(options))
     report.ok = not report.problems
     progress.done()
     if report.ok and options.keep is None:
@@ -841,7 +898,26 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
     return report
 
 
-def check_tools() -> None:
-    for tool in ("qemu-system-x86_64", "makedumpfile", "kexec", "mkfs.ext4"):
+def _makedumpfile(options: Options) -> list[str]:
+    """makedumpfile reads only dumps of its own architecture: for another, the sysroot's,
+    under QEMU's user-mode emulation on this host (no second boot)."""
+    if options.sysroot is None:
+        return ["makedumpfile"]
+    return [*user_emulator(options.arch, options.sysroot),
+            str(options.sysroot / "usr/bin/makedumpfile")]  # fmt: skip
+
+
+def user_emulator(arch: str, sysroot: Path) -> list[str]:
+    program = f"qemu-{normalise_arch(arch)}-static"
+    if shutil.which(program) is None:
+        raise KdumpError(f"{program} not found (Debian: apt-get install qemu-user-static)")
+    return [program, "-L", str(sysroot)]
+
+
+def check_tools(arch: str = "x86_64") -> None:
+    program = guest_machine(arch).program  # refuses an architecture qemu-test cannot boot
+    # kexec-tools: the host's arms an x86_64 guest's --first-stage kexec-tools.
+    native = ("kexec",) if program == "qemu-system-x86_64" else ()
+    for tool in (program, "makedumpfile", "mkfs.ext4", *native):
         if shutil.which(tool) is None:
             raise KdumpError(f"qemu-test needs {tool}; run `make setup` (Debian packages)")

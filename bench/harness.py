@@ -149,8 +149,10 @@ def qemu_test(
     want_stage: str,
     timeout: float = 300.0,
     extra: tuple[str, ...] = (),
+    first_stage: bool = True,
 ) -> tuple[Probe, dict[str, Any]]:
-    """One `kdump-mkinitrd qemu-test` run (`extra`: more of its arguments, e.g. --storage);
+    """One `kdump-mkinitrd qemu-test` run (`extra`: more of its arguments, e.g. --storage;
+    `first_stage`: arm with kexec-tools where the CLI offers it, see qemu_test_args);
     passes when every check passed and the dump was saved by `want_stage` (a Python-stage
     image whose stage died passes only on the static fallback, which is not what its crash
     memory is measured for)."""
@@ -159,7 +161,7 @@ def qemu_test(
         str(cli), "qemu-test", "-k", kernel.kver, "--kmoddir", str(kernel.kmoddir),
         "--kernel", str(kernel.vmlinuz), "-c", str(config), "--memory", "1G",
         "--crashkernel", f"{crashkernel_mb}M", "--keep", str(workdir), "--json",
-        "--timeout", str(int(timeout)), *qemu_test_args(cli), *extra,
+        "--timeout", str(int(timeout)), *(qemu_test_args(cli) if first_stage else ()), *extra,
     ]  # fmt: skip
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * 2 + 120)

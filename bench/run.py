@@ -19,11 +19,15 @@ Parts (each records an error string in the JSON when it fails; the others still 
 * peer debian (skipped with BENCH_QUICK=1): ours next to Debian's kdump-tools on the same Debian
   guest and the same crash (`bench/peer_debian.py`).
 
+* arm64 (skipped with BENCH_QUICK=1): Debian's arm64 kernel in qemu-system-aarch64, images
+  built here from an arm64 sysroot: sizes next to x86_64's, the smallest crashkernel= and the
+  capture time (`bench/arm64.py`).
+
 * curve (skipped with BENCH_QUICK=1): the smallest crashkernel= and the capture time on
   guests of 1, 4 and 16 GiB with most of their memory filled (`bench/curve.py`).
 
-BENCH_ONLY=storage (or peer, curve, capture, or build: the build, size and profile parts) runs
-only that part and merges it into the existing results.
+BENCH_ONLY=storage (or peer, curve, capture, arm64, or build: the build, size and profile
+parts) runs only that part and merges it into the existing results.
 
 Writes bench/results.json and bench/results.md and prints the table. Timings are noisy on a
 shared 2-core machine: runs are alternated, medians reported, nothing asserted on time.
@@ -53,6 +57,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
+import arm64  # noqa: E402
 import curve  # noqa: E402
 import harness  # noqa: E402
 import peer_debian  # noqa: E402
@@ -62,7 +67,7 @@ from kdump_mkinitrd.arming.crashmemory import estimate  # noqa: E402
 from kdump_mkinitrd.config import load as load_config  # noqa: E402
 from kdump_mkinitrd.qemutest import layouts  # noqa: E402
 from kdump_mkinitrd.qemutest.run import DEFAULT_CONFIG  # noqa: E402
-from kdump_mkinitrd.qemutest.testcache import kernel_cache  # noqa: E402
+from kdump_mkinitrd.qemutest.testcache import cache_root, kernel_cache  # noqa: E402
 
 BENCH = ROOT / "bench"
 CACHE = ROOT / ".cache" / "bench"
@@ -91,7 +96,7 @@ ESTIMATE_ABOVE_MB = (8, 24)  # where `estimate` lands above each measured minimu
 STORAGE_STAGE = "python"
 # BENCH_ONLY values: their part
 ONLY_PARTS = {"storage": "storage", "peer": "peer debian", "curve": "curve", "build": "profile",
-              "capture": "capture"}  # fmt: skip
+              "capture": "capture", "arm64": "arm64"}  # fmt: skip
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -1222,6 +1227,7 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     lines += curve.markdown(results)
     lines += storage_markdown(results.get("storage"))
+    lines += arm64.markdown(results)
     lines += peer_debian.markdown(results)
     lines += ["", "## Where our build's time goes", ""]
     for kver, b in results["build"].items():
@@ -1448,6 +1454,15 @@ def main() -> int:
         found = part("curve", lambda: part_curve(crash_kver, curve_progress))
         # A failed part keeps the entries measured before it failed, and says why.
         curve.merge(results, found.get("meta") or found, found.get("by_guest_memory") or [])
+        save(results)
+
+    if only == "arm64" or not (quick or only):
+        work = CACHE / "arm64"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        configs = {"static": static_config(), "python": debian_python_config()}
+        results["arm64"] = part("arm64", lambda: arm64.part_arm64(
+            CLI, work, cache_root(), kernel, configs, kernel(crash_kver)))  # fmt: skip
         save(results)
 
     if only == "peer" or not (quick or only):

@@ -1,0 +1,192 @@
+"""Recognising kernel files and handing kexec the uncompressed kernel, with the real Debian
+arm64 Image, the same gzip-compressed (Ubuntu's form) and in EFI zboot images (Fedora's form,
+built by the kernel's documented layout in tests/arm64_images.py), damaged variants of each,
+and the real x86 bzImage, which goes through unchanged."""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan import kernelimage
+from kdump_mkinitrd.hostscan.kernelimage import KexecKernel, open_for_kexec
+from tests.arm64_images import padded_image, zboot
+from tests.conftest import Arm64Files, Kernel
+
+
+def fd_bytes(kernel: KexecKernel) -> bytes:
+    """Everything the descriptor holds, read as the kernel reads it (from offset 0)."""
+    out = bytearray()
+    while chunk := os.pread(kernel.fd, 1 << 20, len(out)):
+        out += chunk
+    return bytes(out)
+
+
+def image_bytes(files: Arm64Files) -> bytes:
+    return files.image.read_bytes()
+
+
+def _must_fail(path: Path, machine: str, *expected: str) -> None:
+    with pytest.raises(KdumpError) as info, open_for_kexec(path, machine):
+        pytest.fail("opened")
+    message = str(info.value)
+    assert str(path) in message
+    for text in expected:
+        assert text in message
+
+
+def test_the_image_is_what_debian_ships(arm64_files: Arm64Files) -> None:
+    data = image_bytes(arm64_files)
+    assert data[56:60] == b"ARM\x64" and data[:2] == b"MZ"  # an Image with the EFI stub
+    (image_size,) = struct.unpack_from("<Q", data, 16)
+    assert image_size > len(data)  # BSS: what a zboot payload is padded to
+
+
+def test_plain_image_is_the_file_itself(arm64_files: Arm64Files) -> None:
+    with open_for_kexec(arm64_files.image, "aarch64") as kernel:
+        assert not kernel.in_memory
+        assert kernel.file.describe() == "arm64 Image"
+        assert os.readlink(f"/proc/self/fd/{kernel.fd}") == str(arm64_files.image.resolve())
+        assert kernel.size == arm64_files.image.stat().st_size
+        assert kernel.tool_path() == str(arm64_files.image)
+    with pytest.raises(OSError):
+        os.fstat(kernel.fd)
+
+
+def test_x86_bzimage_is_unchanged(kernel61: Kernel) -> None:
+    with open_for_kexec(kernel61.vmlinuz, "x86_64") as kernel:
+        assert not kernel.in_memory and kernel.file.describe() == "x86 bzImage"
+        assert fd_bytes(kernel) == kernel61.vmlinuz.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("which", "described", "padded"),
+    [
+        ("gzip", "gzip-compressed arm64 Image", False),
+        ("zboot_gzip", "EFI zboot image (gzip-compressed arm64 Image)", True),
+        ("zboot_zstd", "EFI zboot image (zstd22-compressed arm64 Image)", True),
+    ],
+)
+def test_compressed_kernel_becomes_a_sealed_read_only_memfd(
+    arm64_files: Arm64Files, which: str, described: str, padded: bool
+) -> None:
+    path: Path = getattr(arm64_files, which)
+    image = image_bytes(arm64_files)
+    # A zboot payload is the Image padded to its in-memory size (Makefile.zboot).
+    expected = padded_image(image) if padded else image
+    with open_for_kexec(path, "aarch64") as kernel:
+        assert kernel.in_memory and kernel.file.describe() == described
+        assert kernel.path == path
+        assert os.readlink(f"/proc/self/fd/{kernel.fd}").startswith("/memfd:kdump-kernel:")
+        content = fd_bytes(kernel)
+        assert content == expected and kernel.size == len(expected)
+        assert content[: len(image)] == image
+        # Read-only: the kernel's kernel_read_file() refuses a file open for writing (ETXTBSY).
+        assert fcntl.fcntl(kernel.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        seals = fcntl.fcntl(kernel.fd, fcntl.F_GET_SEALS)
+        for seal in (fcntl.F_SEAL_WRITE, fcntl.F_SEAL_SHRINK, fcntl.F_SEAL_GROW):
+            assert seals & seal
+        # No one can change it, even through a writable reopen of the memfd.
+        writable = os.open(f"/proc/self/fd/{kernel.fd}", os.O_WRONLY)
+        try:
+            with pytest.raises(PermissionError):
+                os.write(writable, b"x")
+        finally:
+            os.close(writable)
+        assert kernel.tool_path() == f"/proc/self/fd/{kernel.fd}"
+    with pytest.raises(OSError):
+        os.fstat(kernel.fd)
+
+
+@pytest.mark.parametrize("comp_type", ["lzma", "xzkern", "zstd"])
+def test_other_zboot_compressions(arm64_files: Arm64Files, tmp_path: Path, comp_type: str) -> None:
+    image = image_bytes(arm64_files)
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(zboot(image, comp_type))
+    with open_for_kexec(path, "aarch64") as kernel:
+        assert fd_bytes(kernel) == padded_image(image)
+
+
+@pytest.mark.parametrize("comp_type", ["lz4", "lzo"])
+def test_unsupported_zboot_compression_is_named(
+    arm64_files: Arm64Files, tmp_path: Path, comp_type: str
+) -> None:
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(zboot(image_bytes(arm64_files)[:65536], comp_type, payload=b"\x02!L\x18" * 64))
+    _must_fail(path, "aarch64", f"{comp_type} is not supported")
+
+
+@pytest.mark.parametrize("which", ["gzip", "zboot_gzip", "zboot_zstd"])
+def test_truncated_compressed_kernel(arm64_files: Arm64Files, tmp_path: Path, which: str) -> None:
+    data: bytes = getattr(arm64_files, which).read_bytes()
+    cut = tmp_path / "vmlinuz"
+    cut.write_bytes(data[: len(data) // 2])
+    # gzip: the stream ends early; zboot: the header's payload runs past the end of the file.
+    _must_fail(cut, "aarch64", "truncated")
+
+
+@pytest.mark.parametrize("comp_type", ["gzip", "zstd22"])
+def test_zboot_payload_shorter_than_its_stream(
+    arm64_files: Arm64Files, tmp_path: Path, comp_type: str
+) -> None:
+    data = bytearray(zboot(image_bytes(arm64_files), comp_type))
+    (size,) = struct.unpack_from("<I", data, 12)
+    struct.pack_into("<I", data, 12, size - 4096)
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(data)
+    _must_fail(path, "aarch64", "truncated")
+
+
+@pytest.mark.parametrize("which", ["gzip", "zboot_gzip", "zboot_zstd"])
+def test_corrupt_payload(arm64_files: Arm64Files, tmp_path: Path, which: str) -> None:
+    data = bytearray(getattr(arm64_files, which).read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0x5A for b in data[middle : middle + 64])
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(data)
+    _must_fail(path, "aarch64", "corrupt")
+
+
+def test_compressed_file_that_is_not_a_kernel(kernel_arm64: Kernel, tmp_path: Path) -> None:
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(
+        gzip.compress((kernel_arm64.root / "boot/System.map-6.1.0-56-arm64").read_bytes() * 1000)
+    )
+    _must_fail(path, "aarch64", "not a kernel Image")
+
+
+def test_kernel_for_another_machine(
+    arm64_files: Arm64Files, kernel61: Kernel, tmp_path: Path
+) -> None:
+    _must_fail(arm64_files.image, "x86_64", "arm64 Image", "not for this machine (x86_64)")
+    _must_fail(arm64_files.zboot_zstd, "x86_64", "for aarch64", "(x86_64)")
+    _must_fail(kernel61.vmlinuz, "aarch64", "x86 bzImage", "(aarch64)")
+
+
+def test_unrecognised_format_is_left_to_the_kernel(tmp_path: Path) -> None:
+    # ppc64's vmlinux, s390's image, a RISC-V Image: the kernel's own parser decides.
+    path = tmp_path / "vmlinux"
+    path.write_bytes(b"\x7fELF" + bytes(4092))
+    with open_for_kexec(path, "ppc64le") as kernel:
+        assert not kernel.in_memory and kernel.size == 4096
+
+
+def test_uncompressed_for_release_checks(arm64_files: Arm64Files) -> None:
+    image = image_bytes(arm64_files)
+    assert kernelimage.uncompressed(arm64_files.gzip.read_bytes()) == image
+    assert kernelimage.uncompressed(arm64_files.zboot_zstd.read_bytes()) == padded_image(image)
+    assert kernelimage.uncompressed(image) is None  # not compressed
+    assert kernelimage.uncompressed(arm64_files.gzip.read_bytes()[:100000]) is None
+
+
+def test_sizes(arm64_files: Arm64Files) -> None:
+    """The test files are what distributions ship: a compressed file a third of the Image."""
+    image = arm64_files.image.stat().st_size
+    for path in (arm64_files.gzip, arm64_files.zboot_gzip, arm64_files.zboot_zstd):
+        assert path.stat().st_size < image // 2

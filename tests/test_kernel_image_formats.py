@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from kdump_mkinitrd.arming import kexec, registration
+from kdump_mkinitrd.config import load
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan import kernelimage
 from kdump_mkinitrd.hostscan.kernelimage import KexecKernel, open_for_kexec
 from tests.arm64_images import padded_image, zboot
+from kdump_mkinitrd.image.build import BuildRequest
 from tests.conftest import Arm64Files, Kernel
+from tests.test_register_kernel import hook_build
 
 
 def fd_bytes(kernel: KexecKernel) -> bytes:
@@ -190,3 +194,27 @@ def test_sizes(arm64_files: Arm64Files) -> None:
     image = arm64_files.image.stat().st_size
     for path in (arm64_files.gzip, arm64_files.zboot_gzip, arm64_files.zboot_zstd):
         assert path.stat().st_size < image // 2
+
+
+def test_register_refuses_a_damaged_kernel_before_building(
+    tmp_path: Path, kernel61: Kernel, arm64_files: Arm64Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`register` unpacks and checks the kernel before the build: a run bound to fail must not
+    replace the image the kernel hook built."""
+    sysfs = tmp_path / "sys/kernel"
+    sysfs.mkdir(parents=True)
+    (sysfs / "kexec_crash_size").write_text(f"{256 << 20}\n")
+    (sysfs / "kexec_crash_loaded").write_text("0\n")
+    monkeypatch.setattr(registration, "crash_status", lambda: kexec.crash_status(sysfs))
+    _, config, image = hook_build(tmp_path, kernel61, kernel61.kmoddir)
+    before = image.read_bytes()
+    cut = tmp_path / "vmlinuz.gz"
+    cut.write_bytes(arm64_files.gzip.read_bytes()[:-100])
+    request = BuildRequest(kernel61.kver, kernel61.kmoddir, image, kernel_image=cut)
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("root=/dev/vda1 crashkernel=256M\n")
+    with pytest.raises(KdumpError) as info:
+        registration.register(load(config), request, proc_cmdline=cmdline)
+    assert str(cut) in str(info.value) and "truncated" in str(info.value)
+    assert str(info.value).endswith(f"{image} was left as it was")
+    assert image.read_bytes() == before

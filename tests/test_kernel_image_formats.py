@@ -18,8 +18,8 @@ from kdump_mkinitrd.config import load
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan import kernelimage
 from kdump_mkinitrd.hostscan.kernelimage import KexecKernel, open_for_kexec
-from tests.arm64_images import padded_image, zboot
 from kdump_mkinitrd.image.build import BuildRequest
+from tests.arm64_images import padded_image, zboot
 from tests.conftest import Arm64Files, Kernel
 from tests.test_register_kernel import hook_build
 

@@ -218,3 +218,11 @@ def test_register_refuses_a_damaged_kernel_before_building(
     assert str(cut) in str(info.value) and "truncated" in str(info.value)
     assert str(info.value).endswith(f"{image} was left as it was")
     assert image.read_bytes() == before
+
+
+def test_a_payload_larger_than_any_kernel_is_refused(
+    arm64_files: Arm64Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The limit (512 MiB) lowered below the real Image's 31 MiB, rather than a 512 MiB bomb.
+    monkeypatch.setattr(kernelimage, "MAX_IMAGE_BYTES", 16 << 20)
+    _must_fail(arm64_files.gzip, "aarch64", "unpacks to more than 16 MiB")

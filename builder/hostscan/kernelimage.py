@@ -16,7 +16,8 @@ Formats, with their sources:
 - EFI zboot (drivers/firmware/efi/libstub/zboot-header.S and Makefile.zboot): "MZ\\0\\0", the
   image type "zimg" at 4, le32 payload offset at 8 and le32 payload size at 12 (relative to
   the file's start), two reserved le32, then the NUL-terminated compression name at 24
-  ("gzip", "zstd22" or since 6.14 "zstd"; before 6.14 also "lzma", "xzkern", "lz4", "lzo").
+  ("gzip", "zstd22", "lzma", "xzkern", "lz4", "lzo"; newer kernels offer only gzip and zstd,
+  named "zstd").
   The payload is the Image padded with zeros to its `image_size` (Makefile.zboot's
   copy_and_pad), compressed; the size the non-gzip methods append after it is not counted in
   the payload size.
@@ -34,6 +35,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import zstandard
 
@@ -109,45 +111,39 @@ def identify(path: Path, head: bytes, size: int) -> KernelFile:
 # Decompression
 
 
-def _feed(decompress: Callable[[bytes], bytes], data: bytes, path: Path, what: str) -> bytearray:
+class _Decompressor(Protocol):
+    """What zlib's, zstandard's and lzma's streaming decompressors have in common."""
+
+    @property
+    def eof(self) -> bool: ...
+
+    def decompress(self, data: bytes) -> bytes: ...
+
+
+def _feed(d: _Decompressor, data: bytes, path: Path, what: str) -> tuple[bytearray, bool]:
+    """Unpack *data* up to the end of its first stream (the kernel's decompressors stop there
+    too); the output and whether the stream ended."""
     out = bytearray()
     for at in range(0, len(data), _CHUNK):
-        out += decompress(data[at : at + _CHUNK])
+        out += d.decompress(data[at : at + _CHUNK])
         if len(out) > MAX_IMAGE_BYTES:
             raise KdumpError(
                 f"{path}: the {what} payload unpacks to more than {MAX_IMAGE_BYTES >> 20} MiB, "
                 "which no kernel is: the file is corrupt"
             )
-    return out
+        if d.eof:
+            break
+    return out, d.eof
 
 
-def _gunzip(data: bytes, path: Path) -> tuple[bytearray, bool]:
-    # One gzip member; the kernel's own decompressor also stops at its end. zlib checks the
-    # member's CRC32 and length there.
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    return _feed(d.decompress, data, path, "gzip"), d.eof
-
-
-def _unzstd(data: bytes, path: Path) -> tuple[bytearray, bool]:
-    d = zstandard.ZstdDecompressor().decompressobj()
-    return _feed(d.decompress, data, path, "zstd"), d.eof
-
-
-def _unlzma(fmt: int) -> Callable[[bytes, Path], tuple[bytearray, bool]]:
-    def run(data: bytes, path: Path) -> tuple[bytearray, bool]:
-        d = lzma.LZMADecompressor(format=fmt)
-        return _feed(d.decompress, data, path, "lzma/xz"), d.eof
-
-    return run
-
-
-# The zboot names (and "gzip" for a gzip file) → a decompressor giving (output, stream ended).
-_DECOMPRESSORS: dict[str, Callable[[bytes, Path], tuple[bytearray, bool]]] = {
-    "gzip": _gunzip,
-    "zstd": _unzstd,
-    "zstd22": _unzstd,
-    "lzma": _unlzma(lzma.FORMAT_ALONE),
-    "xzkern": _unlzma(lzma.FORMAT_XZ),
+# The zboot names (and "gzip" for a gzip file) → a new decompressor. zlib's gzip mode and
+# zstd's (with the checksum `zstd` writes by default) and xz's checks catch a corrupt payload.
+_DECOMPRESSORS: dict[str, Callable[[], _Decompressor]] = {
+    "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
+    "zstd": lambda: zstandard.ZstdDecompressor().decompressobj(),
+    "zstd22": lambda: zstandard.ZstdDecompressor().decompressobj(),
+    "lzma": lambda: lzma.LZMADecompressor(format=lzma.FORMAT_ALONE),
+    "xzkern": lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ),
 }
 _CORRUPT = (zlib.error, zstandard.ZstdError, lzma.LZMAError, EOFError)
 
@@ -156,16 +152,16 @@ def decompress(kernel: KernelFile, data: bytes) -> bytes:
     """The uncompressed kernel inside *data* (the whole file *kernel* describes), checked to
     be a kernel image whose architecture the header names; errors name the file."""
     assert kernel.compression is not None
-    method = _DECOMPRESSORS.get(kernel.compression)
+    make = _DECOMPRESSORS.get(kernel.compression)
     what = kernel.describe()
-    if method is None:
+    if make is None:
         raise KdumpError(
-            f"{kernel.path} is an {what}: {kernel.compression} is not supported (gzip, zstd, "
-            "lzma and xz are); decompress it yourself and give the Image with --kernel"
+            f"{kernel.path} ({what}): {kernel.compression} is not supported (gzip, zstd, lzma "
+            "and xz are); decompress it yourself and give the Image with --kernel"
         )
     end = None if kernel.payload_bytes is None else kernel.payload_at + kernel.payload_bytes
     try:
-        out, ended = method(data[kernel.payload_at : end], kernel.path)
+        out, ended = _feed(make(), data[kernel.payload_at : end], kernel.path, what)
     except _CORRUPT as exc:
         raise KdumpError(f"{kernel.path}: the {what} is corrupt: {exc}") from None
     if not ended:
@@ -217,7 +213,7 @@ def _check_machine(kernel: KernelFile, arch: str | None, machine: str) -> None:
     if arch is None or arch == machine:
         return
     raise KdumpError(
-        f"{kernel.path} is an {kernel.describe()}, a kernel for {arch}, not for this machine "
+        f"{kernel.path} ({kernel.describe()}) is a kernel for {arch}, not for this machine "
         f"({machine}): give this machine's kernel"
     )
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
+import gzip
 import os
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from kdump_mkinitrd.arming.kexec import (
 )
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan.kernelimage import open_for_kexec
+from kdump_mkinitrd.qemutest.guest_images import host_root_image
+from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
 from tests.arm64_images import padded_image
 from tests.conftest import Arm64Files, Kernel
 
@@ -46,7 +49,6 @@ class Call:
     kernel: str | None  # what the fds pointed at during the call
     initrd: str | None
     kernel_content: bytes | None  # what the kernel could read from kernel_fd during the call
-    kernel_writable: bool  # kernel_fd was open for writing (kernel_read_file: ETXTBSY)
     cmdline_len: int
     cmdline: bytes | None  # the whole buffer, NUL included
     flags: int
@@ -78,7 +80,6 @@ class FakeSyscall:
                 _fd_target(kernel_fd),
                 _fd_target(initrd_fd),
                 _fd_content(kernel_fd),
-                kernel_fd >= 0 and fcntl.fcntl(kernel_fd, fcntl.F_GETFL) & os.O_ACCMODE != 0,
                 cmdline_len,
                 None if cmdline is None else cmdline.raw,
                 flags,
@@ -468,7 +469,7 @@ def test_arm64_kernel_reaches_the_syscall_as_its_image(
     result = _arm64_load(host, path, syscall, FakeRun(raises=AssertionError("no kexec-tools")))
     [call] = syscall.calls
     assert call.number == 294  # aarch64's kexec_file_load
-    assert call.kernel_content is not None and not call.kernel_writable
+    assert call.kernel_content is not None
     # zboot compresses the Image padded with zeros to its in-memory size.
     expected = padded_image(image) if which.startswith("zboot") else image
     assert call.kernel_content == expected
@@ -684,3 +685,52 @@ def test_real_syscall_with_a_fake_reservation(host: Host) -> None:
 def test_real_unload_does_not_fail_when_nothing_is_loaded() -> None:
     _skip_if_a_capture_kernel_is_loaded()
     assert unload_crash_kernel() is False
+
+
+# ---------------------------------------------------------------------------------------------
+# A real kernel with a real reservation (this host has none): a Debian guest
+
+GUEST_LOAD = """
+import errno, os, sys
+from pathlib import Path
+from kdump_mkinitrd.arming import kexec
+packed, initrd = map(Path, sys.argv[1:3])
+# The gzip file itself is what the kernel cannot parse: the reason for the memfd.
+with open(packed, "rb") as k, open(initrd, "rb") as i:
+    code = kexec._kexec_file_load(kexec._libc_syscall, 320, k.fileno(), i.fileno(), b"x",
+                                  kexec.KEXEC_FILE_ON_CRASH)
+print("GUEST-RAW", errno.errorcode.get(code, code), flush=True)
+result = kexec.load_crash_kernel(packed, initrd, "console=ttyS0 nr_cpus=1")
+loaded = Path("/sys/kernel/kexec_crash_loaded").read_text().strip()
+print("GUEST-LOAD", result.method, result.kernel_format, "loaded=" + loaded, flush=True)
+"""
+
+
+@pytest.mark.qemu
+def test_a_real_kernel_crash_loads_a_decompressed_kernel_from_the_memfd(
+    tmp_path: Path, kernel61: Kernel
+) -> None:
+    """x86's kexec_file_load takes no gzip (ENOEXEC), so a gzip-compressed bzImage goes through
+    the same sealed memfd as a compressed arm64 Image: the guest's kernel crash-loads it."""
+    packed = tmp_path / "vmlinuz.gz"
+    packed.write_bytes(gzip.compress(kernel61.vmlinuz.read_bytes(), compresslevel=1, mtime=0))
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(bytes(4096))
+    script = tmp_path / "load.py"
+    script.write_text(GUEST_LOAD)
+    command = [sys.executable, str(script), str(packed), str(initrd)]
+    image = tmp_path / "guest.img"
+    boot_args = host_root_image(
+        image, kernel61.kver, kernel61.kmoddir, [command], crash=False, writable=["/run"],
+        environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",
+                     "PYTHONDONTWRITEBYTECODE=1"],
+    )  # fmt: skip
+    result = run(
+        Boot(kernel=kernel61.vmlinuz, initrd=image, serial_log=tmp_path / "serial.log",
+             cmdline="console=ttyS0 panic=-1 crashkernel=256M", memory="1G",
+             accel=default_accel(), timeout=600, extra=boot_args)
+    )  # fmt: skip
+    log = result.log.replace("\r", "")
+    assert "kdump-test: command succeeded" in log, log[-4000:]
+    assert "GUEST-LOAD kexec_file_load gzip-compressed x86 bzImage loaded=1" in log, log[-4000:]
+    assert "GUEST-RAW ENOEXEC" in log, log[-4000:]

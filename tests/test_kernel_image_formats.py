@@ -8,19 +8,25 @@ from __future__ import annotations
 import fcntl
 import gzip
 import os
+import re
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
+from elftools.elf.dynamic import DynamicSection
+from elftools.elf.elffile import ELFFile
 
 from kdump_mkinitrd.arming import kexec, registration
 from kdump_mkinitrd.config import load
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan import kernelimage
 from kdump_mkinitrd.hostscan.kernelimage import KexecKernel, open_for_kexec
+from kdump_mkinitrd.image import cpio
 from kdump_mkinitrd.image.build import BuildRequest
+from kdump_mkinitrd.qemutest.testcache import cache_root
 from tests.arm64_images import padded_image, zboot
-from tests.conftest import Arm64Files, Kernel
+from tests.conftest import REPO, Arm64Files, Kernel
 from tests.test_register_kernel import hook_build
 
 
@@ -220,3 +226,132 @@ def test_a_payload_larger_than_any_kernel_is_refused(
     # The limit (512 MiB) lowered below the real Image's 31 MiB, rather than a 512 MiB bomb.
     monkeypatch.setattr(kernelimage, "MAX_IMAGE_BYTES", 16 << 20)
     _must_fail(arm64_files.gzip, "aarch64", "unpacks to more than 16 MiB")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real arm64 kernel: Debian's 6.1 arm64 in qemu-system-aarch64 loads what `register` hands it
+
+# The shared arm64 tree's packages (the same list, so the cached tree is reused).
+SYSROOT_PACKAGES = ("busybox-static", "makedumpfile", "kexec-tools", "python3", "python3-yaml",
+                    "python3-jinja2", "python3-pyelftools", "python3-construct",
+                    "python3-zstandard")  # fmt: skip
+LIB_DIRS = ("lib/aarch64-linux-gnu", "usr/lib/aarch64-linux-gnu", "lib")
+
+GUEST_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+PYTHONPATH=/py PYTHONDONTWRITEBYTECODE=1 /usr/bin/python3.11 /probe.py || echo "PROBE-FAILED"
+poweroff -f
+"""
+GUEST_PROBE = """
+import subprocess
+from pathlib import Path
+from kdump_mkinitrd.arming import kexec
+def loaded():
+    return Path("/sys/kernel/kexec_crash_loaded").read_text().strip()
+for name in ("/vmlinuz.gz", "/vmlinuz.zboot"):
+    direct = subprocess.run(["/sbin/kexec", "-p", "-c", name, "--initrd=/initrd"],
+                            capture_output=True, text=True)
+    print("PROBE-DIRECT", name, direct.returncode, "loaded=" + loaded(), flush=True)
+    kexec.unload_crash_kernel(kexec="/sbin/kexec")
+    result = kexec.load_crash_kernel(Path(name), Path("/initrd"), "console=ttyAMA0",
+                                     kexec="/sbin/kexec")
+    print("PROBE-LOAD", name, result.method, result.command[3], result.kernel_bytes,
+          "loaded=" + loaded(), flush=True)
+    print("PROBE-UNLOAD", kexec.unload_crash_kernel(kexec="/sbin/kexec"), loaded(), flush=True)
+"""
+
+
+def _needed(path: Path) -> list[str]:
+    with path.open("rb") as f:
+        dynamic = ELFFile(f).get_section_by_name(".dynamic")
+        if not isinstance(dynamic, DynamicSection):
+            return []
+        return [tag.needed for tag in dynamic.iter_tags() if tag.entry.d_tag == "DT_NEEDED"]
+
+
+def _library_closure(root: Path, programs: list[Path]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    todo = list(programs)
+    while todo:
+        for name in _needed(todo.pop()):
+            if name in found:
+                continue
+            path = next(root / d / name for d in LIB_DIRS if (root / d / name).exists())
+            found[name] = path.resolve()
+            todo.append(found[name])
+    return found
+
+
+def _arm64_probe_initramfs(root: Path, image: bytes, out: Path) -> None:
+    """busybox, the sysroot's python3 with zstandard, kexec-tools and this checkout's package,
+    the gzip and zboot forms of the Image, and a probe that loads each with load_crash_kernel."""
+    entries: list[cpio.Entry] = []
+
+    def add(path: str, data: bytes, mode: int = 0o644) -> None:
+        entries.append(cpio.Entry(path, "file", mode, data))
+
+    stdlib = root / "usr/lib/python3.11"
+    dynload = sorted((stdlib / "lib-dynload").glob("*.so"))
+    zstd = root / "usr/lib/python3/dist-packages/zstandard"
+    programs = [root / "bin/busybox", root / "usr/bin/python3.11", root / "sbin/kexec"]
+    for name, path in _library_closure(root, [*programs, *dynload, *zstd.glob("*.so")]).items():
+        add(f"lib/aarch64-linux-gnu/{name}", path.read_bytes(), 0o755)
+    add("lib/ld-linux-aarch64.so.1", (root / "lib/ld-linux-aarch64.so.1").read_bytes(), 0o755)
+    for program in programs:
+        add(str(program.relative_to(root)), program.read_bytes(), 0o755)
+    skip = {"test", "idlelib", "tkinter", "ensurepip", "__pycache__", "turtledemo"}
+    trees = [
+        (stdlib, "usr/lib/python3.11"),
+        (zstd, "py/zstandard"),
+        (REPO / "builder", "py/kdump_mkinitrd"),
+    ]
+    for tree, dest in trees:
+        for path in sorted(tree.rglob("*")):
+            rel = path.relative_to(tree)
+            if path.is_file() and not skip & set(rel.parts):
+                add(f"{dest}/{rel}", path.read_bytes())
+    add("init", GUEST_INIT.encode(), 0o755)
+    add("probe.py", GUEST_PROBE.encode())
+    add("vmlinuz.gz", gzip.compress(image, compresslevel=1, mtime=0))
+    add("vmlinuz.zboot", zboot(image, "zstd22"))
+    add("initrd", bytes(4096))
+    dirs = {str(Path(e.path).parent) for e in entries} | {"proc", "sys", "dev", "bin", "sbin"}
+    parents = {str(p) for d in dirs for p in [Path(d), *Path(d).parents] if str(p) != "."}
+    entries += [cpio.Entry(d, "dir", 0o755) for d in sorted(parents)]
+    with out.open("wb") as f:
+        cpio.write_newc(entries, f)
+
+
+@pytest.mark.qemu
+def test_debian_arm64_kernel_loads_compressed_kernels(tmp_path: Path, kernel_arm64: Kernel) -> None:
+    """Debian's arm64 kernels have no kexec_file_load (CONFIG_KEXEC_FILE is off in 6.1 and
+    6.12), so on Debian `register` falls back to kexec-tools 2.0.25, which loads a gzip Image
+    itself but cannot read an EFI zboot image: given the decompressed Image through
+    /proc/self/fd/N, it crash-loads both."""
+    make_sysroot = REPO / "scripts/make-sysroot"
+    root = Path(subprocess.run(
+        [str(make_sysroot), "arm64", str(cache_root() / "sysroots"), *SYSROOT_PACKAGES],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()[-1])  # fmt: skip
+    initramfs = tmp_path / "probe.cpio"
+    _arm64_probe_initramfs(root, kernel_arm64.vmlinuz.read_bytes(), initramfs)
+    serial = tmp_path / "serial.log"
+    subprocess.run(
+        ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a57", "-m", "1024", "-smp", "1",
+         "-nographic", "-no-reboot", "-nic", "none", "-kernel", str(kernel_arm64.vmlinuz),
+         "-initrd", str(initramfs), "-append", "console=ttyAMA0 crashkernel=256M panic=-1",
+         "-serial", f"file:{serial}", "-monitor", "none", "-display", "none"],
+        check=True, timeout=600, capture_output=True,
+    )  # fmt: skip
+    log = serial.read_text(errors="replace").replace("\r", "")
+    assert "PROBE-FAILED" not in log, log[-4000:]
+    assert "PROBE-DIRECT /vmlinuz.gz 0 loaded=1" in log, log[-4000:]
+    assert "PROBE-DIRECT /vmlinuz.zboot 255 loaded=0" in log, log[-4000:]
+    image_bytes = kernel_arm64.vmlinuz.stat().st_size
+    padded = len(padded_image(kernel_arm64.vmlinuz.read_bytes()))
+    for name, size in (("/vmlinuz.gz", image_bytes), ("/vmlinuz.zboot", padded)):
+        assert re.search(f"PROBE-LOAD {name} kexec_load /proc/self/fd/\\d+ {size} loaded=1", log), (
+            log[-4000:]
+        )
+    assert log.count("PROBE-UNLOAD True 0") == 2, log[-4000:]

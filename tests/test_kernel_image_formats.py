@@ -267,7 +267,7 @@ def _needed(path: Path) -> list[str]:
         dynamic = ELFFile(f).get_section_by_name(".dynamic")
         if not isinstance(dynamic, DynamicSection):
             return []
-        return [tag.needed for tag in dynamic.iter_tags() if tag.entry.d_tag == "DT_NEEDED"]
+        return [str(tag.needed) for tag in dynamic.iter_tags("DT_NEEDED")]  # type: ignore[attr-defined]
 
 
 def _library_closure(root: Path, programs: list[Path]) -> dict[str, Path]:

@@ -209,16 +209,13 @@ class KexecKernel:
         return f"/proc/self/fd/{self.fd}" if self.in_memory else str(self.path)
 
 
-def _check_machine(kernel: KernelFile, arch: str | None, machine: str) -> None:
-    if arch is None or arch == machine:
+def _check_machine(kernel: KernelFile, machine: str) -> None:
+    if kernel.arch is None or kernel.arch == machine:
         return
     raise KdumpError(
-        f"{kernel.path} ({kernel.describe()}) is a kernel for {arch}, not for this machine "
+        f"{kernel.path} ({kernel.describe()}) is a kernel for {kernel.arch}, not for this machine "
         f"({machine}): give this machine's kernel"
     )
-
-
-_SEALS = ("F_SEAL_SEAL", "F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_WRITE")
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -233,11 +230,8 @@ def _memfd(name: str, data: bytes) -> int:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        seals = 0
-        for seal in _SEALS:
-            seals |= getattr(fcntl, seal, 0)
-        with contextlib.suppress(OSError):  # unsealed still loads; sealing guards the check
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
     except BaseException:
         os.close(fd)
         raise
@@ -263,15 +257,20 @@ def open_for_kexec(path: Path, machine: str) -> Iterator[KexecKernel]:
             raise KdumpError(f"kernel {path} is not a regular file")
         kernel = identify(path, os.pread(fd, 1024, 0), info.st_size)
         if kernel.compression is None:
-            _check_machine(kernel, kernel.arch, machine)
+            _check_machine(kernel, machine)
             yield KexecKernel(kernel, fd, info.st_size, in_memory=False)
             return
         data = _read_all(fd, info.st_size, path)
         image = decompress(kernel, data)
         del data
         kernel = replace(kernel, arch=raw_arch(image))
-        _check_machine(kernel, kernel.arch, machine)
-        memfd = _memfd(f"kdump-kernel:{path.name}", image)
+        _check_machine(kernel, machine)
+        try:
+            memfd = _memfd(f"kdump-kernel:{path.name}", image)
+        except OSError as exc:
+            raise KdumpError(
+                f"cannot hold the decompressed kernel of {path} in a memory file: {exc.strerror}"
+            ) from None
         try:
             yield KexecKernel(kernel, memfd, len(image), in_memory=True)
         finally:

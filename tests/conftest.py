@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,13 @@ import pytest
 
 from kdump_mkinitrd.qemutest.run import Options, Report, run_qemu_test
 from kdump_mkinitrd.qemutest.testcache import kernel_cache
+from tests.arm64_images import zboot
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_CACHE = kernel_cache()
 KVER_61 = "6.1.0-56-amd64"
 KVER_612 = "6.12.117+deb12-amd64"
+KVER_ARM64 = "6.1.0-56-arm64"
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,34 @@ def kernel61() -> Kernel:
 @pytest.fixture(scope="session")
 def kernel612() -> Kernel:
     return _kernel(KVER_612)
+
+
+@pytest.fixture(scope="session")
+def kernel_arm64() -> Kernel:
+    """Debian's arm64 kernel; its vmlinuz is a plain (uncompressed) arm64 Image."""
+    return _kernel(KVER_ARM64)
+
+
+@dataclass(frozen=True)
+class Arm64Files:
+    """The real arm64 Image and the same kernel as other distributions ship it."""
+
+    image: Path  # Debian: the Image itself
+    gzip: Path  # Ubuntu: the Image gzip-compressed
+    zboot_gzip: Path  # Fedora: EFI zboot, gzip payload
+    zboot_zstd: Path  # EFI zboot, zstd payload (CONFIG_KERNEL_ZSTD)
+
+
+@pytest.fixture(scope="session")
+def arm64_files(kernel_arm64: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Arm64Files:
+    out = tmp_path_factory.mktemp("arm64-kernels")
+    image = kernel_arm64.vmlinuz.read_bytes()
+    files = Arm64Files(kernel_arm64.vmlinuz, out / "vmlinuz.gz", out / "vmlinuz.zboot-gzip",
+                       out / "vmlinuz.zboot-zstd")  # fmt: skip
+    files.gzip.write_bytes(gzip.compress(image, compresslevel=6, mtime=0))
+    files.zboot_gzip.write_bytes(zboot(image, "gzip"))
+    files.zboot_zstd.write_bytes(zboot(image, "zstd22"))
+    return files
 
 
 # What a test's own config for qemu-test ends with.

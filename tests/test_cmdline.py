@@ -11,6 +11,7 @@ from kdump_mkinitrd.arming.cmdline import (
     COMMON_ADDED,
     DROPPED,
     MULTI_VALUED,
+    NOT_ON,
     REASONS,
     boot_cpu_apicid,
     capture_cmdline,
@@ -56,12 +57,40 @@ def test_fedora_x86_64() -> None:
     )
 
 
+ARM64_DEFAULTS = (
+    "nr_cpus=1 reset_devices cgroup_disable=memory transparent_hugepage=never "
+    "novmcoredd panic=10 hugetlb_cma=0 kfence.sample_interval=0 cma=0 "
+    "initramfs_options=size=90% numa=off swiotlb=noforce"
+)
+# Only on x86: ACPI memory hot-plug, HEST, PCIe port services, machine checks, APIC ids (and
+# KASLR, whose x86 reason does not carry over).
+X86_ONLY = ("acpi_no_memhotplug", "hest_disable", "nokaslr", "pcie_ports", "mce",
+            "disable_cpu_apicid")  # fmt: skip
+
+
 def test_debian_arm64_alias() -> None:
-    assert capture_cmdline(DEBIAN, "arm64") == (
-        "irqpoll nr_cpus=1 reset_devices cgroup_disable=memory transparent_hugepage=never "
-        "novmcoredd panic=10 hugetlb_cma=0 kfence.sample_interval=0 cma=0 "
-        "initramfs_options=size=90% numa=off swiotlb=noforce"
-    )
+    assert capture_cmdline(DEBIAN, "arm64") == ARM64_DEFAULTS
+
+
+def test_arm64_set() -> None:
+    """The arm64 capture line from a Debian arm64 guest's own command line: console kept,
+    the kdump set without irqpoll (it hangs some arm64 machines) and nothing x86-only."""
+    current = "BOOT_IMAGE=/vmlinuz-6.1.0-56-arm64 root=/dev/vda1 ro console=ttyAMA0 quiet"
+    out = capture_cmdline(current, "aarch64")
+    assert out == f"console=ttyAMA0 {ARM64_DEFAULTS}"
+    keys = {parse_arg(arg).key for arg in split_cmdline(out)}
+    assert not keys & {*X86_ONLY, "irqpoll"}
+    assert kdump_args("arm64") == kdump_args("aarch64") == ARM64_DEFAULTS.split()
+    # irqpoll the first kernel itself runs with is the administrator's choice, and kept.
+    assert "irqpoll" in capture_cmdline("irqpoll", "aarch64").split()
+
+
+def test_left_out_arguments_say_why() -> None:
+    for arch, left in NOT_ON.items():
+        for arg in left:
+            assert arg in COMMON_ADDED and arg not in kdump_args(arch)
+            assert REASONS[f"{arch}: no {arg}"]
+    assert "Graviton" in REASONS["aarch64: no irqpoll"]
 
 
 def test_quoted_values_kept_as_written() -> None:
@@ -81,7 +110,7 @@ def test_first_boot_init_arguments_dropped() -> None:
     ("arch", "present", "absent"),
     [
         ("x86_64", ["nokaslr", "hest_disable", "pcie_ports=compat", "mce=off"], ["swiotlb"]),
-        ("aarch64", ["numa=off", "swiotlb=noforce", "irqpoll"], ["nokaslr", "mce=off"]),
+        ("aarch64", ["numa=off", "swiotlb=noforce", "nr_cpus=1"], ["irqpoll", *X86_ONLY]),
         ("ppc64le", ["noirqdistrib", "numa=off", "kvm_cma_resv_ratio=0"], ["nokaslr"]),
         ("ppc64el", ["noirqdistrib"], []),
         ("s390x", ["vmcp_cma=0", "numa=off", "nr_cpus=1"], ["irqpoll", "reset_devices"]),

@@ -17,7 +17,7 @@ from kdump_mkinitrd.cli import _request, parser
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan import kernelfiles
 from kdump_mkinitrd.image import compress
-from tests.conftest import Kernel
+from tests.conftest import Arm64Files, Kernel
 
 STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")  # Debian's systemd-boot-efi
 
@@ -54,6 +54,24 @@ def test_release_written_in_the_real_images(kernel61: Kernel, kernel612: Kernel)
     banner = b"\0" * 64 + b"Linux version 6.1.0-56-arm64 (debian-kernel@lists.debian.org) #1"
     assert kernelfiles.release_of(banner) == "6.1.0-56-arm64"
     assert kernelfiles.release_of(b"\0" * 4096) is None
+
+
+def test_release_seen_through_compressed_arm64_kernels(arm64_files: Arm64Files) -> None:
+    """Ubuntu's gzip Image and Fedora's zboot image carry the banner inside the payload."""
+    for path in (arm64_files.image, arm64_files.gzip, arm64_files.zboot_gzip,
+                 arm64_files.zboot_zstd):  # fmt: skip
+        assert kernelfiles.embedded_release(path) == "6.1.0-56-arm64", path
+    # A damaged payload says nothing rather than something wrong.
+    assert kernelfiles.release_of(arm64_files.gzip.read_bytes()[:1000000]) is None
+
+
+def test_arch_style_compressed_arm64_kernel_is_found(
+    tmp_path: Path, kernel_arm64: Kernel, arm64_files: Arm64Files
+) -> None:
+    boot, kmoddir = tree(tmp_path, kernel_arm64)
+    shutil.copy(arm64_files.zboot_zstd, boot / "vmlinuz-linux")
+    assert kernelfiles.find_kernel(kernel_arm64.kver, kmoddir, boot) == boot / "vmlinuz-linux"
+    assert kernelfiles.find_kernel("6.1.0-55-arm64", kmoddir, boot) is None
 
 
 def test_debian_layout(tmp_path: Path, kernel61: Kernel) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gzip
 import os
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,11 @@ from kdump_mkinitrd.arming.kexec import (
     unload_crash_kernel,
 )
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan.kernelimage import open_for_kexec
+from kdump_mkinitrd.qemutest.guest_images import host_root_image
+from kdump_mkinitrd.qemutest.qemu import Boot, default_accel, run
+from tests.arm64_images import padded_image
+from tests.conftest import Arm64Files, Kernel
 
 MIB = 1 << 20
 CMDLINE = 'console=ttyS0 irqpoll nr_cpus=1 foo="a b"'
@@ -41,6 +48,7 @@ class Call:
     initrd_fd: int
     kernel: str | None  # what the fds pointed at during the call
     initrd: str | None
+    kernel_content: bytes | None  # what the kernel could read from kernel_fd during the call
     cmdline_len: int
     cmdline: bytes | None  # the whole buffer, NUL included
     flags: int
@@ -71,6 +79,7 @@ class FakeSyscall:
                 initrd_fd,
                 _fd_target(kernel_fd),
                 _fd_target(initrd_fd),
+                _fd_content(kernel_fd),
                 cmdline_len,
                 None if cmdline is None else cmdline.raw,
                 flags,
@@ -88,15 +97,31 @@ def _fd_target(fd: int) -> str | None:
     return None if fd < 0 else os.readlink(f"/proc/self/fd/{fd}")
 
 
+def _fd_content(fd: int) -> bytes | None:
+    if fd < 0:
+        return None
+    out = bytearray()
+    while chunk := os.pread(fd, 1 << 20, len(out)):
+        out += chunk
+    return bytes(out)
+
+
 @dataclass
 class FakeRun:
     returncode: int = 0
     stderr: str = ""
     raises: BaseException | None = None
     argvs: list[list[str]] = field(default_factory=list)
+    pass_fds: list[tuple[int, ...]] = field(default_factory=list)
+    kernels: list[bytes] = field(default_factory=list)  # what a decompressed kernel held
 
-    def __call__(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, argv: Sequence[str], pass_fds: Sequence[int] = ()
+    ) -> subprocess.CompletedProcess[str]:
         self.argvs.append(list(argv))
+        self.pass_fds.append(tuple(pass_fds))
+        for fd in pass_fds:
+            self.kernels.append(Path(f"/proc/self/fd/{fd}").read_bytes())
         if self.raises is not None:
             raise self.raises
         return subprocess.CompletedProcess(list(argv), self.returncode, "", self.stderr)
@@ -423,6 +448,107 @@ def test_kexec_found_in_sbin_without_path(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------
+# arm64 kernels: the Image as shipped by Debian, Ubuntu (gzip) and Fedora (EFI zboot)
+
+
+def _arm64_load(host: Host, kernel: Path, syscall: FakeSyscall, run: FakeRun) -> kexec.LoadResult:
+    host.set("kexec_crash_size", str(512 * MIB))
+    return load_crash_kernel(
+        kernel, host.initrd, CMDLINE, machine="aarch64", sysfs=host.sysfs,
+        procsys=host.procsys, suggest="512M", syscall=syscall, kexec=str(host.kexec), run=run,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["image", "gzip", "zboot_gzip", "zboot_zstd"])
+def test_arm64_kernel_reaches_the_syscall_as_its_image(
+    host: Host, arm64_files: Arm64Files, which: str
+) -> None:
+    path: Path = getattr(arm64_files, which)
+    image = arm64_files.image.read_bytes()
+    syscall = FakeSyscall()
+    result = _arm64_load(host, path, syscall, FakeRun(raises=AssertionError("no kexec-tools")))
+    [call] = syscall.calls
+    assert call.number == 294  # aarch64's kexec_file_load
+    assert call.kernel_content is not None
+    # zboot compresses the Image padded with zeros to its in-memory size.
+    expected = padded_image(image) if which.startswith("zboot") else image
+    assert call.kernel_content == expected
+    assert result.kernel == path and result.kernel_bytes == len(expected)
+    if which == "image":
+        assert call.kernel == str(path.resolve()) and result.kernel_format == "arm64 Image"
+    else:
+        assert call.kernel is not None and call.kernel.startswith("/memfd:")
+        assert "compressed arm64 Image" in result.kernel_format
+    with pytest.raises(OSError):  # the memfd is gone with the load
+        os.fstat(call.kernel_fd)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.ENOEXEC])
+def test_arm64_fallback_gets_the_decompressed_image(
+    host: Host, arm64_files: Arm64Files, code: int
+) -> None:
+    run = FakeRun()
+    syscall = FakeSyscall(fail=code)
+    result = _arm64_load(host, arm64_files.zboot_zstd, syscall, run)
+    [argv] = run.argvs
+    fd = syscall.calls[0].kernel_fd
+    assert argv[:4] == [str(host.kexec), "-p", "-c", f"/proc/self/fd/{fd}"]
+    assert run.pass_fds == [(fd,)]
+    assert run.kernels == [padded_image(arm64_files.image.read_bytes())]
+    assert result.method == "kexec_load" and result.kernel == arm64_files.zboot_zstd
+
+
+def test_arm64_fallback_with_a_plain_image_names_the_file(
+    host: Host, arm64_files: Arm64Files
+) -> None:
+    run = FakeRun()
+    _arm64_load(host, arm64_files.image, FakeSyscall(fail=errno.ENOEXEC), run)
+    assert run.argvs[0][3] == str(arm64_files.image) and run.pass_fds == [()]
+
+
+def test_a_child_process_reads_the_memfd(arm64_files: Arm64Files) -> None:
+    """The real runner hands the descriptor on: a real program reads the Image through it."""
+    with open_for_kexec(arm64_files.gzip, "aarch64") as kernel:
+        done = kexec._run(["cmp", kernel.tool_path(), str(arm64_files.image)], (kernel.fd,))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_arm64_reservation_is_checked_against_the_uncompressed_size(
+    host: Host, arm64_files: Arm64Files
+) -> None:
+    compressed = arm64_files.gzip.stat().st_size
+    host.set("kexec_crash_size", str(compressed + MIB))  # room for the file, not the Image
+    syscall = FakeSyscall()
+    with pytest.raises(KdumpError, match="larger than the crash reservation") as info:
+        load_crash_kernel(
+            arm64_files.gzip, host.initrd, CMDLINE, machine="arm64", sysfs=host.sysfs,
+            syscall=syscall,
+        )  # fmt: skip
+    assert f"kernel {arm64_files.image.stat().st_size / MIB:.1f} MiB" in str(info.value)
+    assert not syscall.calls
+
+
+def test_kernel_of_another_machine_is_refused_before_any_load(
+    host: Host, arm64_files: Arm64Files, kernel61: Kernel
+) -> None:
+    syscall = FakeSyscall()
+    with pytest.raises(KdumpError, match=r"kernel for aarch64, not for this machine \(x86_64\)"):
+        load_crash_kernel(arm64_files.gzip, host.initrd, "", machine="x86_64",
+                          sysfs=host.sysfs, syscall=syscall)  # fmt: skip
+    with pytest.raises(KdumpError, match=r"x86 bzImage.*\(aarch64\)"):
+        load_crash_kernel(kernel61.vmlinuz, host.initrd, "", machine="aarch64",
+                          sysfs=host.sysfs, syscall=syscall)  # fmt: skip
+    assert not syscall.calls
+
+
+def test_errors_name_the_compressed_file(host: Host, arm64_files: Arm64Files) -> None:
+    with pytest.raises(KdumpError) as info:
+        _arm64_load(host, arm64_files.zboot_gzip, FakeSyscall(fail=errno.EKEYREJECTED), FakeRun())
+    message = str(info.value)
+    assert str(arm64_files.zboot_gzip) in message and "EFI zboot image" in message
+
+
+# ---------------------------------------------------------------------------------------------
 # Unloading and status
 
 
@@ -559,3 +685,52 @@ def test_real_syscall_with_a_fake_reservation(host: Host) -> None:
 def test_real_unload_does_not_fail_when_nothing_is_loaded() -> None:
     _skip_if_a_capture_kernel_is_loaded()
     assert unload_crash_kernel() is False
+
+
+# ---------------------------------------------------------------------------------------------
+# A real kernel with a real reservation (this host has none): a Debian guest
+
+GUEST_LOAD = """
+import errno, os, sys
+from pathlib import Path
+from kdump_mkinitrd.arming import kexec
+packed, initrd = map(Path, sys.argv[1:3])
+# The gzip file itself is what the kernel cannot parse: the reason for the memfd.
+with open(packed, "rb") as k, open(initrd, "rb") as i:
+    code = kexec._kexec_file_load(kexec._libc_syscall, 320, k.fileno(), i.fileno(), b"x",
+                                  kexec.KEXEC_FILE_ON_CRASH)
+print("GUEST-RAW", errno.errorcode.get(code, code), flush=True)
+result = kexec.load_crash_kernel(packed, initrd, "console=ttyS0 nr_cpus=1")
+loaded = Path("/sys/kernel/kexec_crash_loaded").read_text().strip()
+print("GUEST-LOAD", result.method, result.kernel_format, "loaded=" + loaded, flush=True)
+"""
+
+
+@pytest.mark.qemu
+def test_a_real_kernel_crash_loads_a_decompressed_kernel_from_the_memfd(
+    tmp_path: Path, kernel61: Kernel
+) -> None:
+    """x86's kexec_file_load takes no gzip (ENOEXEC), so a gzip-compressed bzImage goes through
+    the same sealed memfd as a compressed arm64 Image: the guest's kernel crash-loads it."""
+    packed = tmp_path / "vmlinuz.gz"
+    packed.write_bytes(gzip.compress(kernel61.vmlinuz.read_bytes(), compresslevel=1, mtime=0))
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(bytes(4096))
+    script = tmp_path / "load.py"
+    script.write_text(GUEST_LOAD)
+    command = [sys.executable, str(script), str(packed), str(initrd)]
+    image = tmp_path / "guest.img"
+    boot_args = host_root_image(
+        image, kernel61.kver, kernel61.kmoddir, [command], crash=False, writable=["/run"],
+        environment=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/run",
+                     "PYTHONDONTWRITEBYTECODE=1"],
+    )  # fmt: skip
+    result = run(
+        Boot(kernel=kernel61.vmlinuz, initrd=image, serial_log=tmp_path / "serial.log",
+             cmdline="console=ttyS0 panic=-1 crashkernel=256M", memory="1G",
+             accel=default_accel(), timeout=600, extra=boot_args)
+    )  # fmt: skip
+    log = result.log.replace("\r", "")
+    assert "kdump-test: command succeeded" in log, log[-4000:]
+    assert "GUEST-LOAD kexec_file_load gzip-compressed x86 bzImage loaded=1" in log, log[-4000:]
+    assert "GUEST-RAW ENOEXEC" in log, log[-4000:]

@@ -110,7 +110,7 @@ DROPPED: dict[str, str] = {
     "and memory; the capture image attaches what it needs.",
 }
 
-# Added for every architecture (unless listed in _NOT_ON): argument → why.
+# Added for every architecture (unless listed in NOT_ON): argument → why.
 COMMON_ADDED: dict[str, str] = {
     "irqpoll": "the first kernel's devices may still raise interrupts on lines the capture "
     "kernel has not set up; polling keeps shared lines working instead of disabling them.",
@@ -149,7 +149,9 @@ ARCH_ADDED: dict[str, dict[str, str]] = {
     },
     "aarch64": {
         "numa=off": "one node is enough, and NUMA set-up costs memory.",
-        "swiotlb=noforce": "no default 64 MB bounce buffer, which would not fit the reservation.",
+        "swiotlb=noforce": "arm64 sets up a 64 MB bounce buffer at boot whenever memory lies "
+        "beyond its DMA zone (as a crashkernel=...,high reservation does); 64 MB would not fit "
+        "the reservation (kdump-utils passes the same on arm64).",
     },
     "ppc64le": {
         "numa=off": "one node is enough, and NUMA set-up costs memory.",
@@ -165,9 +167,21 @@ ARCH_ADDED: dict[str, dict[str, str]] = {
 }
 ARCH_ADDED["ppc64"] = ARCH_ADDED["ppc64le"]
 
-# Common arguments an architecture does without, as the distributions do: s390 has no
-# interrupt lines to poll and its channel subsystem resets devices itself.
-_NOT_ON: dict[str, frozenset[str]] = {"s390x": frozenset({"irqpoll", "reset_devices"})}
+# Common arguments an architecture does without, as the distributions do: architecture →
+# {argument → why not there}.
+NOT_ON: dict[str, dict[str, str]] = {
+    "s390x": {
+        "irqpoll": "s390 has no interrupt lines to poll.",
+        "reset_devices": "s390's channel subsystem resets devices itself.",
+    },
+    "aarch64": {
+        "irqpoll": "arm64 interrupts come through the GIC, one line or message per device, so "
+        "there are rarely shared lines to rescue by polling, and the polling has hung capture "
+        "kernels: on AWS Graviton the capture kernel stalls with it (Fedora CoreOS issue "
+        "#1187; kdump-utils leaves it out there), and Debian's kdump-tools passes only "
+        "reset_devices nr_cpus=1 on arm64.",
+    },
+}
 
 # Not added by capture_cmdline() (it needs the running machine's /proc/cpuinfo); callers
 # on x86_64 append it with boot_cpu_apicid().
@@ -181,6 +195,7 @@ REASONS: dict[str, str] = {
     **DROPPED,
     **COMMON_ADDED,
     **{arg: why for added in ARCH_ADDED.values() for arg, why in added.items()},
+    **{f"{arch}: no {arg}": why for arch, left in NOT_ON.items() for arg, why in left.items()},
     **OPTIONAL_ADDED,
 }
 
@@ -309,7 +324,7 @@ _BUILTIN_MATCHERS = tuple(_Matcher.parse(rule) for rule in DROPPED)
 def kdump_args(arch: str) -> list[str]:
     """The arguments every capture kernel on *arch* gets, before the caller's append."""
     arch = normalise_arch(arch)
-    skipped = _NOT_ON.get(arch, frozenset())
+    skipped = NOT_ON.get(arch, {})
     common = [arg for arg in COMMON_ADDED if arg not in skipped]
     return common + list(ARCH_ADDED.get(arch, {}))
 

@@ -35,6 +35,7 @@ from typing import Literal
 from kdump_mkinitrd.arming.cmdline import normalise_arch
 from kdump_mkinitrd.arming.kexectext import kexec_tools_setup
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan.kernelimage import KexecKernel, open_for_kexec
 
 KEXEC_FILE_UNLOAD = 0x1
 KEXEC_FILE_ON_CRASH = 0x2
@@ -64,8 +65,9 @@ CmdlineBuffer = ctypes.Array[ctypes.c_char]
 # Same contract as libc's syscall(2): (number, kernel_fd, initrd_fd, cmdline_len, cmdline,
 # flags) → 0, or -1 with the error in ctypes.get_errno(). Tests pass a fake that records.
 Syscall = Callable[[int, int, int, int, CmdlineBuffer | None, int], int]
-# Runs kexec-tools: argv → finished process (stdout/stderr as text).
-Runner = Callable[[Sequence[str]], subprocess.CompletedProcess[str]]
+# Runs kexec-tools: (argv, descriptors the program inherits under their own numbers) →
+# finished process (stdout/stderr as text).
+Runner = Callable[[Sequence[str], Sequence[int]], subprocess.CompletedProcess[str]]
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,10 @@ class LoadResult:
     kernel: Path
     initrd: Path
     cmdline: str
-    kernel_bytes: int
+    kernel_bytes: int  # what the kernel reads: the uncompressed size of a compressed kernel
     initrd_bytes: int
     reserved_bytes: int
+    kernel_format: str = ""  # what the kernel file is (kernelimage.KernelFile.describe)
     fallback_reason: str | None = None  # why kexec_file_load was not used
     command: tuple[str, ...] | None = None  # the kexec-tools command, when it was used
 
@@ -389,7 +392,7 @@ def _unloaded_note(before: CrashStatus, sysfs: Path) -> str:
 
 
 def load_crash_kernel(
-    kernel: Path,
+    kernel: Path | KexecKernel,
     initrd: Path,
     cmdline: str,
     *,
@@ -403,6 +406,8 @@ def load_crash_kernel(
 ) -> LoadResult:
     """Load *kernel* + *initrd* as the crash (capture) kernel with *cmdline*.
 
+    *kernel* is a kernel file (an x86 bzImage, an arm64 Image, a gzip-compressed Image or an
+    EFI zboot image; see kernelimage) or one already opened by kernelimage.open_for_kexec.
     *suggest* is a crashkernel= value to recommend when the reservation is missing or too
     small. kexec_file_load is tried first; on ENOSYS/ENOEXEC (or an architecture without it)
     ``kexec -p`` from kexec-tools (program *kexec*, run through *run*) is the fallback,
@@ -410,23 +415,24 @@ def load_crash_kernel(
     """
     raw = _encode_cmdline(cmdline)
     # The files first: a typo in a path is the quicker fix than a reboot for crashkernel=.
-    with (
-        _open_for_kexec(kernel, "kernel") as (kernel_fd, kernel_bytes),
-        _open_for_kexec(initrd, "initramfs") as (initrd_fd, initrd_bytes),
-    ):
+    with contextlib.ExitStack() as stack:
+        if isinstance(kernel, Path):
+            arch = normalise_arch(machine or platform.machine())
+            kernel = stack.enter_context(open_for_kexec(kernel, arch))
+        initrd_fd, initrd_bytes = stack.enter_context(_open_for_kexec(initrd, "initramfs"))
         before = _check_reservation(sysfs, suggest)
         attempt = _Attempt(
-            kernel=kernel,
+            kernel=kernel.path,
             initrd=initrd,
             cmdline_bytes=len(raw) + 1,
-            kernel_bytes=kernel_bytes,
+            kernel_bytes=kernel.size,
             initrd_bytes=initrd_bytes,
             reserved_bytes=before.reserved_bytes,
             suggest=suggest,
             sysfs=sysfs,
             procsys=procsys,
         )
-        if kernel_bytes + initrd_bytes > before.reserved_bytes:
+        if kernel.size + initrd_bytes > before.reserved_bytes:
             raise KdumpError(
                 f"the capture kernel and initramfs are larger than the crash reservation "
                 f"({attempt.sizes()}): reserve more with a larger "
@@ -436,34 +442,35 @@ def load_crash_kernel(
         code = errno.ENOSYS
         if number is not None:
             code = _kexec_file_load(
-                syscall or _libc_syscall, number, kernel_fd, initrd_fd, raw, KEXEC_FILE_ON_CRASH
+                syscall or _libc_syscall, number, kernel.fd, initrd_fd, raw, KEXEC_FILE_ON_CRASH
             )
-    result = LoadResult(
-        method="kexec_file_load",
-        kernel=kernel,
-        initrd=initrd,
-        cmdline=cmdline,
-        kernel_bytes=kernel_bytes,
-        initrd_bytes=initrd_bytes,
-        reserved_bytes=before.reserved_bytes,
-    )
-    if code == 0:
-        return result
-    if code not in (errno.ENOSYS, errno.ENOEXEC):
-        raise KdumpError(
-            f"kexec_file_load of {kernel} failed ({_errno_name(code)}): "
-            f"{_load_reason(code, attempt)}{_unloaded_note(before, sysfs)}"
+        result = LoadResult(
+            method="kexec_file_load",
+            kernel=kernel.path,
+            initrd=initrd,
+            cmdline=cmdline,
+            kernel_bytes=kernel.size,
+            initrd_bytes=initrd_bytes,
+            reserved_bytes=before.reserved_bytes,
+            kernel_format=kernel.file.describe(),
         )
-    reason = _fallback_reason(code, number, machine)
-    try:
-        if run is not None:
-            command = _kexec_tools_load(attempt, cmdline, reason, kexec, run)
-        else:
-            with kexec_tools_setup(normalise_arch(machine or platform.machine())) as setup:
-                command = _kexec_tools_load(attempt, cmdline, reason, kexec,
-                                            functools.partial(_run, setup=setup))  # fmt: skip
-    except KdumpError as exc:
-        raise KdumpError(f"{exc}{_unloaded_note(before, sysfs)}") from None
+        if code == 0:
+            return result
+        if code not in (errno.ENOSYS, errno.ENOEXEC):
+            raise KdumpError(
+                f"kexec_file_load of {kernel.path} ({kernel.file.describe()}) failed "
+                f"({_errno_name(code)}): {_load_reason(code, attempt)}"
+                f"{_unloaded_note(before, sysfs)}"
+            )
+        reason = _fallback_reason(code, number, machine)
+        try:
+            # Still inside the with: a decompressed kernel lives only as long as its memfd.
+            arch = normalise_arch(machine or platform.machine())
+            with kexec_tools_setup(arch) if run is None else contextlib.nullcontext() as setup:
+                runner = run or functools.partial(_run, setup=setup)
+                command = _kexec_tools_load(attempt, kernel, cmdline, reason, kexec, runner)
+        except KdumpError as exc:
+            raise KdumpError(f"{exc}{_unloaded_note(before, sysfs)}") from None
     return replace(result, method="kexec_load", fallback_reason=reason, command=command)
 
 
@@ -481,10 +488,17 @@ def _fallback_reason(code: int, number: int | None, machine: str | None) -> str:
 
 
 def _run(
-    argv: Sequence[str], setup: Callable[[], None] | None = None
+    argv: Sequence[str], pass_fds: Sequence[int] = (), setup: Callable[[], None] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True,
-                          timeout=KEXEC_TOOLS_TIMEOUT, check=False, preexec_fn=setup)  # fmt: skip
+    return subprocess.run(
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=KEXEC_TOOLS_TIMEOUT,
+        check=False,
+        pass_fds=tuple(pass_fds),
+        preexec_fn=setup,  # arm64: the kallsyms kexec-tools needs (kexectext)
+    )
 
 
 def _find_kexec(kexec: str) -> str | None:
@@ -494,9 +508,11 @@ def _find_kexec(kexec: str) -> str | None:
     return shutil.which(kexec, path=f"{path}:{_SBIN_PATH}" if path else _SBIN_PATH)
 
 
-def _run_kexec_tools(argv: Sequence[str], run: Runner, what: str) -> None:
+def _run_kexec_tools(
+    argv: Sequence[str], run: Runner, what: str, pass_fds: Sequence[int] = ()
+) -> None:
     try:
-        done = run(argv)
+        done = run(argv, pass_fds)
     except subprocess.TimeoutExpired:
         raise KdumpError(f"{what}: {argv[0]} did not finish in {KEXEC_TOOLS_TIMEOUT} s") from None
     except OSError as exc:
@@ -507,7 +523,9 @@ def _run_kexec_tools(argv: Sequence[str], run: Runner, what: str) -> None:
         raise KdumpError(f"{what}: {' '.join(argv[:2])} failed: {detail}")
 
 
-def _kexec_tools_command(attempt: _Attempt, cmdline: str, reason: str, kexec: str) -> list[str]:
+def _kexec_tools_command(
+    attempt: _Attempt, kernel: KexecKernel, cmdline: str, reason: str, kexec: str
+) -> list[str]:
     mode = _locked_down(attempt.sysfs)
     if mode:
         raise KdumpError(
@@ -523,21 +541,24 @@ def _kexec_tools_command(attempt: _Attempt, cmdline: str, reason: str, kexec: st
             "fallback, is not installed: install kexec-tools"
         )
     # -c: use kexec_load; newer kexec-tools would otherwise try kexec_file_load again first.
+    # A decompressed kernel goes as /proc/self/fd/N, the descriptor inherited under its number:
+    # kexec-tools before 2.0.27 cannot unpack an EFI zboot image itself.
     return [
         program,
         "-p",
         "-c",
-        str(attempt.kernel),
+        kernel.tool_path(),
         f"--initrd={attempt.initrd}",
         f"--append={cmdline}",
     ]
 
 
 def _kexec_tools_load(
-    attempt: _Attempt, cmdline: str, reason: str, kexec: str, run: Runner
+    attempt: _Attempt, kernel: KexecKernel, cmdline: str, reason: str, kexec: str, run: Runner
 ) -> tuple[str, ...]:
-    argv = _kexec_tools_command(attempt, cmdline, reason, kexec)
-    _run_kexec_tools(argv, run, f"{reason}; loading with kexec-tools instead")
+    argv = _kexec_tools_command(attempt, kernel, cmdline, reason, kexec)
+    pass_fds = (kernel.fd,) if kernel.in_memory else ()
+    _run_kexec_tools(argv, run, f"{reason}; loading with kexec-tools instead", pass_fds)
     return tuple(argv)
 
 

@@ -15,13 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kdump_mkinitrd.arming.cmdline import capture_cmdline
+from kdump_mkinitrd.arming.cmdline import capture_cmdline, normalise_arch
 from kdump_mkinitrd.arming.crashmemory import estimate
 from kdump_mkinitrd.arming.kexec import crash_status, load_crash_kernel, unload_crash_kernel
 from kdump_mkinitrd.arming.peers import PeerKdump, armed_peers
 from kdump_mkinitrd.config import Config, require_targets
 from kdump_mkinitrd.dumps.announce import announce_new_dumps, dump_folders
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan.kernelimage import open_for_kexec
 from kdump_mkinitrd.image.build import BuildRequest, build, stale_reasons
 from kdump_mkinitrd.image.inspect_image import read_manifest
 from kdump_mkinitrd.output import write_atomic
@@ -100,20 +101,24 @@ def register(
             f"{request.kmoddir}/vmlinuz, /boot/vmlinuz-linux*): give --kernel; "
             f"{request.output} was left as it was"
         )
-    if not os.access(kernel, os.R_OK) or not kernel.is_file():
-        raise KdumpError(f"kernel image {kernel} is not a readable file; "
-                         f"{request.output} was left as it was")  # fmt: skip
     try:
         proc_text = proc_cmdline.read_text()
     except OSError as exc:
         raise KdumpError(f"cannot read {proc_cmdline}: {exc.strerror}") from None
+    machine = normalise_arch(os.uname().machine)
     cmdline = capture_cmdline(
-        proc_text, os.uname().machine,
+        proc_text, machine,
         append=[*config.cmdline.append, *append], remove=config.cmdline.remove,
     )  # fmt: skip
-    report = build(config, request, if_needed=True)
-    suggest = f"{estimate(request.output, None).total_mb}M"
-    load_crash_kernel(kernel, request.output, cmdline, suggest=suggest)
+    with contextlib.ExitStack() as stack:
+        # Opened (and a compressed kernel unpacked and checked) before the build, once.
+        try:
+            opened = stack.enter_context(open_for_kexec(kernel, machine))
+        except KdumpError as exc:
+            raise KdumpError(f"{exc}; {request.output} was left as it was") from None
+        report = build(config, request, if_needed=True)
+        suggest = f"{estimate(request.output, None).total_mb}M"
+        load_crash_kernel(opened, request.output, cmdline, machine=machine, suggest=suggest)
     loaded = Loaded(
         kver=request.kver,
         kernel=str(kernel),

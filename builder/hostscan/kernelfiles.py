@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.hostscan import kernelimage
 from kdump_mkinitrd.output import write_atomic
 
 PROC_CONFIG = Path("/proc/config.gz")
@@ -32,11 +33,12 @@ _SETUP_BASE = 0x200
 
 
 def release_of(data: bytes) -> str | None:
-    """The release a kernel image says it is, or None when that cannot be read from it (for
-    example a compressed arm64 Image, whose banner is inside the compressed payload).
+    """The release a kernel image says it is, or None when that cannot be read from it.
 
     An x86 bzImage names it in its setup header; an uncompressed image (an arm64 `Image`, a
-    vmlinux) carries the banner `Linux version RELEASE (...`."""
+    vmlinux) carries the banner `Linux version RELEASE (...`; a gzip-compressed Image or an
+    EFI zboot image carries it inside the compressed payload, which is unpacked to read it."""
+    data = kernelimage.uncompressed(data) or data
     if len(data) > _VERSION_PTR + 2 and data[_HDRS_OFFSET : _HDRS_OFFSET + 4] == b"HdrS":
         (pointer,) = struct.unpack_from("<H", data, _VERSION_PTR)
         start = _SETUP_BASE + pointer

@@ -433,6 +433,15 @@ class ElfResolver:
             raise KdumpError(f"{program} is not an ELF file{self._where()}")
         return info.machine
 
+    def check_machine(self, name: str) -> None:
+        """Refuse program `name` if it is an ELF file of another machine than the resolver's:
+        before the build runs it, as much as before it packs it."""
+        program = self.find_program(name)
+        real = self._must_walk(program, "program").real
+        info = self._info(real)
+        if info is not None:
+            self._check_machine(program, real, info)
+
     def is_static(self, path: str) -> bool:
         """True when the program needs neither an interpreter nor shared libraries."""
         program = self.find_program(path)

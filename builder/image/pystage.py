@@ -477,6 +477,7 @@ def _real_interpreter(interpreter: str, resolver: ElfResolver) -> str:
     In another root tree, both the lookup and the links are followed inside that tree."""
     if resolver.root != Path("/"):
         real = resolver.real_path(interpreter)
+        resolver.check_machine(real)
         if not os.access(resolver.root / real.lstrip("/"), os.X_OK):
             raise KdumpError(
                 f"Python interpreter {real} for the capture stage is not executable "

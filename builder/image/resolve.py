@@ -115,6 +115,7 @@ def capture_settings(
                 ) from None
     compression = "none"
     if found is not None:
+        resolver.check_machine(found)
         compression = _makedumpfile_compression(
             target, found, config.capture.compression, cache_dir
         )

@@ -88,20 +88,15 @@ class Target:
 
 def target_for(arch: str | None, root: Path, machine_of_root: str | None) -> Target:
     """The target a build is for: `arch` as given, else the machine the root's programs
-    are (`machine_of_root`), else the builder's own."""
-    root_arch = arch_of_machine(machine_of_root) if machine_of_root else None
-    if arch is not None:
-        wanted = arch_named(arch)
-        if wanted != host_arch() and root == Path("/"):
-            raise KdumpError(
-                f"--arch {wanted.name} is not this host's architecture "
-                f"({host_arch().name}): give --sysroot, a root tree of {wanted.name} programs "
-                "and libraries to build from (scripts/make-sysroot makes one)"
-            )
-        if root_arch is not None and root_arch != wanted:
-            raise KdumpError(
-                f"--arch {wanted.name}, but the programs under {root} are {root_arch.name} "
-                f"({root_arch.machine})"
-            )
-        return Target(wanted, root)
-    return Target(root_arch or host_arch(), root)
+    are (`machine_of_root`), else the builder's own. Programs of another machine under the
+    root are refused by name when the build reads them."""
+    if arch is None:
+        return Target(arch_of_machine(machine_of_root) if machine_of_root else host_arch(), root)
+    wanted = arch_named(arch)
+    if wanted != host_arch() and root == Path("/"):
+        raise KdumpError(
+            f"--arch {wanted.name} is not this host's architecture "
+            f"({host_arch().name}): give --sysroot, a root tree of {wanted.name} programs "
+            "and libraries to build from (scripts/make-sysroot makes one)"
+        )
+    return Target(wanted, root)

@@ -170,7 +170,10 @@ def test_cross_and_native_builds_share_one_cache(
     again = build(config, arm)
     assert (tmp_path / "arm.img").read_bytes() == arm_bytes
     assert again.segments_compressed == 0 and first.size == again.size
-    for image, machine in ((tmp_path / "arm.img", "EM_AARCH64"), (tmp_path / "x86.img", "EM_X86_64")):
+    for image, machine in (
+        (tmp_path / "arm.img", "EM_AARCH64"),
+        (tmp_path / "x86.img", "EM_X86_64"),
+    ):
         entries = [e for a in split_archives(decompress(image.read_bytes(), str(image)))
                    for e in read_newc(a)]  # fmt: skip
         kinds = {elf_machine(e.data) for e in entries if e.kind == "file"} - {None}
@@ -247,7 +250,9 @@ def test_foreign_arch_needs_a_sysroot(
 
 def test_arch_and_sysroot_must_agree(sysroot: Path, kernel: Path, tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, "static"))
-    wrong = r"/usr/bin/makedumpfile \(.*\) is an ELF file for EM_AARCH64, but the image is for EM_X86"
+    wrong = (
+        r"/usr/bin/makedumpfile \(.*\) is an ELF file for EM_AARCH64, but the image is for EM_X86"
+    )
     with pytest.raises(KdumpError, match=wrong):
         build(config, request(kernel, tmp_path / "x.img", root=sysroot, arch="amd64"))
 
@@ -267,8 +272,12 @@ def test_check_image_refuses_mixed_machines(sysroot: Path) -> None:
     arm = (sysroot / "bin/busybox").read_bytes()
     x86 = Path("/bin/busybox").read_bytes()
     entries = [Entry("bin/busybox", "file", 0o755, arm), Entry("bin/other", "file", 0o755, x86)]
-    with pytest.raises(KdumpError, match=r"/bin/other is EM_X86_64, but the image is for EM_AARCH64"):
+    with pytest.raises(
+        KdumpError, match=r"/bin/other is EM_X86_64, but the image is for EM_AARCH64"
+    ):
         check_image(entries, "EM_AARCH64")
     check_image(entries[:1], "EM_AARCH64")
-    with pytest.raises(KdumpError, match=r"/bin/busybox is EM_AARCH64, but the image is for EM_X86"):
+    with pytest.raises(
+        KdumpError, match=r"/bin/busybox is EM_AARCH64, but the image is for EM_X86"
+    ):
         check_image(entries[1:] + entries[:1] + [Entry("bin/x", "file", 0o755, x86)])

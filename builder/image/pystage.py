@@ -302,7 +302,10 @@ def add_python_stage(
             data=stagepack.squash(packed, cache_dir or default_cache_dir(), target.arch.bcj),
             # Every packed program and library is an input: a changed libpython or
             # extension module makes `build --if-needed` rebuild, as in the plain packing.
-            origins=(_host(target, real), *(elf.source for elf in closure.files if not held(elf.path))),
+            origins=(
+                _host(target, real),
+                *(elf.source for elf in closure.files if not held(elf.path)),
+            ),
         )
     elif packing == "plain":
         plan.file(zip_path, feature, zip_why, data=zip_data)

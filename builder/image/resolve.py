@@ -20,8 +20,8 @@ from kdump_mkinitrd.hostscan.kmod import ModuleClosure, ModuleIndex, ResolvedMod
 from kdump_mkinitrd.image import buildcache
 from kdump_mkinitrd.image.buildcache import BlobStore
 from kdump_mkinitrd.image.features import Feature
-from kdump_mkinitrd.image.targetarch import Target, host_arch
 from kdump_mkinitrd.image.inputs import MODULE_INDEX_FILES
+from kdump_mkinitrd.image.targetarch import Target, host_arch
 from kdump_mkinitrd.targets import ImageFile, image_files
 
 

@@ -1,5 +1,6 @@
-"""Pack the Python capture stage: a build-host interpreter, the standard-library modules the
-stage imports and nothing else, and the stage's own code.
+"""Pack the Python capture stage: an interpreter (the build host's, or a sysroot's for another
+root or machine), the standard-library modules the stage imports and nothing else, and the
+stage's own code.
 
 Crash-kernel memory is scarce, so the module set is found, not guessed:
 

@@ -170,6 +170,7 @@ def test_cross_and_native_builds_share_one_cache(
     again = build(config, arm)
     assert (tmp_path / "arm.img").read_bytes() == arm_bytes
     assert again.segments_compressed == 0 and first.size == again.size
+    scripts = {}
     for image, machine in (
         (tmp_path / "arm.img", "EM_AARCH64"),
         (tmp_path / "x86.img", "EM_X86_64"),
@@ -178,6 +179,29 @@ def test_cross_and_native_builds_share_one_cache(
                    for e in read_newc(a)]  # fmt: skip
         kinds = {elf_machine(e.data) for e in entries if e.kind == "file"} - {None}
         assert kinds == {machine}, (image, kinds)
+        # The init and its hooks are the same templates, rendered the same but for the kernel
+        # release (the sysroot keeps /lib apart from /usr/lib; the merged host links them).
+        scripts[machine] = {
+            e.path.removeprefix("usr/"): e.data.replace(b"arm64", b"amd64")
+            for e in entries
+            if e.path == "init" or "lib/kdump/hooks/" in e.path
+        }
+    assert scripts["EM_AARCH64"] == scripts["EM_X86_64"]
+    assert any(b"KDUMP_PYTHON=/usr/bin/python3.11" in text
+               for text in scripts["EM_AARCH64"].values()) == (stage == "python")  # fmt: skip
+
+
+def test_native_arch_builds_as_before(kernel61: Kernel, tmp_path: Path) -> None:
+    """--arch naming this host's architecture, with no sysroot, is the plain build."""
+    (tmp_path / "x86.yaml").write_text(CONFIG + "capture: {stage: static}\n")
+    config = load_config(tmp_path / "x86.yaml")
+    images = []
+    for arch in (None, "amd64", "x86_64"):
+        out = tmp_path / f"{arch}.img"
+        build(config, BuildRequest(kernel61.kver, kernel61.kmoddir, out, kernel61.vmlinuz,
+                                   cache_dir=tmp_path / "cache", arch=arch))  # fmt: skip
+        images.append(out.read_bytes())
+    assert images[0] == images[1] == images[2]
 
 
 def overlay_copy(sysroot: Path, dest: Path) -> Path:

@@ -38,8 +38,8 @@ MOUNT_POINT = "/run/kdump/pystage"
 IMAGE_PATH = "/lib/kdump/pystage.squashfs"
 # xz with a BCJ filter for the target's code (x86 for amd64) packs the interpreter and its
 # libraries tightest; mksquashfs has none for arm64 (its "arm" filter is 32-bit ARM's branch
-# encoding: on the arm64 stage it gave the same 2 519 040 bytes as none). The kernel's xz decompressor for squashfs needs one block (128K) of dictionary
-# per CPU.
+# encoding: on the arm64 stage it gave the same 2 519 040 bytes as none). The kernel's xz
+# decompressor for squashfs needs one block (128K) of dictionary per CPU.
 MKSQUASHFS_OPTIONS = (
     "-noappend",
     "-no-xattrs",

@@ -23,7 +23,7 @@ from kdump_mkinitrd.errors import KdumpError
 @dataclass(frozen=True)
 class Arch:
     name: str  # Debian's name, as --arch takes it
-    machine: str  # ELF e_machine, as pyelftools spells it
+    machine: str | None  # ELF e_machine, as pyelftools spells it (None: a host not listed)
     emulator: str  # QEMU's user-mode emulator for it
     # mksquashfs's BCJ filter for its code; none exists for arm64 (mksquashfs's "arm" is
     # 32-bit ARM's branch encoding only).
@@ -56,7 +56,10 @@ def arch_of_machine(machine: str) -> Arch:
 
 
 def host_arch() -> Arch:
-    return arch_named(platform.machine())
+    """This host's architecture; one not in ARCHES still builds for itself, unchecked."""
+    name = platform.machine()
+    known = ARCHES.get(_ALIASES.get(name, name))
+    return known or Arch(name, None, f"qemu-{name}-static", None)
 
 
 @dataclass(frozen=True)

@@ -308,8 +308,8 @@ def test_check_image_refuses_mixed_machines(sysroot: Path) -> None:
 
 
 def test_firmware_comes_from_the_sysroot(sysroot: Path, kernel: Path, tmp_path: Path) -> None:
-    """A firmware file r8169 names, placed in a copy of the sysroot (its bytes are not
-    Realtek's: only where the build looks matters here; the host has no rtl_nic)."""
+    """A firmware file r8169 names, placed in a copy of the sysroot: its bytes (not Realtek's)
+    are what the image gets, whatever the host's /lib/firmware holds."""
     root = overlay_copy(sysroot, tmp_path / "sysroot")
     firmware = root / "lib/firmware/rtl_nic/rtl8168d-1.fw"
     firmware.parent.mkdir(parents=True)
@@ -320,7 +320,6 @@ def test_firmware_comes_from_the_sysroot(sysroot: Path, kernel: Path, tmp_path: 
     config = load_config(tmp_path / "nic.yaml")
     out = tmp_path / "nic.img"
     report = build(config, request(kernel, out, root=root, arch="arm64", cache_dir=tmp_path / "c"))
-    assert not Path("/lib/firmware/rtl_nic").exists()
     assert report.firmware == 1 and report.missing_firmware > 0
     entries = {e.path: e for a in split_archives(decompress(out.read_bytes(), str(out)))
                for e in read_newc(a)}  # fmt: skip

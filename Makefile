@@ -13,10 +13,19 @@ KERNEL_CACHE := $(KDUMP_TEST_CACHE)/kernels
 KERNEL_61 := 6.1.0-56-amd64
 KERNEL_612 := 6.12.117+deb12-amd64
 KERNELS := $(KERNEL_61) $(KERNEL_612)
-DEBS := python3-venv busybox-static kexec-tools makedumpfile qemu-system-x86 cpio \
-	e2fsprogs xfsprogs btrfs-progs fdisk libarchive-tools zstd xz-utils kmod \
+# Cross builds (`build --arch arm64 --sysroot DIR`, issue 17): Debian's arm64 kernel, and a root
+# tree of arm64 packages the image's programs and libraries come from; its path is recorded in
+# $(SYSROOTS)/arm64.path for the tests and qemu-test --arch arm64.
+KERNEL_61_ARM64 := 6.1.0-56-arm64
+SYSROOTS := $(KDUMP_TEST_CACHE)/sysroots
+SYSROOT_ARM64_PACKAGES := busybox-static makedumpfile kexec-tools python3 python3-yaml \
+	python3-jinja2 python3-pyelftools python3-construct python3-zstandard
+# qemu-user-static runs another architecture's programs in a cross build; qemu-system-arm
+# boots qemu-test's arm64 guests.
+DEBS := python3-venv busybox-static kexec-tools makedumpfile qemu-system-x86 qemu-system-arm \
+	cpio e2fsprogs xfsprogs btrfs-progs fdisk libarchive-tools zstd xz-utils kmod \
 	openssh-client openssh-server dropbear-bin nfs-ganesha nfs-ganesha-vfs rpcbind crash \
-	lvm2 mdadm cryptsetup-bin squashfs-tools
+	lvm2 mdadm cryptsetup-bin squashfs-tools qemu-user-static
 # What only the tests need, so that none of them skips on a fresh machine: gcc and libc6-dev
 # build the resolver's RPATH/RUNPATH/$ORIGIN fixtures and fake old-glibc roots, gdb reads the
 # collector's ELF output, Debian's java is a real DT_RPATH $ORIGIN program for the resolver, groff
@@ -35,7 +44,7 @@ export KDUMP_TEST_KERNEL_CACHE := $(abspath $(KERNEL_CACHE))
 DEMO_KVER := $(KERNEL_61)
 DEMO_ROOT := $(KERNEL_CACHE)/$(DEMO_KVER)
 
-.PHONY: setup debs venv kernels test lint demo clean
+.PHONY: setup debs venv kernels kernels-arm64 sysroot-arm64 test lint demo clean
 
 setup: debs venv
 
@@ -52,10 +61,20 @@ $(VENV)/.installed: pyproject.toml
 kernels: debs
 	@for k in $(KERNELS); do scripts/fetch-kernel "$$k" $(KERNEL_CACHE) || exit 1; done
 
+kernels-arm64: debs
+	@scripts/fetch-kernel $(KERNEL_61_ARM64) $(KERNEL_CACHE)
+
+# make-sysroot prints the tree's content-keyed path; the record is replaced atomically.
+sysroot-arm64: debs
+	@mkdir -p $(SYSROOTS)
+	@path=$$(scripts/make-sysroot arm64 $(SYSROOTS) $(SYSROOT_ARM64_PACKAGES)) && \
+		echo "$$path" > $(SYSROOTS)/.arm64.path.$$$$ && \
+		mv $(SYSROOTS)/.arm64.path.$$$$ $(SYSROOTS)/arm64.path && echo "$$path"
+
 # -rs: every skipped test is listed with its reason. -n: independent tests (most of them QEMU
 # guests, one TCG thread each) run in parallel, one worker per core unless TEST_WORKERS says.
 TEST_WORKERS ?= auto
-test: setup kernels
+test: setup kernels kernels-arm64 sysroot-arm64
 	@scripts/install-debs $(TEST_DEBS)
 	$(BIN)/pytest -q -rs -n $(TEST_WORKERS)
 

@@ -93,6 +93,18 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         help="image path (default /var/lib/kdump-mkinitrd/kdump-KVER.img)",
     )
+    b.add_argument(
+        "--sysroot",
+        type=Path,
+        help="take every program and library from this root tree instead of / (default "
+        "kmoddir SYSROOT/lib/modules/KVER, kernel and its config under SYSROOT/boot)",
+    )
+    b.add_argument(
+        "--arch",
+        help="build for this architecture (arm64, amd64; default: the sysroot's, read from "
+        "its busybox, else this host's); another than this host's needs --sysroot, whose "
+        "programs the build runs under qemu-user-static",
+    )
     q = sub.add_parser(
         "qemu-test",
         help="crash a QEMU guest and check that the image saves the dump",
@@ -393,13 +405,20 @@ def _ssh_setup(args: argparse.Namespace) -> int:
 
 
 def _request(args: argparse.Namespace, output: Path | None, hostonly: bool) -> BuildRequest:
+    root: Path = getattr(args, "sysroot", None) or Path("/")
+    arch: str | None = getattr(args, "arch", None)
+    if root != Path("/") and not root.is_dir():
+        raise KdumpError(f"--sysroot {root} is not a directory")
+    if root != Path("/") and not args.kver:
+        raise KdumpError("--sysroot needs -k KVER: the running kernel is not the sysroot's")
     kver = args.kver or os.uname().release
-    kmoddir = args.kmoddir or Path("/lib/modules") / kver
+    kmoddir = args.kmoddir or root / "lib/modules" / kver
+    boot_dir = root / "boot"
     output = output or default_output(kver)
     if args.kernel is None:
         # None when no layout has it: `build` can do without, `register` refuses early.
         kernel = kernelfiles.find_kernel(
-            kver, kmoddir, extracted=kernelfiles.extracted_path(output, kver)
+            kver, kmoddir, boot_dir, extracted=kernelfiles.extracted_path(output, kver)
         )
     elif not args.kernel.is_file():
         raise KdumpError(f"kernel image {args.kernel} does not exist")
@@ -411,7 +430,10 @@ def _request(args: argparse.Namespace, output: Path | None, hostonly: bool) -> B
         output=output,
         kernel_image=kernel,
         modules_dirs=tuple(args.modules_dir),
+        root=root,
+        boot_dir=boot_dir,
         hostonly=hostonly,
+        arch=arch,
     )
 
 

@@ -203,6 +203,11 @@ def _multiarch_triplet(info: _ElfInfo) -> str | None:
     return _TRIPLETS.get((info.machine, info.elfclass, info.little_endian))
 
 
+def _abi_text(info: _ElfInfo) -> str:
+    order = "little" if info.little_endian else "big"
+    return f"{info.machine} ({info.elfclass}-bit, {order}-endian)"
+
+
 def _components(path: str) -> list[str]:
     return [part for part in path.split("/") if part and part != "."]
 
@@ -363,9 +368,17 @@ def _env_target(words: list[str]) -> str | None:
 class ElfResolver:
     """Resolves programs to the files and symlinks they need, as seen under ``root``."""
 
-    def __init__(self, root: Path = Path("/"), search_path: str = DEFAULT_SEARCH_PATH) -> None:
+    def __init__(
+        self,
+        root: Path = Path("/"),
+        search_path: str = DEFAULT_SEARCH_PATH,
+        machine: str | None = None,
+    ) -> None:
         self.root = root
         self.search_path = search_path
+        # The ELF machine every program must be (None: whatever the first one is); a
+        # program or library of another is refused by name rather than packed.
+        self.machine = machine
         self._root_str = os.fspath(root)
         self._walks: dict[str, _Walked | None] = {}
         self._infos: dict[str, _ElfInfo | None] = {}
@@ -408,12 +421,35 @@ class ElfResolver:
             pending.extend(self._add_program(path, why, acc))
         return acc.closure()
 
-    def is_static(self, path: str) -> bool:
-        """True when the program needs neither an interpreter nor shared libraries."""
-        program = self.find_program(path)
+    def real_path(self, name: str) -> str:
+        """The symlink-free path of program `name` inside the root (links resolved there)."""
+        return self._must_walk(self.find_program(name), "program").real
+
+    def machine_of(self, name: str) -> str:
+        """The ELF machine of program `name` (EM_AARCH64, EM_X86_64, ...)."""
+        program = self.find_program(name)
         info = self._info(self._must_walk(program, "program").real)
         if info is None:
             raise KdumpError(f"{program} is not an ELF file{self._where()}")
+        return info.machine
+
+    def check_machine(self, name: str) -> None:
+        """Refuse program `name` if it is an ELF file of another machine than the resolver's:
+        before the build runs it, as much as before it packs it."""
+        program = self.find_program(name)
+        real = self._must_walk(program, "program").real
+        info = self._info(real)
+        if info is not None:
+            self._check_machine(program, real, info)
+
+    def is_static(self, path: str) -> bool:
+        """True when the program needs neither an interpreter nor shared libraries."""
+        program = self.find_program(path)
+        real = self._must_walk(program, "program").real
+        info = self._info(real)
+        if info is None:
+            raise KdumpError(f"{program} is not an ELF file{self._where()}")
+        self._check_machine(program, real, info)
         return info.interpreter is None and not info.needed
 
     # --- programs -----------------------------------------------------------------------
@@ -443,6 +479,7 @@ class ElfResolver:
         self, path: str, walked: _Walked, info: _ElfInfo, why: str, acc: _Accumulator
     ) -> None:
         """Simulate loading one program: names and loader links are per process."""
+        self._check_machine(path, walked.real, info)
         acc.add_file(walked.real, self._host(walked.real), why)
         # The kernel hands the loader the resolved executable, so $ORIGIN of the program
         # is the directory of its real path (glibc reads /proc/self/exe).
@@ -525,6 +562,7 @@ class ElfResolver:
         info = self._info(walked.real)
         if info is None:
             raise KdumpError(f"interpreter {interp} of {program} is not an ELF file")
+        self._check_machine(f"interpreter {interp} of {program}", walked.real, info)
         acc.add_links(walked.links)
         acc.add_file(walked.real, self._host(walked.real), f"interpreter of {program}")
         # ld.so has no DT_NEEDED of its own; it only matters as an already loaded name.
@@ -543,6 +581,8 @@ class ElfResolver:
         if "/" in expanded:
             return (*self._locate_path(name, expanded, obj, main), False)
         tried: list[str] = []
+        # Candidates the loader passes over for their ABI; named if nothing else is found.
+        other_abi: list[str] = []
         conf_only = set(self._ld_so_conf_dirs()) - set(self._default_dirs(main))
         for directory, from_conf in self._search_dirs(obj, main):
             tried.append(directory)
@@ -558,9 +598,11 @@ class ElfResolver:
                 )
             if info.abi == main.abi:
                 return candidate, walked, info, from_conf and directory in conf_only
+            other_abi.append(f"{candidate} is {_abi_text(info)}")
+        skipped = f" (skipped: {'; '.join(other_abi)})" if other_abi else ""
         raise KdumpError(
-            f"library {name} needed by {obj.display} not found{self._where()}; "
-            f"searched {':'.join(tried)}"
+            f"library {name} needed by {obj.display} ({_abi_text(main)}) not found"
+            f"{self._where()}; searched {':'.join(tried)}{skipped}"
         )
 
     def _locate_path(
@@ -571,8 +613,13 @@ class ElfResolver:
             raise KdumpError(f"{obj.display} needs {name!r}, a path relative to the cwd")
         walked = self._walk(path)
         info = self._info(walked.real) if walked is not None and walked.is_reg else None
-        if walked is None or info is None or info.abi != main.abi:
+        if walked is None or info is None:
             raise KdumpError(f"library {path} needed by {obj.display} not found or unusable")
+        if info.abi != main.abi:
+            raise KdumpError(
+                f"library {path} needed by {obj.display} is {_abi_text(info)}, but the "
+                f"program is {_abi_text(main)}{self._where()}"
+            )
         return path, walked, info
 
     def _search_dirs(self, obj: _Loaded, main: _ElfInfo) -> Iterator[tuple[str, bool]]:
@@ -711,6 +758,14 @@ class ElfResolver:
 
     def _host(self, path: str) -> Path:
         return Path(os.path.join(self._root_str, path.lstrip("/")))
+
+    def _check_machine(self, what: str, real: str, info: _ElfInfo) -> None:
+        if self.machine is not None and info.machine != self.machine:
+            raise KdumpError(
+                f"{what} ({self._host(real)}) is an ELF file for {info.machine}, but the "
+                f"image is for {self.machine}: every program and library must come from "
+                f"a root tree of that machine{self._where()}"
+            )
 
     def _where(self) -> str:
         return "" if self._root_str == "/" else f" under root {self._root_str}"

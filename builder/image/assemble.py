@@ -21,6 +21,7 @@ from kdump_mkinitrd.image.inputs import record
 from kdump_mkinitrd.image.plan import ImagePlan
 from kdump_mkinitrd.image.render import render
 from kdump_mkinitrd.image.resolve import Busybox, Resolution
+from kdump_mkinitrd.image.targetarch import Target, host_arch
 
 if TYPE_CHECKING:
     from kdump_mkinitrd.image.pystage import PythonStage
@@ -44,6 +45,11 @@ class BuildInputs:
     feature_dirs: tuple[Path, ...]
     hostonly: bool
     test_switches: bool = False  # the Python stage's fault switches, for qemu-test only
+    target: Target | None = None  # the machine the image is for (None: this host's)
+
+    @property
+    def machine(self) -> Target:
+        return self.target or Target(host_arch(), self.root)
 
 
 def _host(root: Path, path: str) -> Path:
@@ -149,7 +155,11 @@ def add_binaries(
 
 
 def _add_python_stages(
-    plan: ImagePlan, features: list[Feature], resolution: Resolution, inputs: BuildInputs
+    plan: ImagePlan,
+    config: Config,
+    features: list[Feature],
+    resolution: Resolution,
+    inputs: BuildInputs,
 ) -> PythonStage | None:
     stage = None
     for feature in features:
@@ -157,7 +167,8 @@ def _add_python_stages(
             # Imported here: a static-only build never needs the stage packer.
             from kdump_mkinitrd.image.pystage import add_python_stage
 
-            resolver = ElfResolver(inputs.root)
+            target = inputs.machine
+            resolver = ElfResolver(target.root, config.search_path, target.arch.machine)
             stage = add_python_stage(
                 plan,
                 resolution.capture.python,
@@ -167,6 +178,7 @@ def _add_python_stages(
                 resolver,
                 cache_dir=inputs.cache_dir,
                 test_switches=inputs.test_switches,
+                target=target,
             )
     return stage
 
@@ -244,6 +256,7 @@ def manifest(
         ],
         "hostonly": inputs.hostonly,
         "test_switches": inputs.test_switches,
+        "arch": inputs.machine.arch.name,
     }
 
 
@@ -261,7 +274,7 @@ def assemble(
     add_binaries(plan, resolution.busybox, resolution.binaries, inputs.root)
     add_modules(plan, resolution.modules, inputs.kver)
     _add_firmware(plan, resolution)
-    python = _add_python_stages(plan, features, resolution, inputs)
+    python = _add_python_stages(plan, config, features, resolution, inputs)
     _add_templates(plan, features, template_context(config, features, resolution, inputs, python))
     plan.directory(posixpath.dirname(MANIFEST_PATH), "base", "holds the manifest")
     return plan

@@ -28,6 +28,7 @@ from kdump_mkinitrd.image.cpio import Entry, newc_segments
 from kdump_mkinitrd.image.features import discover, select
 from kdump_mkinitrd.image.inspect_image import read_manifest
 from kdump_mkinitrd.image.resolve import capture_settings, resolve
+from kdump_mkinitrd.image.targetarch import Target, target_for
 from kdump_mkinitrd.image.verify import check_image
 from kdump_mkinitrd.output import write_atomic
 from kdump_mkinitrd.paths import MODULES_DIR
@@ -47,6 +48,10 @@ class BuildRequest:
     boot_dir: Path = Path("/boot")
     hostonly: bool = False  # add the drivers sysfs shows under each target device
     test_switches: bool = False  # pack the Python stage's fault switches (qemu-test only)
+    # The machine the image is for ("arm64", "amd64"); None: what the programs under `root`
+    # are (its busybox), which is this host's for root /. Another machine needs a `root`
+    # of its programs and libraries (a sysroot), which are then run under QEMU user mode.
+    arch: str | None = None
 
 
 @dataclass
@@ -120,7 +125,23 @@ def _expected(config: Config, request: BuildRequest) -> dict[str, Any]:
         "config_source": config.source,
         "feature_dirs": [str(d) for d in _feature_dirs(request)],
         "hostonly": request.hostonly,
+        "arch": build_target(config, request).arch.name,
     }
+
+
+def build_target(config: Config, request: BuildRequest) -> Target:
+    """The machine and root tree `request` builds for; refuses another machine without a
+    root tree of it."""
+    machine = None
+    if request.arch is None and request.root != Path("/"):
+        machine = ElfResolver(request.root, config.search_path).machine_of(config.busybox)
+    target = target_for(request.arch, request.root.resolve(), machine)
+    if request.hostonly and target.foreign:
+        raise KdumpError(
+            "--hostonly detects the drivers of this host's devices, which an image for "
+            f"another architecture ({target.arch.name}) cannot use"
+        )
+    return target
 
 
 def _feature_dirs(request: BuildRequest) -> tuple[Path, ...]:
@@ -240,8 +261,12 @@ def _build(config: Config, request: BuildRequest, if_needed: bool, cache_root: P
             up_to_date=True,
         )
 
+    target = build_target(config, request)
     capture = capture_settings(
-        config, ElfResolver(request.root, config.search_path), request.root, request.cache_dir
+        config,
+        ElfResolver(target.root, config.search_path, target.arch.machine),
+        target,
+        request.cache_dir,
     )
     feature_dirs = _feature_dirs(request)
     detected: list[tuple[str, str]] = []
@@ -260,7 +285,7 @@ def _build(config: Config, request: BuildRequest, if_needed: bool, cache_root: P
         request.kver,
         request.kmoddir,
         request.cache_dir,
-        request.root,
+        target,
         detected,
     )
     lap("resolve")
@@ -273,6 +298,7 @@ def _build(config: Config, request: BuildRequest, if_needed: bool, cache_root: P
         feature_dirs,
         request.hostonly,
         request.test_switches,
+        target,
     )
     plan = assemble(config, features, resolution, build_inputs)
     entries, seen = plan.entries()
@@ -285,7 +311,7 @@ def _build(config: Config, request: BuildRequest, if_needed: bool, cache_root: P
     if found is not None:
         record["hostonly_detected"] = _detected(found)
     entries.append(Entry(MANIFEST_PATH.lstrip("/"), "file", 0o644, manifest_bytes(record)))
-    check_image(entries)
+    check_image(entries, target.arch.machine)
     lap("plan")
     requested = compress.Compression(
         config.compression.method, config.compression.level, config.compression.threads

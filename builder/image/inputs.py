@@ -130,7 +130,7 @@ def stale_reasons(
         reasons.append(
             f"built by kdump-mkinitrd {manifest.get('builder_version')}, not {__version__}"
         )
-    for key in ("kver", "kernel_sha256", "hostonly"):
+    for key in ("kver", "kernel_sha256", "hostonly", "arch"):
         if manifest.get(key) != expected[key]:
             reasons.append(f"{key} was {manifest.get(key)!r}, now {expected[key]!r}")
     if manifest.get("config", {}).get("text") != expected["config_text"]:

@@ -1,5 +1,6 @@
-"""Pack the Python capture stage: a build-host interpreter, the standard-library modules the
-stage imports and nothing else, and the stage's own code.
+"""Pack the Python capture stage: an interpreter (the build host's, or a sysroot's for another
+root or machine), the standard-library modules the stage imports and nothing else, and the
+stage's own code.
 
 Crash-kernel memory is scarce, so the module set is found, not guessed:
 
@@ -60,6 +61,7 @@ from kdump_mkinitrd.hostscan.kmod import default_cache_dir
 from kdump_mkinitrd.image import stagefinder, stagepack
 from kdump_mkinitrd.image.elfstrip import loadable_only
 from kdump_mkinitrd.image.plan import ImagePlan
+from kdump_mkinitrd.image.targetarch import Target, host_arch
 
 log = logging.getLogger(__name__)
 
@@ -234,16 +236,20 @@ def add_python_stage(
     cache_dir: Path | None = None,
     test_switches: bool = False,
     packing: str = "auto",
+    target: Target | None = None,
 ) -> PythonStage:
     """Add the interpreter, its libraries, the stage's modules and extension modules to
     `plan`; `package_dir` is the directory holding the stage's top-level package. The
     fault-test switches come along only with `test_switches`. `packing`: "squashfs" (one
     compressed member the init mounts, see stagepack), "plain" (every file in the image),
-    "auto" (squashfs when mksquashfs is installed)."""
-    real = _real_interpreter(interpreter)
+    "auto" (squashfs when mksquashfs is installed). `target`: the machine and root tree the
+    interpreter and its libraries come from (default: this host's /); its interpreter runs
+    the finder, under QEMU's user-mode emulation for a foreign machine."""
+    target = target or Target(host_arch(), resolver.root)
+    real = _real_interpreter(interpreter, resolver)
     _check_entry(entry)
     package_dir = package_dir.resolve()
-    found = find_modules(real, entry, package_dir, exclude, cache_dir)
+    found = find_modules(real, entry, package_dir, exclude, cache_dir, target)
     zip_path = str(found["zip_path"])
     home = str(found["prefix"])
     if found["exec_prefix"] != found["prefix"]:
@@ -270,7 +276,7 @@ def add_python_stage(
 
     whys = {real: f"interpreter for the capture stage {entry}"}
     for ext in extensions:
-        whys[os.path.realpath(ext["file"])] = (
+        whys[resolver.real_path(str(ext["file"]))] = (
             f"extension module {ext['name']} imported by {ext['importer'] or entry}"
         )
     closure = resolver.resolve(
@@ -294,10 +300,13 @@ def add_python_stage(
             feature,
             f"the Python stage, mounted at {stagepack.MOUNT_POINT} when it runs: the "
             f"interpreter, {len(packed) - 1} other files and links, and the zip of {zip_why}",
-            data=stagepack.squash(packed, cache_dir or default_cache_dir()),
+            data=stagepack.squash(packed, cache_dir or default_cache_dir(), target.arch.bcj),
             # Every packed program and library is an input: a changed libpython or
             # extension module makes `build --if-needed` rebuild, as in the plain packing.
-            origins=(Path(real), *(elf.source for elf in closure.files if not held(elf.path))),
+            origins=(
+                _host(target, real),
+                *(elf.source for elf in closure.files if not held(elf.path)),
+            ),
         )
     elif packing == "plain":
         plan.file(zip_path, feature, zip_why, data=zip_data)
@@ -375,25 +384,32 @@ def build_zip(members: Iterable[tuple[str, bytes]], deflate: bool = True) -> byt
     return out.getvalue()
 
 
+def _host(target: Target, path: str) -> Path:
+    return target.root / path.lstrip("/")
+
+
 def find_modules(
     interpreter: str,
     entry: str,
     package_dir: Path,
     exclude: Iterable[str] = DEFAULT_EXCLUDE,
     cache_dir: Path | None = None,
+    target: Target | None = None,
 ) -> dict[str, Any]:
-    """The finder's answer for `interpreter` (a real path), from the cache when nothing it
-    depends on changed: the interpreter file, the stage's sources, `exclude`, this code."""
+    """The finder's answer for `interpreter` (a real path in `target`'s root), from the cache
+    when nothing it depends on changed: the interpreter file, the stage's sources, `exclude`,
+    this code."""
+    target = target or Target(host_arch())
     excluded = sorted(set(exclude))
-    key = _cache_key(interpreter, entry, package_dir, excluded)
+    key = _cache_key(interpreter, entry, package_dir, excluded, target)
     cache = (cache_dir or default_cache_dir()) / f"pystage-{key[:32]}.json"
-    cached = _load_cache(cache, key)
+    cached = _load_cache(cache, key, target)
     if cached is not None:
         return cached
-    found = run_finder(interpreter, entry, package_dir, excluded)
+    found = run_finder(interpreter, entry, package_dir, excluded, target)
     found["cache_key"] = key
     found["stdlib_stats"] = {
-        str(item["file"]): _stat(str(item["file"]))
+        str(item["file"]): _stat(_host(target, str(item["file"])))
         for item in found["sources"] + found["extensions"]
         if not item.get("stage")
     }
@@ -410,20 +426,30 @@ def find_modules(
 
 
 def run_finder(
-    interpreter: str, entry: str, package_dir: Path, exclude: Iterable[str]
+    interpreter: str,
+    entry: str,
+    package_dir: Path,
+    exclude: Iterable[str],
+    target: Target | None = None,
 ) -> dict[str, Any]:
     """Run stagefinder with the interpreter itself: about half a second with DEFAULT_EXCLUDE,
-    several seconds without, as modulefinder compiles every module it reaches."""
-    request = {
+    several seconds without, as modulefinder compiles every module it reaches (about ten
+    times that under QEMU's user-mode emulation, for another machine's interpreter)."""
+    target = target or Target(host_arch())
+    program = target.command(interpreter)
+    request: dict[str, Any] = {
         "entry": entry,
         "package_dir": str(package_dir),
         "exclude": sorted(set(exclude)),
         "extra": list(EXTRA_MODULES),
     }
+    if target.root != Path("/"):
+        request["root"] = str(target.root)
+        request["runner"] = program[:-1]
     # A fixed hash seed and nothing from the caller's environment (PYTHONPATH, PYTHONHOME)
     # keep the analysis and the marshalled bytecode the same from build to build; no debug
     # ranges drops column tables that only caret tracebacks of source lines would use.
-    argv = [interpreter, "-S", "-s", "-X", "no_debug_ranges", str(_FINDER)]
+    argv = [*program, "-S", "-s", "-X", "no_debug_ranges", str(_FINDER)]
     try:
         done = subprocess.run(
             argv,
@@ -450,8 +476,18 @@ def run_finder(
     return found
 
 
-def _real_interpreter(interpreter: str) -> str:
-    """The real path of a program name or path; a venv's python is a link to the real one."""
+def _real_interpreter(interpreter: str, resolver: ElfResolver) -> str:
+    """The real path of a program name or path; a venv's python is a link to the real one.
+    In another root tree, both the lookup and the links are followed inside that tree."""
+    if resolver.root != Path("/"):
+        real = resolver.real_path(interpreter)
+        resolver.check_machine(real)
+        if not os.access(resolver.root / real.lstrip("/"), os.X_OK):
+            raise KdumpError(
+                f"Python interpreter {real} for the capture stage is not executable "
+                f"under root {resolver.root}"
+            )
+        return real
     path = interpreter if "/" in interpreter else shutil.which(interpreter)
     if path is None or not os.path.isfile(path):
         raise KdumpError(f"Python interpreter {interpreter!r} for the capture stage not found")
@@ -483,15 +519,19 @@ def _stage_sources(package_dir: Path, entry: str) -> dict[str, str]:
     }
 
 
-def _stat(path: str) -> list[int]:
+def _stat(path: str | Path) -> list[int]:
     info = os.stat(path)
     return [info.st_mtime_ns, info.st_size]
 
 
-def _cache_key(interpreter: str, entry: str, package_dir: Path, exclude: list[str]) -> str:
-    info = os.stat(interpreter)
+def _cache_key(
+    interpreter: str, entry: str, package_dir: Path, exclude: list[str], target: Target
+) -> str:
+    info = os.stat(_host(target, interpreter))
     material = {
         "schema": _CACHE_SCHEMA,
+        "root": str(target.root),
+        "machine": target.arch.machine,
         "finder": hashlib.sha256(_FINDER.read_bytes()).hexdigest(),
         "extra": list(EXTRA_MODULES),
         "interpreter": interpreter,
@@ -504,7 +544,7 @@ def _cache_key(interpreter: str, entry: str, package_dir: Path, exclude: list[st
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def _load_cache(path: Path, key: str) -> dict[str, Any] | None:
+def _load_cache(path: Path, key: str, target: Target) -> dict[str, Any] | None:
     """The cached answer, if it is for `key` and no stdlib file it packs has changed."""
     try:
         found: dict[str, Any] = json.loads(path.read_text())
@@ -514,7 +554,7 @@ def _load_cache(path: Path, key: str) -> dict[str, Any] | None:
         return None
     stats: Mapping[str, list[int]] = found.get("stdlib_stats", {})
     try:
-        if any(_stat(file) != stat for file, stat in stats.items()):
+        if any(_stat(_host(target, file)) != stat for file, stat in stats.items()):
             return None
     except OSError:
         return None

@@ -21,6 +21,7 @@ from kdump_mkinitrd.image import buildcache
 from kdump_mkinitrd.image.buildcache import BlobStore
 from kdump_mkinitrd.image.features import Feature
 from kdump_mkinitrd.image.inputs import MODULE_INDEX_FILES
+from kdump_mkinitrd.image.targetarch import Target, host_arch
 from kdump_mkinitrd.targets import ImageFile, image_files
 
 
@@ -58,14 +59,18 @@ class Resolution:
     target_files: tuple[ImageFile, ...] = ()  # made by the target types from host files
 
 
-def _makedumpfile_compression(binary: Path, wanted: str, cache_dir: Path | None = None) -> str:
+def _makedumpfile_compression(
+    target: Target, path: str, wanted: str, cache_dir: Path | None = None
+) -> str:
     """Pick what this makedumpfile build supports: `-v` lists each codec as enabled or not."""
+    binary = target.root / path.lstrip("/")
 
     def run() -> str:
+        argv = [*target.command(path), "-v"]
         try:
-            done = subprocess.run([str(binary), "-v"], capture_output=True, text=True, timeout=30)
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.SubprocessError) as exc:
-            raise KdumpError(f"cannot run {binary} -v: {exc}") from None
+            raise KdumpError(f"cannot run {' '.join(argv)}: {exc}") from None
         return done.stdout
 
     stdout = buildcache.program_output(cache_dir, binary, ["-v"], run)
@@ -90,8 +95,13 @@ def _dump_hostname(name: str) -> str:
 
 
 def capture_settings(
-    config: Config, resolver: ElfResolver, root: Path, cache_dir: Path | None = None
+    config: Config,
+    resolver: ElfResolver,
+    root: Path | Target,
+    cache_dir: Path | None = None,
 ) -> CaptureSettings:
+    """`root`: the target, or the root tree of a build for this host's architecture."""
+    target = root if isinstance(root, Target) else Target(host_arch(), root)
     wanted = config.capture.collector
     found: str | None = None
     if wanted != "native":
@@ -105,13 +115,18 @@ def capture_settings(
                 ) from None
     compression = "none"
     if found is not None:
+        resolver.check_machine(found)
         compression = _makedumpfile_compression(
-            root / found.lstrip("/"), config.capture.compression, cache_dir
+            target, found, config.capture.compression, cache_dir
         )
     stage = config.capture.stage
     python = None
     if stage == "python":
-        python = config.capture.python or os.path.realpath(sys.executable)
+        if target.root == Path("/"):
+            python = config.capture.python or os.path.realpath(sys.executable)
+        else:
+            # The builder's own interpreter is no part of another root: the root's python3.
+            python = config.capture.python or "python3"
     return CaptureSettings(
         stage=stage,
         collector="makedumpfile" if found else "native",
@@ -132,20 +147,21 @@ def module_requests(config: Config, features: list[Feature]) -> list[tuple[str, 
 
 
 def find_busybox(
-    resolver: ElfResolver, busybox: str, root: Path, cache_dir: Path | None = None
+    resolver: ElfResolver, busybox: str, root: Path | Target, cache_dir: Path | None = None
 ) -> Busybox:
+    target = root if isinstance(root, Target) else Target(host_arch(), root)
     path = resolver.find_program(busybox)
     if not resolver.is_static(path):
         raise KdumpError(
             f"{path} is dynamically linked; the capture init needs a static busybox "
             "(Debian: apt-get install busybox-static), set with config key 'busybox'"
         )
-    host = root / path.lstrip("/")
+    host = target.root / path.lstrip("/")
 
     def run() -> str:
         try:
-            return subprocess.run([str(host), "--list-full"], check=True, capture_output=True,
-                                  text=True, timeout=30).stdout  # fmt: skip
+            return subprocess.run([*target.command(path), "--list-full"], check=True,
+                                  capture_output=True, text=True, timeout=60).stdout  # fmt: skip
         except (OSError, subprocess.SubprocessError) as exc:
             raise KdumpError(f"cannot list the applets of {path}: {exc}") from None
 
@@ -224,18 +240,20 @@ def resolve(
     kver: str,
     kmoddir: Path,
     cache_dir: Path | None = None,
-    root: Path = Path("/"),
+    root: Path | Target = Path("/"),
     detected: list[tuple[str, str]] | None = None,
 ) -> Resolution:
     """`detected`: (module, why) pairs found on the host, for host-only images."""
+    target = root if isinstance(root, Target) else Target(host_arch(), root)
+    root = target.root
     requests = module_requests(config, features) + (detected or [])
     modules = module_closure(kver, kmoddir, requests, cache_dir)
     firmware = resolve_firmware(modules, kver, root / config.firmware_root.lstrip("/"))
-    resolver = ElfResolver(root=root, search_path=config.search_path)
+    resolver = ElfResolver(root, config.search_path, target.arch.machine)
     wanted = {f.name: f.binary_requests(config) for f in features}
     wanted["config"] = [(name, "config key binaries") for name in config.binaries]
     binaries = {who: resolver.resolve(programs) for who, programs in wanted.items() if programs}
-    busybox = find_busybox(resolver, config.busybox, root, cache_dir)
+    busybox = find_busybox(resolver, config.busybox, target, cache_dir)
     return Resolution(
         kver, capture, modules, firmware, binaries, busybox, image_files(config, root)
     )

@@ -8,6 +8,12 @@ it imports the standard library only, keeps to syntax 3.8 reads, and its annotat
 strings (`from __future__ import annotations`). The request is one JSON object on stdin
 (entry, package_dir, exclude, extra); the answer is one stdout line, ANSWER and JSON, holding
 either the modules found or {"error": message}.
+
+For an image of another root tree (a sysroot, maybe of another architecture) the request also
+names the root ("root") and the argv prefix that runs this interpreter ("runner": QEMU's
+user-mode emulator for a foreign machine). The interpreter then sits at ROOT/usr/bin/...,
+so its prefix and standard library are under ROOT; every path in the answer, and the file
+names compiled into the bytecode, are given as the image will have them, without ROOT.
 """
 
 from __future__ import annotations
@@ -223,9 +229,23 @@ class Finder(modulefinder.ModuleFinder):
         return module
 
 
+# The argv prefix that runs a program of the interpreter's machine (empty: run it directly),
+# and the root tree the interpreter lives in ("" for the host's /); set from the request.
+RUNNER: list[str] = []
+ROOT = ""
+
+
+def in_image(path: str) -> str:
+    """`path` as the image will have it: without the root tree's prefix."""
+    if not ROOT or not within(path, ROOT):
+        return path
+    relative = os.path.relpath(path, ROOT)
+    return "/" if relative == "." else "/" + relative
+
+
 def child(script: str, args: list[str] | None = None) -> list[str]:
     """The words `script` prints, run by this interpreter under the image's flags."""
-    argv = [sys.executable, "-S", "-s", "-B", "-X", "utf8", "-c", script] + (args or [])
+    argv = RUNNER + [sys.executable, "-S", "-s", "-B", "-X", "utf8", "-c", script] + (args or [])
     done = subprocess.run(argv, stdout=subprocess.PIPE, check=True, cwd="/")
     return done.stdout.decode().split()
 
@@ -262,7 +282,10 @@ def definitely_missing(finder: modulefinder.ModuleFinder, name: str) -> bool:
 
 def find(request: dict[str, Any]) -> dict[str, Any]:
     """The answer to `request`: what the stage imports, as bytecode and extension modules."""
+    global ROOT
     entry: str = request["entry"]
+    RUNNER[:] = request.get("runner", [])
+    ROOT = os.path.realpath(request["root"]) if request.get("root") else ""
     top = entry.partition(".")[0]
     package_dir = os.path.realpath(request["package_dir"])
     default_path = [p for p in sys.path if p]
@@ -352,12 +375,12 @@ def find(request: dict[str, Any]) -> dict[str, Any]:
             with open(real, "rb") as handle:
                 source = handle.read()
             # The whole source, __main__ block included, named as zipimport would name it.
-            code = compile(source, zip_path + "/" + arc, "exec", dont_inherit=True)
+            code = compile(source, in_image(zip_path) + "/" + arc, "exec", dont_inherit=True)
             pyc = MAGIC_NUMBER + bytes(12) + marshal.dumps(code)
             sources.append(
                 {
                     "name": name,
-                    "file": path,
+                    "file": in_image(path),
                     "arc": arc + "c",
                     "stage": stage,
                     "importer": importer,
@@ -367,12 +390,12 @@ def find(request: dict[str, Any]) -> dict[str, Any]:
         elif stage:
             raise Refused(f"stage module {name} is {path}: the stage package must be pure Python")
         else:
-            extensions.append({"name": name, "file": path, "importer": importer})
+            extensions.append({"name": name, "file": in_image(path), "importer": importer})
     return {
         "version": list(sys.version_info[:3]),
-        "prefix": sys.prefix,
-        "exec_prefix": sys.exec_prefix,
-        "zip_path": zip_path,
+        "prefix": in_image(sys.prefix),
+        "exec_prefix": in_image(sys.exec_prefix),
+        "zip_path": in_image(zip_path),
         "pythonpath": zip_path not in default_path,
         "magic": MAGIC_NUMBER.hex(),
         "zlib": bool(roots),

@@ -5,7 +5,8 @@ Checked: every symlink leads to something in the image; every ELF program's inte
 every library it needs by name is in the image, in a directory the image's loader searches
 without an ld.so.cache (the image has none): a run path of an object in the image, or a
 built-in library directory; every kernel module's dependencies listed in the image's
-modules.dep are in the image.
+modules.dep are in the image; every ELF file (program, library, kernel module) is of one
+machine, the one the image is for when the build says.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ _DT_NEEDED, _DT_STRTAB, _DT_RPATH, _DT_RUNPATH = 1, 5, 15, 29
 # lib64, plain lib); whichever one the image's loader uses, a library elsewhere with no run
 # path naming its directory is found only through an ld.so.cache.
 _BUILTIN_DIRS = ("/lib64", "/usr/lib64", "/lib", "/usr/lib")
+# e_machine numbers, named as pyelftools (and so the resolver) names them.
+MACHINES = {3: "EM_386", 62: "EM_X86_64", 40: "EM_ARM", 183: "EM_AARCH64", 21: "EM_PPC64",
+            22: "EM_S390", 243: "EM_RISCV", 258: "EM_LOONGARCH"}  # fmt: skip
 _MULTIARCH = re.compile(r"^/(usr/)?lib/[a-z0-9_]+-linux-gnu[a-z0-9_]*$")
 
 
@@ -113,9 +117,35 @@ def _loader_finds(lib: str, dirs: Iterable[str], entries: dict[str, Entry]) -> b
     return any(_resolve(posixpath.join(d, lib), entries) is not None for d in dirs)
 
 
-def check_image(entries: Iterable[Entry]) -> None:
+def elf_machine(data: bytes) -> str | None:
+    """The ELF machine of a file's bytes (EM_AARCH64, ...); None when it is not ELF."""
+    if len(data) < 20 or not data.startswith(b"\x7fELF") or data[5] not in (1, 2):
+        return None
+    (number,) = struct.unpack_from("<H" if data[5] == 1 else ">H", data, 18)
+    return MACHINES.get(number, f"e_machine {number}")
+
+
+def _machine_problems(by_path: dict[str, Entry], machine: str | None) -> list[str]:
+    found: dict[str, list[str]] = {}
+    for path, entry in sorted(by_path.items()):
+        # Firmware is code for a device's own processor, whatever the host CPU is.
+        firmware = path.startswith(("lib/firmware/", "usr/lib/firmware/"))
+        kind = elf_machine(entry.data) if entry.kind == "file" and not firmware else None
+        if kind is not None:
+            found.setdefault(kind, []).append("/" + path)
+    wanted = machine or (max(found, key=lambda k: len(found[k])) if found else None)
+    return [
+        f"{', '.join(paths[:5])}{' and others' if len(paths) > 5 else ''} "
+        f"{'is' if len(paths) == 1 else 'are'} {kind}, but the image is for {wanted}"
+        for kind, paths in sorted(found.items())
+        if kind != wanted
+    ]
+
+
+def check_image(entries: Iterable[Entry], machine: str | None = None) -> None:
+    """`machine`: the ELF machine every ELF file must be (None: the one most of them are)."""
     by_path = {e.path: e for e in entries}
-    problems = []
+    problems = _machine_problems(by_path, machine)
     names: dict[str, list[str]] = {}
     for p in sorted(by_path):
         names.setdefault(posixpath.basename(p), []).append("/" + p)

@@ -20,6 +20,7 @@ from kdump_mkinitrd.image.features import discover
 from kdump_mkinitrd.image.plan import ImagePlan
 from kdump_mkinitrd.image.render import render
 from kdump_mkinitrd.image.resolve import find_busybox
+from kdump_mkinitrd.image.targetarch import target_for
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 FEATURE = "qemu-test"
@@ -41,9 +42,10 @@ def utility_image(
     plan = ImagePlan()
     # The same skeleton as every capture image: the base feature's layout and device nodes.
     add_feature_static(plan, discover()["base"], root)
-    resolver = ElfResolver(root)
+    target = target_for(None, root, ElfResolver(root).machine_of("/bin/busybox"))
+    resolver = ElfResolver(root, machine=target.arch.machine)
     closures = {FEATURE: resolver.resolve([(p, FEATURE) for p in programs])} if programs else {}
-    add_binaries(plan, find_busybox(resolver, "/bin/busybox", root), closures, root)
+    add_binaries(plan, find_busybox(resolver, "/bin/busybox", target), closures, root)
     if modules:
         index = ModuleIndex.load(kver, kmoddir)
         add_modules(plan, index.resolve([(m, FEATURE) for m in modules]), kver)

@@ -33,6 +33,7 @@ from kdump_mkinitrd.capture.vmcore_json import problems
 from kdump_mkinitrd.config import Config
 from kdump_mkinitrd.dumps import rawrecovery as raw
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.image import targetarch
 from kdump_mkinitrd.image.build import BuildRequest, build
 from kdump_mkinitrd.progress import Progress
 from kdump_mkinitrd.qemutest import faults, guest_traffic, layouts
@@ -808,7 +809,8 @@ def _run(options: Options, workdir: Path, servers: Servers) -> Report:
     config, report.machine_drivers = _with_machine_drivers(config)
     # The Python stage's fault switches come only in images built here, never in production.
     request = BuildRequest(options.kver, options.kmoddir, image, options.kernel, test_switches=True,
-                           root=options.sysroot or Path("/"))  # fmt: skip
+                           root=options.sysroot or Path("/"), arch=options.arch,
+                           boot_dir=options.kernel.parent)  # fmt: skip
     built = build(config, request)
     report.timings["build"] = time.monotonic() - start
     report.image_size = built.size
@@ -903,15 +905,8 @@ def _makedumpfile(options: Options) -> list[str]:
     under QEMU's user-mode emulation on this host (no second boot)."""
     if options.sysroot is None:
         return ["makedumpfile"]
-    return [*user_emulator(options.arch, options.sysroot),
-            str(options.sysroot / "usr/bin/makedumpfile")]  # fmt: skip
-
-
-def user_emulator(arch: str, sysroot: Path) -> list[str]:
-    program = f"qemu-{normalise_arch(arch)}-static"
-    if shutil.which(program) is None:
-        raise KdumpError(f"{program} not found (Debian: apt-get install qemu-user-static)")
-    return [program, "-L", str(sysroot)]
+    machine = targetarch.arch_named(options.arch)
+    return targetarch.Target(machine, options.sysroot).command("/usr/bin/makedumpfile")
 
 
 def check_tools(arch: str = "x86_64") -> None:

@@ -42,7 +42,6 @@ TEST_DEBS := gcc libc6-dev gdb openjdk-17-jre-headless groff-base systemd iprout
 export KDUMP_TEST_KERNEL_CACHE := $(abspath $(KERNEL_CACHE))
 
 DEMO_KVER := $(KERNEL_61)
-DEMO_ROOT := $(KERNEL_CACHE)/$(DEMO_KVER)
 
 .PHONY: setup debs venv kernels kernels-arm64 sysroot-arm64 test lint demo clean
 
@@ -79,10 +78,24 @@ test: setup kernels kernels-arm64 sysroot-arm64
 	$(BIN)/pytest -q -rs -n $(TEST_WORKERS)
 
 # The main job: build a capture image for a Debian kernel, crash a QEMU guest running that
-# kernel, capture the dump, check it, print a summary.
-demo: setup kernels
+# kernel, capture the dump, check it, print a summary. ARCH=arm64: the same on Debian's arm64
+# kernel in qemu-system-aarch64, the image cross-built from an arm64 sysroot.
+ARCH ?= amd64
+ifeq ($(ARCH),arm64)
+DEMO_KVER := $(KERNEL_61_ARM64)
+DEMO_NEEDS := kernels-arm64 sysroot-arm64
+DEMO_ARCH = --arch arm64 --sysroot "$$(cat $(SYSROOTS)/arm64.path)"
+else ifeq ($(ARCH),amd64)
+DEMO_NEEDS := kernels
+DEMO_ARCH =
+else
+$(error ARCH=$(ARCH): make demo runs on amd64 (default) or arm64)
+endif
+DEMO_ROOT = $(KERNEL_CACHE)/$(DEMO_KVER)
+
+demo: setup $(DEMO_NEEDS)
 	rm -rf $(CACHE)/demo
-	$(BIN)/kdump-mkinitrd qemu-test -k $(DEMO_KVER) \
+	$(BIN)/kdump-mkinitrd qemu-test -k $(DEMO_KVER) $(DEMO_ARCH) \
 		--kmoddir $(DEMO_ROOT)/lib/modules/$(DEMO_KVER) \
 		--kernel $(DEMO_ROOT)/boot/vmlinuz-$(DEMO_KVER) --keep $(CACHE)/demo
 
@@ -191,6 +204,6 @@ deb:
 BENCH_DEBS := dracut-core zstd busybox-static makedumpfile kexec-tools openssh-client \
 	mmdebstrap qemu-utils dpkg-dev debhelper dh-python
 .PHONY: bench
-bench: setup kernels
+bench: setup kernels kernels-arm64 sysroot-arm64
 	@scripts/install-debs $(BENCH_DEBS)
 	BENCH_QUICK="$(BENCH_QUICK)" BENCH_ONLY="$(BENCH_ONLY)" $(BIN)/python bench/run.py

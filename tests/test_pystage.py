@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import os
 import re
 import shutil
@@ -24,6 +25,9 @@ from typing import Any
 import pytest
 import zstandard
 
+from kdump_mkinitrd.capture.dmesg import extract_dmesg
+from kdump_mkinitrd.capture.vmcore import Vmcore
+from kdump_mkinitrd.capture.vmcore_json import problems
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan.elfdeps import ElfResolver
 from kdump_mkinitrd.image import pystage
@@ -290,6 +294,44 @@ def test_real_capture_stage_in_chroot(interpreter: str, tmp_path: Path) -> None:
             f" modules={len(stage.modules)} zip={len(zip_of(plan, stage))} total={total}"
             f" zstd12={compressed} peak_rss={run.max_rss_kib} KiB"
         )
+
+
+@needs_chroot
+def test_stage_writes_an_elf_dump_when_makedumpfile_fails(tmp_path: Path) -> None:
+    """Debian's real makedumpfile, packed with its libraries as an image packs it, refuses the
+    synthetic vmcore ("Can't get necessary symbols for excluding free pages"; 1.7.2 refuses an
+    arm64 6.12 kernel likewise): the stage still leaves a dump, the native writer's ELF core,
+    and says why in vmcore.json."""
+    core = synthetic_vmcore()
+    assert core is not None
+    plan, stage = pack(DEBIAN_PYTHON, "capture.stage", REPO / "builder", tmp_path / "cache")
+    closure = ElfResolver().resolve([("makedumpfile", "test")])
+    for link in closure.symlinks:
+        if not plan.has(link.path):  # libz and libc come with the interpreter already
+            plan.symlink(link.path, link.target, "test", "symlink on the way")
+    for elf in closure.files:
+        if not plan.has(elf.path):
+            plan.file(elf.path, "test", elf.why, source=elf.source, mode=0o755)
+    root = tmp_path / "root"
+    root.mkdir()
+    materialize(plan, root)
+    (root / "proc").mkdir()
+    (root / "proc" / "vmcore").write_bytes(core)
+    (root / "dump").mkdir()
+    (root / "tmp").mkdir()
+    makedumpfile = ElfResolver().find_program("makedumpfile")
+    run = run_in_chroot(root, [*stage.command, "--dir", "/dump", "--collector", "makedumpfile",
+                               "--makedumpfile", makedumpfile, "--flag", "-l",
+                               "--dump-level", "31"], stage.env())  # fmt: skip
+    assert run.status == 0, run.out + run.err
+    assert "makedumpfile failed with status" in run.out + run.err
+    record = json.loads((root / "dump" / "vmcore.json").read_text())
+    assert (record["collector"], record["format"]) == ("native", "elf")
+    assert record["collector_error"].startswith("makedumpfile failed with status ")
+    assert not problems(record)
+    assert not (root / "dump" / "vmcore.incomplete").exists()
+    with Vmcore.open(str(root / "dump" / "vmcore")) as saved:
+        assert "Linux version" in extract_dmesg(saved)
 
 
 # A stage importing an excluded module gets it: exclusion only stops what the standard

@@ -117,21 +117,32 @@ class Progress:
 def _collect(
     args: dict[str, str], core: Vmcore, partial: str, console: Console
 ) -> dict[str, object]:
-    if args["collector"] == "makedumpfile":
-        argv = [args["makedumpfile"], *args["flag"].split(), "-d", args["dump_level"],
-                "--message-level", "7", args.get("vmcore", VMCORE), partial]  # fmt: skip
-        console.say("collector: " + " ".join(argv))
-        status = _run(argv)
-        if status != 0:
-            raise StageError(f"makedumpfile failed with status {status}")
-        # makedumpfile never fsyncs: the data must be on disk before the rename says "done".
-        fd = os.open(partial, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return {"collector": "makedumpfile", "format": "kdump-compressed",
-                "dump_level": int(args["dump_level"])}  # fmt: skip
+    if args["collector"] != "makedumpfile":
+        return _native(core, partial, console)
+    argv = [args["makedumpfile"], *args["flag"].split(), "-d", args["dump_level"],
+            "--message-level", "7", args.get("vmcore", VMCORE), partial]  # fmt: skip
+    console.say("collector: " + " ".join(argv))
+    status = _run(argv)
+    if status != 0:
+        # A kernel newer than the makedumpfile (Debian 12's 1.7.2 cannot read its arm64 6.12
+        # kernel, 52-bit addresses) must still leave a dump: the whole ELF core, zero pages
+        # left out, is bigger but readable by crash, drgn and makedumpfile of later versions.
+        failed = f"makedumpfile failed with status {status}"
+        console.say(f"{failed}: the native writer saves an ELF dump instead")
+        if os.path.lexists(partial):
+            os.unlink(partial)
+        return dict(_native(core, partial, console), collector_error=failed)
+    # makedumpfile never fsyncs: the data must be on disk before the rename says "done".
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {"collector": "makedumpfile", "format": "kdump-compressed",
+            "dump_level": int(args["dump_level"])}  # fmt: skip
+
+
+def _native(core: Vmcore, partial: str, console: Console) -> dict[str, object]:
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     # The name must survive a power cut, so that a cut dump is found and marked incomplete.
     _fsync_dir(os.path.dirname(partial))

@@ -36,6 +36,7 @@ FIELDS: dict[str, tuple[tuple[str, ...], bool]] = {
     "timings": (("object",), False),  # python: seconds per step
     "dmesg_lines": (("integer",), False),  # python: lines in vmcore-dmesg.txt
     "dmesg_error": (("string",), False),  # python: why there is no vmcore-dmesg.txt
+    "collector_error": (("string",), False),  # python: why makedumpfile's dump was not kept
     "pages_total": (("integer",), False),  # native collector
     "pages_zero_skipped": (("integer",), False),
     "recovered_from": (("string",), False),  # recover-raw: the raw device read

@@ -462,7 +462,7 @@ def _register(args: argparse.Namespace) -> int:
         return registration.EXIT_ERROR if failed else registration.EXIT_NO_RESERVATION
     if rebuilt:
         print("rebuilt the image: " + "; ".join(rebuilt[:5]), file=sys.stderr)
-    print(f"capture kernel {loaded.kernel} loaded with {loaded.image}")
+    print(f"capture kernel {loaded.kernel} loaded with {loaded.image} by {loaded.method}")
     if args.json:
         print(json.dumps(asdict(loaded), indent=1))
     if failed:

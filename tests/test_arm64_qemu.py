@@ -52,6 +52,7 @@ def test_arm64_python_stage_saves_a_dump_registered_in_the_guest(tmp_path: Path)
     # Our register, in the guest: Debian's arm64 kernel has no kexec_file_load, so it loads
     # through kexec-tools, which gets the _text address this kernel's kallsyms hides.
     assert "capture kernel " in log and " loaded with " in log
+    assert " by kexec_load (kexec-tools): this kernel has no kexec_file_load" in log
     assert "Can't get the symbol of _text" not in log
     capture_line = next(line for line in log.splitlines() if "Kernel command line: " in line
                         and "nr_cpus=1" in line)  # fmt: skip

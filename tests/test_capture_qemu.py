@@ -174,7 +174,7 @@ targets:
     )
     log = Path(report.serial_log).read_text()
     assert "kdump-mkinitrd: error" not in log
-    assert "capture kernel " in log and " loaded with " in log
+    assert "capture kernel " in log and " loaded with " in log and " by kexec_file_load" in log
     capture_line = next(line for line in log.splitlines() if "Command line: elfcorehdr=" in line)
     for arg in ("irqpoll", "nr_cpus=1", "reset_devices", "novmcoredd"):
         assert arg in capture_line.split()

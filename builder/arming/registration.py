@@ -51,6 +51,9 @@ class Loaded:
     config: str | None
     cmdline: str
     hostonly: bool
+    # How it was loaded: "kexec_file_load", or "kexec_load (kexec-tools): why" (state files
+    # written before this field read as "").
+    method: str = ""
 
 
 def peer_root() -> Path:
@@ -118,7 +121,9 @@ def register(
             raise KdumpError(f"{exc}; {request.output} was left as it was") from None
         report = build(config, request, if_needed=True)
         suggest = f"{estimate(request.output, None).total_mb}M"
-        load_crash_kernel(opened, request.output, cmdline, machine=machine, suggest=suggest)
+        result = load_crash_kernel(
+            opened, request.output, cmdline, machine=machine, suggest=suggest
+        )
     loaded = Loaded(
         kver=request.kver,
         kernel=str(kernel),
@@ -127,6 +132,8 @@ def register(
         config=None if config.source == "<defaults>" else config.source,
         cmdline=cmdline,
         hostonly=request.hostonly,
+        method=result.method
+        + (f" (kexec-tools): {result.fallback_reason}" if result.fallback_reason else ""),
     )
     write_atomic(_state_file(), (json.dumps(asdict(loaded), indent=1) + "\n").encode(), 0o644)
     return loaded, report.rebuilt_because

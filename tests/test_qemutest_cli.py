@@ -47,3 +47,23 @@ def test_without_json_the_error_goes_to_stderr(kernel61: Kernel, tmp_path: Path)
     assert proc.returncode == 1 and proc.stdout == ""
     assert "qemu-test: building the capture image\n" in proc.stderr
     assert "kdump-mkinitrd: error:" in proc.stderr and "no_such_driver_anywhere" in proc.stderr
+
+
+def test_another_architecture_says_what_it_needs_and_what_it_does_not_do(
+    kernel61: Kernel, tmp_path: Path
+) -> None:
+    """Refused before anything is built or booted, each with what to do instead."""
+    cases = [
+        ((), "an aarch64 guest needs --sysroot"),
+        (("--sysroot", str(tmp_path), "--first-stage", "kexec-tools"),
+         "--first-stage kexec-tools arms x86_64 guests only"),
+        (("--sysroot", str(tmp_path), "--fault", "net-down", "--target", "ssh"),
+         "an aarch64 guest saves to plain disks"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        proc = qemu_test(kernel61, tmp_path, "--arch", "arm64", *extra)
+        assert proc.returncode == 1, proc.stderr
+        assert message in proc.stderr, proc.stderr
+        assert "building the capture image" not in proc.stderr
+    proc = qemu_test(kernel61, tmp_path, "--arch", "riscv64")
+    assert proc.returncode == 1 and "boots x86_64 and aarch64 guests, not riscv64" in proc.stderr

@@ -28,16 +28,10 @@ from kdump_mkinitrd.image.elfstrip import loadable_only
 from kdump_mkinitrd.image.verify import check_image, elf_machine
 from tests import imagerun
 from tests.conftest import Kernel
+from tests.test_build import BENCH_CONFIG
 from tests.crossroot import KVER_ARM64, arm64_kernel, arm64_sysroot
 
-CONFIG = """\
-targets:
-  - {type: disk, device: UUID=2f6e0c1a-1111-4222-8333-944455556666, fstype: ext4, path: /var/crash}
-kernel_modules: [virtio_blk, virtio_pci]
-failure_action: poweroff
-final_action: poweroff
-device_timeout: 30
-"""
+CONFIG = BENCH_CONFIG  # the bench's: its sizes compare with x86's figures there
 QEMU_USER = "/usr/bin/qemu-aarch64-static"
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="unpacking device nodes and chroot need root (CI runs as root)"

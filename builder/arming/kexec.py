@@ -25,9 +25,8 @@ import functools
 import os
 import platform
 import shutil
-import stat
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -35,7 +34,7 @@ from typing import Literal
 from kdump_mkinitrd.arming.cmdline import normalise_arch
 from kdump_mkinitrd.arming.kexectext import kexec_tools_setup
 from kdump_mkinitrd.errors import KdumpError
-from kdump_mkinitrd.hostscan.kernelimage import KexecKernel, open_for_kexec
+from kdump_mkinitrd.hostscan.kernelimage import KexecKernel, open_for_kexec, open_regular
 
 KEXEC_FILE_UNLOAD = 0x1
 KEXEC_FILE_ON_CRASH = 0x2
@@ -348,24 +347,6 @@ def _errno_name(code: int) -> str:
 # Loading
 
 
-@contextlib.contextmanager
-def _open_for_kexec(path: Path, what: str) -> Iterator[tuple[int, int]]:
-    """Open *path* read-only; yield (fd, size). Missing or unreadable files name themselves."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise KdumpError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise KdumpError(f"cannot open {what} {path}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise KdumpError(f"{what} {path} is not a regular file")
-        yield fd, info.st_size
-    finally:
-        os.close(fd)
-
-
 def _check_reservation(sysfs: Path, suggest: str | None) -> CrashStatus:
     status = crash_status(sysfs)
     if not status.supported:
@@ -419,7 +400,7 @@ def load_crash_kernel(
         if isinstance(kernel, Path):
             arch = normalise_arch(machine or platform.machine())
             kernel = stack.enter_context(open_for_kexec(kernel, arch))
-        initrd_fd, initrd_bytes = stack.enter_context(_open_for_kexec(initrd, "initramfs"))
+        initrd_fd, initrd_bytes = stack.enter_context(open_regular(initrd, "initramfs"))
         before = _check_reservation(sysfs, suggest)
         attempt = _Attempt(
             kernel=kernel.path,

@@ -245,22 +245,13 @@ def open_for_kexec(path: Path, machine: str) -> Iterator[KexecKernel]:
     kernel for another machine, or a compressed file that does not unpack to an Image, is an
     error naming the file, before anything is loaded. An unrecognised format is handed on as
     it is: the kernel's own parsers judge it (ENOEXEC then falls back to kexec-tools)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise KdumpError(f"kernel {path} does not exist") from None
-    except OSError as exc:
-        raise KdumpError(f"cannot open kernel {path}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise KdumpError(f"kernel {path} is not a regular file")
-        kernel = identify(path, os.pread(fd, 1024, 0), info.st_size)
+    with open_regular(path, "kernel") as (fd, size):
+        kernel = identify(path, os.pread(fd, 1024, 0), size)
         if kernel.compression is None:
             _check_machine(kernel, machine)
-            yield KexecKernel(kernel, fd, info.st_size, in_memory=False)
+            yield KexecKernel(kernel, fd, size, in_memory=False)
             return
-        data = _read_all(fd, info.st_size, path)
+        data = _read_all(fd, size, path)
         image = decompress(kernel, data)
         del data
         kernel = replace(kernel, arch=raw_arch(image))
@@ -275,6 +266,22 @@ def open_for_kexec(path: Path, machine: str) -> Iterator[KexecKernel]:
             yield KexecKernel(kernel, memfd, len(image), in_memory=True)
         finally:
             os.close(memfd)
+
+
+@contextlib.contextmanager
+def open_regular(path: Path, what: str) -> Iterator[tuple[int, int]]:
+    """Open *path* read-only; yield (fd, size). Missing or unreadable files name themselves."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KdumpError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise KdumpError(f"cannot open {what} {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise KdumpError(f"{what} {path} is not a regular file")
+        yield fd, info.st_size
     finally:
         os.close(fd)
 

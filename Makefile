@@ -80,20 +80,22 @@ test: setup kernels kernels-arm64 sysroot-arm64
 # The main job: build a capture image for a Debian kernel, crash a QEMU guest running that
 # kernel, capture the dump, check it, print a summary. ARCH=arm64: the same on Debian's arm64
 # kernel in qemu-system-aarch64, the image cross-built from an arm64 sysroot.
+# (ARCH may come from the environment, as kernel developers set it: Debian's and the
+# kernel's names are both taken.)
 ARCH ?= amd64
-ifeq ($(ARCH),arm64)
+ifneq ($(filter arm64 aarch64,$(ARCH)),)
 DEMO_KVER := $(KERNEL_61_ARM64)
 DEMO_NEEDS := kernels-arm64 sysroot-arm64
 DEMO_ARCH = --arch arm64 --sysroot "$$(cat $(SYSROOTS)/arm64.path)"
-else ifeq ($(ARCH),amd64)
+else
 DEMO_NEEDS := kernels
 DEMO_ARCH =
-else
-$(error ARCH=$(ARCH): make demo runs on amd64 (default) or arm64)
 endif
 DEMO_ROOT = $(KERNEL_CACHE)/$(DEMO_KVER)
 
 demo: setup $(DEMO_NEEDS)
+	@case "$(ARCH)" in amd64|x86_64|x86|arm64|aarch64) ;; \
+		*) echo "make demo: ARCH=$(ARCH): it runs on amd64 (default) or arm64" >&2; exit 2 ;; esac
 	rm -rf $(CACHE)/demo
 	$(BIN)/kdump-mkinitrd qemu-test -k $(DEMO_KVER) $(DEMO_ARCH) \
 		--kmoddir $(DEMO_ROOT)/lib/modules/$(DEMO_KVER) \

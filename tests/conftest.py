@@ -20,6 +20,22 @@ KVER_612 = "6.12.117+deb12-amd64"
 KVER_ARM64 = "6.1.0-56-arm64"
 
 
+def _duration_class(item: pytest.Item) -> int:
+    """0: a whole Debian system or a test file rerun in a guest (minutes each); 1: another
+    QEMU test; 2: the rest."""
+    module = getattr(item, "module", None)
+    if module is not None and (module.__name__.endswith("_guest")
+                               or hasattr(module, "pytest_in_guest")):  # fmt: skip
+        return 0
+    return 1 if item.get_closest_marker("qemu") else 2
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: pytest-xdist hands tests out in this order, and a multi-minute guest
+    test started last would leave the other core idle at the end of `make test`."""
+    items.sort(key=_duration_class)
+
+
 @dataclass(frozen=True)
 class Kernel:
     kver: str

@@ -7,9 +7,7 @@ import subprocess
 from pathlib import Path
 
 from kdump_mkinitrd.qemutest.testcache import cache_root, kernel_cache
-
-REPO = Path(__file__).resolve().parent.parent
-KVER_ARM64 = "6.1.0-56-arm64"
+from tests.conftest import KVER_ARM64, REPO
 
 
 def arm64_sysroot() -> Path:

@@ -13,8 +13,8 @@ import pytest
 
 from kdump_mkinitrd.arming.cmdline import ARCH_ADDED, kdump_args
 from kdump_mkinitrd.qemutest.run import Options, Report, run_qemu_test
-from tests.conftest import QEMU_TEST_ACTIONS
-from tests.crossroot import KVER_ARM64, arm64_kernel, arm64_sysroot
+from tests.conftest import KVER_ARM64, QEMU_TEST_ACTIONS
+from tests.crossroot import arm64_kernel, arm64_sysroot
 
 pytestmark = pytest.mark.qemu
 

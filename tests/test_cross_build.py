@@ -28,8 +28,8 @@ from kdump_mkinitrd.image.cpio import Entry, read_newc, split_archives
 from kdump_mkinitrd.image.elfstrip import loadable_only
 from kdump_mkinitrd.image.verify import check_image, elf_machine
 from tests import imagerun
-from tests.conftest import Kernel
-from tests.crossroot import KVER_ARM64, arm64_kernel, arm64_sysroot
+from tests.conftest import KVER_ARM64, Kernel
+from tests.crossroot import arm64_kernel, arm64_sysroot
 from tests.test_build import BENCH_CONFIG
 
 CONFIG = BENCH_CONFIG  # the bench's: its sizes compare with x86's figures there

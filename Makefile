@@ -71,12 +71,15 @@ sysroot-arm64: debs
 		mv $(SYSROOTS)/.arm64.path.$$$$ $(SYSROOTS)/arm64.path && echo "$$path"
 
 # -rs: every skipped test is listed with its reason; --durations: the slowest, which
-# conftest.py's ordering starts first. -n: independent tests (most of them QEMU
-# guests, one TCG thread each) run in parallel, one worker per core unless TEST_WORKERS says.
+# conftest.py's ordering starts first. -n: independent tests (most of them QEMU guests, one
+# TCG thread each) run in parallel, one worker per core unless TEST_WORKERS says; worksteal:
+# a worker that runs out of tests takes some from the other's queue (with plain load
+# scheduling one core sat idle at the end of the run while the other worked through its
+# queue of QEMU tests).
 TEST_WORKERS ?= auto
 test: setup kernels kernels-arm64 sysroot-arm64
 	@scripts/install-debs $(TEST_DEBS)
-	$(BIN)/pytest -q -rs -n $(TEST_WORKERS) --durations=25
+	$(BIN)/pytest -q -rs -n $(TEST_WORKERS) --dist worksteal --durations=25
 
 # The main job: build a capture image for a Debian kernel, crash a QEMU guest running that
 # kernel, capture the dump, check it, print a summary. ARCH=arm64: the same on Debian's arm64

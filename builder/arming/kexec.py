@@ -395,10 +395,10 @@ def load_crash_kernel(
     unless the kernel is locked down.
     """
     raw = _encode_cmdline(cmdline)
+    arch = normalise_arch(machine or platform.machine())
     # The files first: a typo in a path is the quicker fix than a reboot for crashkernel=.
     with contextlib.ExitStack() as stack:
         if isinstance(kernel, Path):
-            arch = normalise_arch(machine or platform.machine())
             kernel = stack.enter_context(open_for_kexec(kernel, arch))
         initrd_fd, initrd_bytes = stack.enter_context(open_regular(initrd, "initramfs"))
         before = _check_reservation(sysfs, suggest)
@@ -446,7 +446,6 @@ def load_crash_kernel(
         reason = _fallback_reason(code, number, machine)
         try:
             # Still inside the with: a decompressed kernel lives only as long as its memfd.
-            arch = normalise_arch(machine or platform.machine())
             with kexec_tools_setup(arch) if run is None else contextlib.nullcontext() as setup:
                 runner = run or functools.partial(_run, setup=setup)
                 command = _kexec_tools_load(attempt, kernel, cmdline, reason, kexec, runner)

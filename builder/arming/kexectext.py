@@ -97,8 +97,8 @@ def kexec_tools_setup(
     machine: str, kallsyms: Path = KALLSYMS, kcore: Path = KCORE
 ) -> Iterator[Callable[[], None] | None]:
     """A function to run in the kexec-tools child before exec, or None when none is needed:
-    on aarch64 when `kallsyms` lacks `_text`."""
-    if machine not in ("aarch64", "arm64"):
+    on aarch64 (`machine` as normalise_arch gives it) when `kallsyms` lacks `_text`."""
+    if machine != "aarch64":
         yield None
         return
     patched = kallsyms_with_text(kallsyms, kcore)

@@ -42,9 +42,14 @@ def sysroot(cache_root: Path) -> Path:
     return path
 
 
-def _build(cli: Path, k: Kernel, config: Path, out: Path, cross: tuple[str, ...]) -> dict[str, Any]:
-    cmd = [str(cli), "build", "-k", k.kver, "--kmoddir", str(k.kmoddir), "--kernel",
-           str(k.vmlinuz), "-c", str(config), "-o", str(out), "--json", *cross]  # fmt: skip
+# run.py's ours_cmd: (kernel, config, output, extra arguments) -> `kdump-mkinitrd build --json`.
+BuildCommand = Callable[..., list[str]]
+
+
+def _build(
+    build_cmd: BuildCommand, k: Kernel, config: Path, out: Path, cross: tuple[str, ...]
+) -> dict[str, Any]:
+    cmd = build_cmd(k, config, out, *cross)
     start = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     seconds = time.monotonic() - start
@@ -72,6 +77,7 @@ def part_arm64(
     kernel: Callable[[str], Kernel],
     configs: dict[str, Path],
     x86: Kernel,
+    build_cmd: BuildCommand,
 ) -> dict[str, Any]:
     """`configs`: stage name -> config (the same the x86 parts use)."""
     root = sysroot(cache_root)
@@ -85,9 +91,9 @@ def part_arm64(
     qemu_extra = ("--arch", "arm64", "--sysroot", str(root))
     for stage, config in configs.items():
         image = work / f"arm64-{stage}.img"
-        _build(cli, k, config, image, cross)  # warms the caches, as a rebuild finds them
-        entry: dict[str, Any] = {"arm64": _build(cli, k, config, image, cross),
-                                 "x86_64": _build(cli, x86, config, work / f"x86-{stage}.img",
+        _build(build_cmd, k, config, image, cross)  # warms the caches, as a rebuild finds them
+        entry: dict[str, Any] = {"arm64": _build(build_cmd, k, config, image, cross),
+                                 "x86_64": _build(build_cmd, x86, config, work / f"x86-{stage}.img",
                                                   ())}  # fmt: skip
         entry["size_ratio_to_x86"] = round(entry["arm64"]["size"] / entry["x86_64"]["size"], 3)
 

@@ -1462,7 +1462,7 @@ def main() -> int:
         work.mkdir(parents=True)
         configs = {"static": static_config(), "python": debian_python_config()}
         results["arm64"] = part("arm64", lambda: arm64.part_arm64(
-            CLI, work, cache_root(), kernel, configs, kernel(crash_kver)))  # fmt: skip
+            CLI, work, cache_root(), kernel, configs, kernel(crash_kver), ours_cmd))  # fmt: skip
         save(results)
 
     if only == "peer" or not (quick or only):

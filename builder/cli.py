@@ -19,6 +19,7 @@ from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.hostscan import defaulttarget, kernelfiles
 from kdump_mkinitrd.image.build import BuildRequest, build
 from kdump_mkinitrd.image.inspect_image import report, text
+from kdump_mkinitrd.importing import command as import_command
 from kdump_mkinitrd.paths import HARNESS_DIR
 from kdump_mkinitrd.targets.ssh import SSH_CLIENTS
 from kdump_mkinitrd.targets.sshkeys import SSH_IDENTITY, SSH_KNOWN_HOSTS
@@ -185,6 +186,7 @@ def parser() -> argparse.ArgumentParser:
         help="extra ssh -o option for the login that installs the key (repeatable)",
     )
     lukssetup.add_parser(sub)
+    import_command.add_parser(sub)
     g = sub.add_parser("register", help="build if needed, then load the capture kernel (kexec)")
     _add_kernel_args(g)
     g.add_argument(
@@ -603,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             "estimate": _estimate,
             "ssh-setup": _ssh_setup,
             "luks-setup": lukssetup.command,
+            "import-config": import_command.command,
         }
         return commands[args.command](args)
     except KdumpError as exc:

@@ -329,6 +329,22 @@ def kdump_args(arch: str) -> list[str]:
     return common + list(ARCH_ADDED.get(arch, {}))
 
 
+def standing(word: str, arch: str) -> tuple[str, str] | None:
+    """Where one argument stands in the capture command line we make on *arch* before any
+    config: ("added", why) when it is one of the kdump arguments, ("removed", why) when the
+    first kernel's copy of it is dropped; None when neither (`import-config` asks)."""
+    arg = parse_arg(word)
+    arch = normalise_arch(arch)
+    added = {parse_arg(text).identity: text for text in kdump_args(arch)}
+    if added.get(arg.identity) == arg.text:
+        text = added[arg.identity]
+        return "added", COMMON_ADDED.get(text) or ARCH_ADDED[arch][text]
+    for rule, why in DROPPED.items():
+        if _Matcher.parse(rule).matches(arg):
+            return "removed", why
+    return None
+
+
 def _user_matchers(remove: Sequence[str]) -> list[_Matcher]:
     return [_Matcher.parse(token) for rule in remove for token in split_cmdline(rule)]
 

@@ -169,6 +169,56 @@ class Default:
     line: str
 
 
+class Unsuitable(KdumpError):
+    """The filesystem holding a folder cannot take a dump; the message says why."""
+
+
+def locate(
+    crash_dir: str,
+    mounts: list[Mount],
+    dev: Path = Path("/dev"),
+    sys_root: Path = Path("/sys"),
+) -> tuple[Target, str]:
+    """The disk target that dumps into `crash_dir` on the filesystem holding it on these
+    mounts, and what that filesystem is; Unsuitable when a capture kernel cannot write there."""
+    # Symlinks resolved; a folder not made yet is on the filesystem of its nearest parent.
+    real = os.path.realpath(crash_dir)
+    try:
+        mount = holding_mount(mounts, real)
+    except KdumpError as exc:
+        # In a chroot whose root is no mount point (a distribution image being made): no
+        # filesystem to name, and kdump is set up when that system boots.
+        raise Unsuitable(f"{exc} (a chroot?)") from None
+    where = f"{crash_dir} is on {mount.mount_point}" if mount.mount_point != real else crash_dir
+    if mount.fstype not in FSTYPES:
+        raise Unsuitable(f"{where}: {_what(mount)}")
+    node = mount_device_node(mount, dev, sys_root)
+    if node is None:
+        why = f"{mount.fstype} from {mount.source}, whose block device is not on this host"
+        raise Unsuitable(f"{where}: {why}")
+    path, options = path_in_filesystem(mount, real)
+    uuid = filesystem_uuid(node, dev)
+    values = {"type": "disk", "device": f"UUID={uuid}" if uuid else str(node),
+              "fstype": mount.fstype, "path": path,
+              "mount_options": options or "defaults"}  # fmt: skip
+    try:
+        # Through the config's own checks, as if the file had named it.
+        text = yaml.safe_dump({"targets": [values]}, default_flow_style=None, sort_keys=False)
+        probe = parse(text, "the default target")
+        stacks = hostonly.target_stacks(probe, dev, sys_root)
+    except KdumpError as exc:
+        # Host-only detection's error without its config location, which no file has here.
+        why = re.sub(r"^.*?--hostonly: ", "", str(exc))
+        raise Unsuitable(f"{node}: {why}") from None
+    target = hostonly.with_detected_stacks(probe, stacks).targets[0]
+    layers = " on ".join(x.name for x in reversed(target.layers()))
+    detail = ", ".join(x for x in (mount.fstype, layers and f"on {layers}",
+                                   uuid and f"UUID={uuid}") if x)  # fmt: skip
+    inside = f", path {path} in it" if path != crash_dir else ""
+    return target, (f"{crash_dir} on {node} ({detail}, the filesystem holding "
+                    f"{crash_dir}{inside})")  # fmt: skip
+
+
 def choose(
     config: Config,
     mounts: list[Mount],
@@ -181,43 +231,11 @@ def choose(
     absent = config.source == "<defaults>"
     file = DEFAULT_PATH if absent else config.source
     told = f"no dump target configured in {file}" + (" (no such file)" if absent else "")
-    # Symlinks resolved; a /var/crash not made yet is on the filesystem of its nearest parent.
-    real = os.path.realpath(crash_dir)
     try:
-        mount = holding_mount(mounts, real)
-    except KdumpError as exc:
-        # In a chroot whose root is no mount point (a distribution image being made): no
-        # filesystem to name, and kdump is set up when that system boots.
-        raise _refusal(told, crash_dir, file, f"{exc} (a chroot?)") from None
-    where = f"{crash_dir} is on {mount.mount_point}" if mount.mount_point != real else crash_dir
-    if mount.fstype not in FSTYPES:
-        raise _refusal(told, crash_dir, file, f"{where}: {_what(mount)}")
-    node = mount_device_node(mount, dev, sys_root)
-    if node is None:
-        why = f"{mount.fstype} from {mount.source}, whose block device is not on this host"
-        raise _refusal(told, crash_dir, file, f"{where}: {why}")
-    path, options = path_in_filesystem(mount, real)
-    uuid = filesystem_uuid(node, dev)
-    values = {"type": "disk", "device": f"UUID={uuid}" if uuid else str(node),
-              "fstype": mount.fstype, "path": path,
-              "mount_options": options or "defaults"}  # fmt: skip
-    try:
-        # Through the config's own checks, as if the file had named it.
-        text = yaml.safe_dump({"targets": [values]}, default_flow_style=None, sort_keys=False)
-        probe = dataclasses.replace(config, targets=parse(text, "the default target").targets)
-        stacks = hostonly.target_stacks(probe, dev, sys_root)
-    except KdumpError as exc:
-        # Host-only detection's error without its config location, which no file has here.
-        why = re.sub(r"^.*?--hostonly: ", "", str(exc))
-        raise _refusal(told, crash_dir, file, f"{node}: {why}") from None
-    target = hostonly.with_detected_stacks(probe, stacks).targets[0]
-    layers = " on ".join(x.name for x in reversed(target.layers()))
-    detail = ", ".join(x for x in (mount.fstype, layers and f"on {layers}",
-                                   uuid and f"UUID={uuid}") if x)  # fmt: skip
-    inside = f", path {path} in it" if path != crash_dir else ""
-    line = (f"{told}: dumping to {crash_dir} on {node} ({detail}, the filesystem holding "
-            f"{crash_dir}{inside})")  # fmt: skip
-    return Default(target, line)
+        target, where = locate(crash_dir, mounts, dev, sys_root)
+    except Unsuitable as exc:
+        raise _refusal(told, crash_dir, file, str(exc)) from None
+    return Default(target, f"{told}: dumping to {where}")
 
 
 def with_default(

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 DEFAULT_IMAGE_DIR = Path("/var/lib/kdump-mkinitrd")
 SUBCOMMANDS = (
     "build", "inspect", "qemu-test", "recover-raw", "register", "unregister", "status", "estimate",
-    "ssh-setup", "luks-setup", "list-dumps",
+    "ssh-setup", "luks-setup", "list-dumps", "import-config",
 )  # fmt: skip
 
 

@@ -168,7 +168,8 @@ def test_register_refuses_before_building_and_status_says_why(
         "/etc/default/kdump-tools, kdump-tools.service enabled (basic.target.wants), target "
         "SSH=dumps@vault): not loading a second capture kernel. To switch to kdump-mkinitrd: "
         "systemctl disable --now kdump-tools, set USE_KDUMP=0 in /etc/default/kdump-tools, "
-        "configure /etc/kdump-mkinitrd.yaml\n"
+        "configure /etc/kdump-mkinitrd.yaml (`kdump-mkinitrd import-config -o "
+        "/etc/kdump-mkinitrd.yaml` carries this kdump's settings over)\n"
     )
     assert not image.exists()
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.importing import shellfile
 
 DEBIAN_DEFAULTS = "etc/default/kdump-tools"
 # `kdump-config savecore` sends the dump to each of these that is set, and to KDUMP_COREDIR on
@@ -60,55 +60,16 @@ def refuse_if_peer_armed(root: Path = Path("/")) -> None:
         raise PeerArmed(peers[0])
 
 
+_CONFIGURE = (
+    "configure /etc/kdump-mkinitrd.yaml (`kdump-mkinitrd import-config -o "
+    "/etc/kdump-mkinitrd.yaml` carries this kdump's settings over)"
+)
+
+
 def shell_assignments(text: str) -> dict[str, str]:
-    """The variables a file of shell assignments (like /etc/default/*) sets, without running
-    it: quotes and comments as the shell reads them; a command's own `VAR=x cmd` prefix and
-    expansions are not evaluated (a value keeps its `$` literally)."""
-    values: dict[str, str] = {}
-    for line in _logical_lines(text):
-        lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
-        lexer.whitespace_split = True
-        for command in _split_commands(list(lexer)):
-            if command and command[0] in ("export", "readonly"):
-                command = command[1:]
-            if all(_is_assignment(word) for word in command):
-                for word in command:
-                    name, _, value = word.partition("=")
-                    values[name] = value
-    return values
-
-
-def _logical_lines(text: str) -> list[str]:
-    """Physical lines joined while a quote is open or a line ends with a backslash."""
-    lines, pending, joined = [], "", False
-    for physical in text.splitlines():
-        pending = pending + physical if joined or not pending else f"{pending}\n{physical}"
-        joined = pending.endswith("\\")
-        if joined:
-            pending = pending[:-1]
-            continue
-        try:
-            shlex.split(pending, comments=True)
-        except ValueError:  # an open quote: the value goes on
-            continue
-        lines.append(pending)
-        pending = ""
-    return lines
-
-
-def _split_commands(tokens: list[str]) -> list[list[str]]:
-    commands: list[list[str]] = [[]]
-    for token in tokens:
-        if set(token) <= set(";&|"):
-            commands.append([])
-        else:
-            commands[-1].append(token)
-    return commands
-
-
-def _is_assignment(word: str) -> bool:
-    name, sep, _ = word.partition("=")
-    return bool(sep) and name.isidentifier() and name.isascii()
+    """The variables a file of shell assignments (like /etc/default/*) sets, as far as they
+    can be read without running it (kdump_mkinitrd.importing.shellfile)."""
+    return {s.name: s.value for s in shellfile.parse(text) if s.name and s.value is not None}
 
 
 def _enabled(root: Path, unit: str, sysv: str | None) -> str | None:
@@ -160,7 +121,7 @@ def _debian_kdump_tools(root: Path) -> PeerKdump | None:
         found=(f"USE_KDUMP={use} in /{DEBIAN_DEFAULTS}", enabled),
         target=target,
         switch="systemctl disable --now kdump-tools, set USE_KDUMP=0 in "
-        f"/{DEBIAN_DEFAULTS}, configure /etc/kdump-mkinitrd.yaml",
+        f"/{DEBIAN_DEFAULTS}, {_CONFIGURE}",
     )
 
 
@@ -181,7 +142,7 @@ def _kdump_service(root: Path) -> PeerKdump | None:
         name=name,
         found=(enabled,),
         target=target,
-        switch="systemctl disable --now kdump, configure /etc/kdump-mkinitrd.yaml",
+        switch=f"systemctl disable --now kdump, {_CONFIGURE}",
     )
 
 

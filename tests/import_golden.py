@@ -22,8 +22,8 @@ from kdump_mkinitrd.importing import command
 
 DATA = Path(__file__).resolve().parent / "data" / "import"
 EXPECTED = DATA / "expected"
-# The filesystem mounted on /srv while the cases run: its loop device is @LOOP@ (@LOOPNAME@) in the files,
-# the folder of its image @WORK@.
+# The filesystem on /srv while the cases run: in the files, its loop device is @LOOP@
+# (@LOOPNAME@) and the folder of its image @WORK@.
 SRV_UUID = "0b5e2c3a-7d4f-4e1a-9c8b-6f5a4d3c2b1a"
 
 
@@ -39,10 +39,12 @@ def cases() -> dict[str, tuple[str, list[str]]]:
             if conf.name not in HOST_DEPENDENT:
                 out[f"{peer}--{conf.stem}"] = (peer, [f"{peer}/{conf.name}"])
     out["kdump-utils--default"] = (
-        "kdump-utils", ["kdump-utils/default/kdump.conf", "kdump-utils/default/sysconfig-kdump"]
+        "kdump-utils",
+        ["kdump-utils/default/kdump.conf", "kdump-utils/default/sysconfig-kdump"],
     )
     out["kdump-utils--ext4-uuid-hooks+sysconfig"] = (
-        "kdump-utils", ["kdump-utils/ext4-uuid-hooks.conf", "kdump-utils/sysconfig-kdump-custom"]
+        "kdump-utils",
+        ["kdump-utils/ext4-uuid-hooks.conf", "kdump-utils/sysconfig-kdump-custom"],
     )
     out["suse--default"] = ("suse", ["suse/default/sysconfig-kdump"])
     return out

@@ -85,7 +85,7 @@ def test_found_on_the_host_by_its_files(tmp_path: Path) -> None:
     peer, files = command.detect(root)
     assert peer is kdumptools and files == [default]
     (root / "etc" / "kdump.conf").write_text("path /var/crash\n")
-    with pytest.raises(KdumpError, match="more than one kdump.*choose with --from"):
+    with pytest.raises(KdumpError, match=r"more than one kdump.*choose with --from"):
         command.detect(root)
     (root / "etc" / "default" / "kdump-tools").unlink()
     peer, files = command.detect(root)
@@ -186,7 +186,8 @@ def test_dump_to_rootfs_becomes_a_second_target_on_the_root_filesystem(tmp_path:
 def test_kdump_utils_hook_folders_run_in_their_order(tmp_path: Path) -> None:
     """kdump_pre, then kdump/pre.d beside kdump.conf; kdump/post.d, then kdump_post. Only
     executables count, as in kdump-utils."""
-    (tmp_path / "kdump.conf").write_text("kdump_pre /usr/local/bin/a\nkdump_post /usr/local/bin/z\n")
+    conf = tmp_path / "kdump.conf"
+    conf.write_text("kdump_pre /usr/local/bin/a\nkdump_post /usr/local/bin/z\n")
     for stage, names in (("pre.d", ("20-b", "10-a")), ("post.d", ("50-y",))):
         folder = tmp_path / "kdump" / stage
         folder.mkdir(parents=True)
@@ -194,7 +195,7 @@ def test_kdump_utils_hook_folders_run_in_their_order(tmp_path: Path) -> None:
             (folder / name).write_text("#!/bin/sh\n")
             (folder / name).chmod(0o755)
         (folder / "README").write_text("not a program\n")
-    proc = import_config("--from", "kdump-utils", str(tmp_path / "kdump.conf"), "--json")
+    proc = import_config("--from", "kdump-utils", str(conf), "--json")
     hooks = config_mod.parse(json.loads(proc.stdout)["config"], "out").hooks
     pre_d, post_d = tmp_path / "kdump" / "pre.d", tmp_path / "kdump" / "post.d"
     assert [h.program for h in hooks.pre] == [

@@ -8,10 +8,9 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.importing import translate
 from kdump_mkinitrd.importing.draft import EMPTY, Draft, Kind, Line
-from kdump_mkinitrd.importing.sources import SourceFile
+from kdump_mkinitrd.importing.sources import SourceFile, only_one
 
 NAME = "kdump-tools"
 TITLE = "Debian's kdump-tools"
@@ -88,9 +87,7 @@ def present(root: Path) -> list[Path]:
 
 
 def arrange(files: list[SourceFile]) -> list[SourceFile]:
-    if len(files) != 1:
-        raise KdumpError(f"{TITLE} keeps its settings in one file; got {len(files)}")
-    return files
+    return only_one(files, TITLE)
 
 
 def translate_files(files: list[SourceFile], draft: Draft) -> None:

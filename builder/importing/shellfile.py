@@ -109,14 +109,18 @@ class _Reader:
                 self.pos = end + 1
             elif char == '"':
                 out.append(self.double_quoted())
-            elif char == "$":
-                out.append(self.expansion())
-            elif char == "`":
-                raise _Unreadable("command substitution (`...`) is not run")
             else:
-                out.append(char)
-                self.pos += 1
+                out.append(self.expanded(char))
         return "".join(out)
+
+    def expanded(self, char: str) -> str:
+        """The character here, or what the `$` expansion it starts stands for."""
+        if char == "$":
+            return self.expansion()
+        if char == "`":
+            raise _Unreadable("command substitution (`...`) is not run")
+        self.pos += 1
+        return char
 
     def double_quoted(self) -> str:
         out: list[str] = []
@@ -133,13 +137,8 @@ class _Reader:
                 self.pos += 2
                 if nxt != "\n":
                     out.append(nxt)
-            elif char == "$":
-                out.append(self.expansion())
-            elif char == "`":
-                raise _Unreadable("command substitution (`...`) is not run")
             else:
-                out.append(char)
-                self.pos += 1
+                out.append(self.expanded(char))
 
     def expansion(self) -> str:
         rest = self.text[self.pos + 1 :]

@@ -21,3 +21,10 @@ class SourceFile:
             raise KdumpError(f"cannot read {path}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise KdumpError(f"{path}: not UTF-8 text") from None
+
+
+def only_one(files: list[SourceFile], peer: str) -> list[SourceFile]:
+    """The files of a peer that keeps its settings in one file."""
+    if len(files) != 1:
+        raise KdumpError(f"{peer} keeps its settings in one file; got {len(files)}")
+    return files

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.importing import translate
 from kdump_mkinitrd.importing.draft import EMPTY, Draft, Kind, Line
-from kdump_mkinitrd.importing.sources import SourceFile
+from kdump_mkinitrd.importing.sources import SourceFile, only_one
 
 NAME = "suse"
 TITLE = "SUSE kdump"
@@ -122,9 +121,7 @@ def present(root: Path) -> list[Path]:
 
 
 def arrange(files: list[SourceFile]) -> list[SourceFile]:
-    if len(files) != 1:
-        raise KdumpError(f"{TITLE} keeps its settings in one file; got {len(files)}")
-    return files
+    return only_one(files, TITLE)
 
 
 def translate_files(files: list[SourceFile], draft: Draft) -> None:

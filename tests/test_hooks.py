@@ -5,25 +5,17 @@ argv, the environment, the timeout, and the log."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import shutil
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kdump_mkinitrd.cli import main
 from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.errors import KdumpError
-from kdump_mkinitrd.image.compress import decompress
-from kdump_mkinitrd.image.cpio import read_newc
 from tests import init_sandbox
-from tests.conftest import Kernel
-from tests.test_build import build_args, run_cli, write_config
 
 needs_chroot = pytest.mark.skipif(not init_sandbox.can_chroot(), reason="chroot needs root")
 
@@ -43,7 +35,8 @@ def test_stubs_keep_only_what_needs_a_machine() -> None:
      "k.yaml:3: key 'hooks.pre[0].program': must be an absolute path, got 'usr/sbin/x'"),
     ("hooks:\n  post:\n    - {program: /x, args: [-v, 3]}\n",
      "k.yaml:3: key 'hooks.post[0].args[1]': expected a string, got 3"),
-    ("hooks:\n  post:\n    - {args: [-v]}\n", "k.yaml:3: key 'hooks.post[0]': 'program' is required"),
+    ("hooks:\n  post:\n    - {args: [-v]}\n",
+     "k.yaml:3: key 'hooks.post[0]': 'program' is required"),
     ("hooks:\n  pre:\n    - {program: /x, arg: [-v]}\n",
      "k.yaml:3: key 'hooks.pre[0].arg': unknown key (did you mean 'args'?)"),
     ("hooks:\n  timeout: 0\n", "k.yaml:2: key 'hooks.timeout': must be at least 1, got 0"),
@@ -145,9 +138,11 @@ def test_pre_hooks_fail_and_time_out_and_the_dump_still_runs(sandbox: Path) -> N
     _script(sandbox, "/hooks/hangs", "trap '' TERM\nsleep 300 &\necho $! > /tmp/child\n"
             "echo 'hanging'\nwhile :; do sleep 1; done\n")  # fmt: skip
     _script(sandbox, "/hooks/args", "printf '[%s]\\n' \"$@\" > /tmp/args\n"
-            "read -r line && echo \"stdin gave $line\"\necho \"status env: ${KDUMP_DUMP_STATUS-unset}\"\n")  # fmt: skip
-    _script(sandbox, "/hooks/post", 'printf "%s|%s|%s\\n" "$*" "$KDUMP_DUMP_STATUS" '
-            '"$KDUMP_DUMP_DIR" > "$KDUMP_DUMP_DIR/post-marker"\necho "post saw $1 $2"\n')  # fmt: skip
+            "read -r line && echo \"stdin gave $line\"\n"
+            "echo \"status env: ${KDUMP_DUMP_STATUS-unset}\"\n")  # fmt: skip
+    _script(sandbox, "/hooks/post",
+            'printf "%s|%s|%s\\n" "$*" "$KDUMP_DUMP_STATUS" "$KDUMP_DUMP_DIR" '
+            '> "$KDUMP_DUMP_DIR/post-marker"\necho "post saw $1 $2"\n')  # fmt: skip
     out, log = _run_init(sandbox, DISK + HOOKS)
     lines = _lines(log)
     assert "pre hook 0 (/hooks/fails): about to fail" in lines
@@ -191,14 +186,17 @@ def test_pre_hooks_fail_and_time_out_and_the_dump_still_runs(sandbox: Path) -> N
 
 @needs_chroot
 def test_post_hooks_get_status_1_when_no_target_took_the_dump(sandbox: Path) -> None:
-    _script(sandbox, "/hooks/post", 'echo "args=$* status=$KDUMP_DUMP_STATUS dir=[$KDUMP_DUMP_DIR]"\n'
-            "exit 1\n")  # fmt: skip
+    _script(sandbox, "/hooks/post",
+            'echo "args=$* status=$KDUMP_DUMP_STATUS dir=[$KDUMP_DUMP_DIR]"\nexit 1\n')  # fmt: skip
     config = DISK + "failure_action: poweroff\nhooks: {post: [/hooks/post]}\n"
     out, log = _run_init(sandbox, config, after="wait_for_device() { return 1; }\n")
     lines = _lines(log)
     assert "post hook 0 (/hooks/post): args=1 status=1 dir=[]" in lines
     assert "post hook 0 (/hooks/post) failed: exit status 1" in lines
-    assert lines.index("target 0 could not take the dump") < lines.index(
-        "running post hook 0 (/hooks/post)") < lines.index("FAILED: no target could take the dump")
+    assert (
+        lines.index("target 0 could not take the dump")
+        < lines.index("running post hook 0 (/hooks/post)")
+        < lines.index("FAILED: no target could take the dump")
+    )
     assert "running failure_action poweroff" in lines
     assert "sandbox: poweroff -f" in out

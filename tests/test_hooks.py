@@ -5,8 +5,10 @@ argv, the environment, the timeout, and the log."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,11 @@ import pytest
 
 from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.errors import KdumpError
+from kdump_mkinitrd.image.compress import decompress
+from kdump_mkinitrd.image.cpio import Member, read_newc
 from tests import init_sandbox
+from tests.conftest import Kernel
+from tests.test_build import build_args, run_cli, write_config
 
 needs_chroot = pytest.mark.skipif(not init_sandbox.can_chroot(), reason="chroot needs root")
 
@@ -200,3 +206,63 @@ def test_post_hooks_get_status_1_when_no_target_took_the_dump(sandbox: Path) -> 
     )
     assert "running failure_action poweroff" in lines
     assert "sandbox: poweroff -f" in out
+
+
+def _image_paths(image: Path) -> dict[str, Member]:
+    return {"/" + e.path.lstrip("/"): e for e in read_newc(decompress(image.read_bytes()))}
+
+
+def test_image_holds_each_program_with_what_it_needs(
+    kernel61: Kernel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    elf = tmp_path / "hook-elf"
+    shutil.copy2("/usr/bin/id", elf)  # dynamically linked: libc and friends come along
+    bash_script = tmp_path / "hook-bash"
+    bash_script.write_text("#!/bin/bash\necho from bash\n")
+    sh_script = tmp_path / "hook-sh"
+    sh_script.write_text("#!/bin/sh\necho from sh\n")
+    for script in (bash_script, sh_script):
+        script.chmod(0o755)
+    text = (f"{DISK}capture: {{stage: static}}\nhooks:\n  pre: [{elf}, {sh_script}]\n"
+            f"  post:\n    - {{program: {bash_script}, args: [x]}}\n")  # fmt: skip
+    image = tmp_path / "kdump.img"
+    assert run_cli(build_args(kernel61, write_config(tmp_path, text), image), capsys)[0] == 0
+    paths = _image_paths(image)
+    for program in (elf, bash_script, sh_script):
+        assert str(program) in paths
+    assert paths[str(sh_script)].data == sh_script.read_bytes()
+    bash = os.path.realpath("/bin/bash")
+    assert bash in paths
+    libc = [p for p in paths if re.search(r"/libc\.so\.6$", p)]
+    assert libc, "the ELF hook's libraries"
+    # #!/bin/sh runs busybox sh, as the init does: the host's dash is not brought over it.
+    assert "/usr/bin/dash" not in paths and paths["/usr/bin/sh"].data == b"/bin/busybox"
+    assert "/usr/lib/kdump/hooks/50-hooks.sh" in paths  # /lib leads to usr/lib, as on the host
+    code, out, _ = run_cli(["inspect", str(image), "--json"], capsys)
+    assert code == 0
+    why = {b["path"]: b["why"] for b in json.loads(out)["binaries"]}
+    assert why[str(elf)] == "requested by config key hooks.pre[0]"
+    assert why[str(sh_script)] == "requested by config key hooks.pre[1]"
+    assert why[str(bash_script)] == "requested by config key hooks.post[0]"
+    assert why[bash] == f"interpreter of {bash_script}"
+
+
+@pytest.mark.parametrize("problem", ["missing", "not executable", "relative interpreter"])
+def test_build_refuses_a_hook_it_cannot_pack(
+    problem: str, kernel61: Kernel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hook = tmp_path / "hook"
+    if problem != "missing":
+        hook.write_text("#!bin/sh\n" if problem == "relative interpreter" else "#!/bin/sh\n")
+        hook.chmod(0o755 if problem == "relative interpreter" else 0o644)
+    text = f"{DISK}capture: {{stage: static}}\nhooks:\n  timeout: 5\n  post:\n    - {hook}\n"
+    image = tmp_path / "kdump.img"
+    code, _, err = run_cli(build_args(kernel61, write_config(tmp_path, text), image), capsys)
+    assert code != 0 and not image.exists()
+    if problem == "relative interpreter":
+        assert f"script {hook} names a relative interpreter 'bin/sh'" in err
+        return
+    where = f"{tmp_path / 'kdump.yaml'}:6: key 'hooks.post[0]': "
+    expected = {"missing": f"program {hook} not found",
+                "not executable": f"{hook} is not executable on the build host"}  # fmt: skip
+    assert where + expected[problem] in err

@@ -10,18 +10,25 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.compress import decompress
 from kdump_mkinitrd.image.cpio import Member, read_newc
+from kdump_mkinitrd.image.render import render
+from kdump_mkinitrd.paths import MODULES_DIR
 from tests import init_sandbox
 from tests.conftest import Kernel
 from tests.test_build import build_args, run_cli, write_config
+from tests.test_hostile_config import HOSTILE, LABEL
 
 needs_chroot = pytest.mark.skipif(not init_sandbox.can_chroot(), reason="chroot needs root")
 
@@ -266,3 +273,35 @@ def test_build_refuses_a_hook_it_cannot_pack(
     expected = {"missing": f"program {hook} not found",
                 "not executable": f"{hook} is not executable on the build host"}  # fmt: skip
     assert where + expected[problem] in err
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(name=LABEL, args=st.lists(HOSTILE, max_size=4))
+def test_hostile_programs_and_args_stay_single_arguments(
+    tmp_path: Path, name: str, args: list[str]
+) -> None:
+    """Whatever the config says reaches the hook as argv, byte for byte: the program, its args
+    and, for a post hook, the status; nothing else runs. The hook records its argv."""
+    work = tmp_path / os.urandom(4).hex()
+    work.mkdir()
+    program = work / name
+    program.write_text(f'#!/bin/sh\nprintf \'%s\\0\' "$0" $# "$@" >> {work}/record\n')
+    program.chmod(0o755)
+    hook = {"program": str(program), "args": args}
+    text = yaml.safe_dump({"hooks": {"pre": [hook], "post": [hook]}})
+    script = render(MODULES_DIR / "hooks" / "hooks.sh.j2", {"config": parse(text, "k.yaml")})
+    harness = f"log() {{ :; }}\n{script}\nKDUMP_HOOK_OUT={work}/out\n"
+    (work / "hooks.sh").write_text(harness + "kdump_pre_hooks\nkdump_post_hooks 1 ''\n")
+    subprocess.run([str(init_sandbox.BUSYBOX), "sh", "hooks.sh"], cwd=work, check=True,
+                   timeout=30, capture_output=True,
+                   env={"PATH": "/usr/bin:/bin", "HOME": str(work)})  # fmt: skip
+    tokens = (work / "record").read_bytes().decode().split("\0")[:-1]
+    calls = []
+    while tokens:
+        count = int(tokens[1])
+        calls.append([tokens[0], *tokens[2 : count + 2]])
+        tokens = tokens[count + 2 :]
+    assert calls == [[str(program), *args], [str(program), *args, "1"]]
+    assert not (work / "pwned").exists()

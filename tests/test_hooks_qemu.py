@@ -50,7 +50,8 @@ def test_failed_and_hung_pre_hooks_leave_the_dump_and_post_hooks_see_it(
                      "while :; do sleep 1; done\n")  # fmt: skip
     post = _program(hooks, "post-marks", 'echo "status=$KDUMP_DUMP_STATUS args=$*" '
                     '> "$KDUMP_DUMP_DIR/post-marker"\nls "$KDUMP_DUMP_DIR" >> '
-                    '"$KDUMP_DUMP_DIR/post-marker"\necho "marked $KDUMP_DUMP_DIR"\n')  # fmt: skip
+                    '"$KDUMP_DUMP_DIR/post-marker"\necho "marked $KDUMP_DUMP_DIR"\n'
+                    'echo "oom_score_adj $(cat /proc/self/oom_score_adj)"\n')  # fmt: skip
     config = (f"{DISK}{ACTIONS}hooks:\n  timeout: 3\n  pre: [{fails}, {hangs}]\n"
               f"  post:\n    - {{program: {post}, args: [--from-test]}}\n")  # fmt: skip
     report = _run(kernel61, tmp_path, config)
@@ -71,6 +72,8 @@ def test_failed_and_hung_pre_hooks_leave_the_dump_and_post_hooks_see_it(
     inside = next(x for x in log if x.startswith(f"post hook 0 ({post}): marked "))
     assert inside.endswith(f"/var/crash/{dump.name}")
     assert f"post hook 0 ({post}) done" in log
+    # The OOM killer takes a hook before anything else (the init is -1000).
+    assert f"post hook 0 ({post}): oom_score_adj 1000" in log
     trying = next(x for x in log if x.startswith("trying target 0: "))
     order = [log.index(x) for x in (f"pre hook 1 ({hangs}) failed: killed after 3 s", trying,
                                     f"post hook 0 ({post}) done")]  # fmt: skip

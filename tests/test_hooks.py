@@ -23,6 +23,7 @@ from kdump_mkinitrd.config import parse
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.compress import decompress
 from kdump_mkinitrd.image.cpio import Member, read_newc
+from kdump_mkinitrd.image.features import discover
 from kdump_mkinitrd.image.render import render
 from kdump_mkinitrd.paths import MODULES_DIR
 from tests import init_sandbox
@@ -305,3 +306,16 @@ def test_hostile_programs_and_args_stay_single_arguments(
         tokens = tokens[count + 2 :]
     assert calls == [[str(program), *args], [str(program), *args, "1"]]
     assert not (work / "pwned").exists()
+
+
+def test_config_set_names_config_keys_only(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "module.yaml").write_text("name: mine\nwhen:\n  config_set: [hooks.nope]\n")
+    with pytest.raises(KdumpError) as err:
+        discover((tmp_path,))
+    assert "when: config_set: when: 'hooks.nope' is neither a config key" in str(err.value)
+    (folder / "module.yaml").write_text("name: mine\nwhen:\n  config_set: [hooks.post]\n")
+    mine = discover((tmp_path,))["mine"]
+    assert not mine.applies(parse(DISK, "k.yaml"), "static", "native")
+    assert mine.applies(parse(DISK + "hooks: {post: [/x]}\n", "k.yaml"), "static", "native")

@@ -81,6 +81,20 @@ CMDLINE_SCHEMA: dict[str, Field] = {
     "remove": Field(list, default=[], items=str),  # taken out (by key, or key=value)
 }
 
+# A program run in the capture kernel as argv (never through a shell), before or after the
+# dump: builder/image/resolve.py copies it in with what it needs to run.
+HOOK_SCHEMA: dict[str, Field] = {
+    "program": Field(str, required=True, absolute_path=True),
+    "args": Field(list, default=[], items=str),
+}
+
+HOOKS_SCHEMA: dict[str, Field] = {
+    # Seconds each hook may run before it is killed.
+    "timeout": Field(int, default=60, minimum=1, maximum=3600),
+    "pre": Field(list, default=[], items=HOOK_SCHEMA, shorthand="program"),
+    "post": Field(list, default=[], items=HOOK_SCHEMA, shorthand="program"),
+}
+
 SCHEMA: dict[str, Field] = {
     "targets": Field(list, default=[], items=TARGET_SCHEMA),
     "kernel_modules": Field(list, default=[], items=str),
@@ -96,6 +110,7 @@ SCHEMA: dict[str, Field] = {
     "search_path": Field(str, default="/usr/sbin:/usr/bin:/sbin:/bin"),
     "firmware_root": Field(str, default="/lib/firmware", absolute_path=True),
     "network": Field(dict, default={}, schema=NETWORK_SCHEMA),
+    "hooks": Field(dict, default={}, schema=HOOKS_SCHEMA),
 }
 
 
@@ -156,6 +171,38 @@ class NetworkConfig:
     vlan: int | None = None
 
 
+@dataclass(frozen=True)
+class Hook:
+    """One program of `hooks.pre` or `hooks.post`, with its arguments."""
+
+    program: str
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """Programs the capture kernel runs before and after the dump (`hooks`)."""
+
+    timeout: int = 60
+    pre: tuple[Hook, ...] = ()
+    post: tuple[Hook, ...] = ()
+
+    def all(self) -> tuple[tuple[str, Hook], ...]:
+        """(config key, hook) for every hook: `hooks.pre[0]`, ..., `hooks.post[0]`, ..."""
+        return tuple(
+            (f"hooks.{kind}[{i}]", hook)
+            for kind, hooks in (("pre", self.pre), ("post", self.post))
+            for i, hook in enumerate(hooks)
+        )
+
+
+def _hooks(values: dict[str, Any]) -> HooksConfig:
+    def make(items: list[dict[str, Any]]) -> tuple[Hook, ...]:
+        return tuple(Hook(h["program"], tuple(h["args"])) for h in items)
+
+    return HooksConfig(values["timeout"], make(values["pre"]), make(values["post"]))
+
+
 _Section = TypeVar("_Section")
 
 
@@ -181,6 +228,7 @@ class Config:
     search_path: str
     firmware_root: str
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
     lines: dict[str, int] = field(default_factory=dict, compare=False)
 
     def line_of(self, key: str) -> str:
@@ -278,6 +326,7 @@ def parse(text: str, source: str) -> Config:
         search_path=values["search_path"],
         firmware_root=values["firmware_root"],
         network=_section(NetworkConfig, values["network"]),
+        hooks=_hooks(values["hooks"]),
         lines=located.lines,
     )
 

@@ -17,6 +17,7 @@ import yaml
 from kdump_mkinitrd.errors import KdumpError
 
 _CONTROL = re.compile(r"[\x01-\x1f\x7f]")
+_PARENT = re.compile(r"(\.[^.\[]*|\[\d+\])$")  # the last step of a dotted key
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,12 @@ class Checker:
         self.lines = lines
 
     def fail(self, key: str, message: str) -> KdumpError:
-        line = self.lines.get(key)
+        line, parent = self.lines.get(key), key
+        # A shorthand item ("- /usr/sbin/x" for {program: ...}) has no line for its own key:
+        # the nearest enclosing key's line is where it is written.
+        while line is None and (shorter := _PARENT.sub("", parent)) != parent:
+            parent = shorter
+            line = self.lines.get(parent)
         where = f"{self.source}:{line}" if line else self.source
         return KdumpError(f"{where}: key '{key}': {message}")
 

@@ -13,11 +13,15 @@ from kdump_mkinitrd.config import (
     CAPTURE_SCHEMA,
     CMDLINE_SCHEMA,
     COMPRESSION_SCHEMA,
+    HOOK_SCHEMA,
+    HOOKS_SCHEMA,
     NETWORK_SCHEMA,
     SCHEMA,
     CaptureConfig,
     CmdlineConfig,
     CompressionConfig,
+    Hook,
+    HooksConfig,
     NetworkConfig,
     load,
     parse,
@@ -207,7 +211,35 @@ SECTIONS = [
     ("network", NetworkConfig, NETWORK_SCHEMA,
      "targets: [{type: ssh, host: backup}]\nnetwork: {dns: [192.0.2.53]}\n",
      {"dns": ("192.0.2.53",)}),
+    ("hooks", HooksConfig, HOOKS_SCHEMA,
+     "hooks: {timeout: 5, post: [/a, {program: /b, args: [x]}]}\n",
+     {"timeout": 5, "post": (Hook("/a"), Hook("/b", ("x",)))}),
 ]  # fmt: skip
+# The class each list of mappings holds, whose fields follow the items' schema as well.
+ITEM_CLASSES: list[tuple[type[Any], dict[str, Field]]] = [(Hook, HOOK_SCHEMA)]
+
+
+def _follows(kind: type[Any], schema: dict[str, Field]) -> None:
+    hints = typing.get_type_hints(kind)
+    fields = dataclasses.fields(kind)
+    assert [f.name for f in fields] == list(schema)
+    for f in fields:
+        spec = schema[f.name]
+        assert isinstance(spec.kind, type)
+        item: Any = spec.items
+        if isinstance(spec.items, dict):  # a list of mappings: a tuple of their frozen class
+            item = next(c for c, s in ITEM_CLASSES if s is spec.items)
+            _follows(item, spec.items)
+        else:
+            assert item in (None, str)  # what sections hold
+        # A list in the schema is a tuple of its items in the frozen section.
+        expected: Any = tuple[item, ...] if spec.kind is list else spec.kind
+        default = tuple(spec.default) if spec.kind is list else spec.default
+        if spec.required:  # no default: every item gives it
+            assert hints[f.name] == expected and f.default is dataclasses.MISSING, f.name
+            continue
+        assert hints[f.name] == (expected if default is not None else expected | None), f.name
+        assert f.default == default, f.name
 
 
 @pytest.mark.parametrize(("name", "kind", "schema", "text", "changes"), SECTIONS,
@@ -216,17 +248,8 @@ def test_sections_are_frozen_dataclasses_that_follow_the_schema(
     name: str, kind: type[Any], schema: dict[str, Field], text: str, changes: dict[str, Any]
 ) -> None:
     assert SCHEMA[name].schema is schema
-    hints = typing.get_type_hints(kind)
+    _follows(kind, schema)
     fields = dataclasses.fields(kind)
-    assert [f.name for f in fields] == list(schema)
-    for f in fields:
-        spec = schema[f.name]
-        assert isinstance(spec.kind, type) and spec.items in (None, str)  # what sections hold
-        # A list in the schema is a tuple of its items in the frozen section.
-        expected: Any = tuple[str, ...] if spec.kind is list else spec.kind
-        default = tuple(spec.default) if spec.kind is list else spec.default
-        assert hints[f.name] == (expected if default is not None else expected | None), f.name
-        assert f.default == default, f.name
     section = getattr(parse("", "k.yaml"), name)
     assert type(section) is kind
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -36,7 +36,7 @@ import posixpath
 import re
 import stat
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -407,8 +407,15 @@ class ElfResolver:
                 return candidate
         raise KdumpError(f"program {name!r} not found in PATH {self.search_path}{self._where()}")
 
-    def resolve(self, programs: Iterable[tuple[str, str]]) -> BinaryClosure:
-        """Files and symlinks needed to run each (name or path, who asked for it)."""
+    def resolve(
+        self, programs: Iterable[tuple[str, str]], provided: Collection[str] = ()
+    ) -> BinaryClosure:
+        """Files and symlinks needed to run each (name or path, who asked for it).
+
+        `provided`: paths the image has anyway (busybox's applets). A script interpreter
+        there, or one `#!/usr/bin/env` names that is one of them, is not packed: a script's
+        `#!/bin/sh` runs busybox sh, as the init does, rather than bringing dash over it."""
+        names = {posixpath.basename(p) for p in provided}
         acc = _Accumulator()
         pending = deque((name, f"requested by {who}") for name, who in programs)
         done: set[str] = set()
@@ -418,7 +425,8 @@ class ElfResolver:
             if path in done:
                 continue
             done.add(path)
-            pending.extend(self._add_program(path, why, acc))
+            more = self._add_program(path, why, acc)
+            pending.extend((n, w) for n, w in more if n not in provided and n not in names)
         return acc.closure()
 
     def real_path(self, name: str) -> str:

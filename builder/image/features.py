@@ -14,7 +14,13 @@ from typing import Any
 import yaml
 
 from kdump_mkinitrd import storage
-from kdump_mkinitrd.config import CAPTURE_SCHEMA, NETWORK_SCHEMA, TARGET_SCHEMA, Config
+from kdump_mkinitrd.config import (
+    CAPTURE_SCHEMA,
+    HOOKS_SCHEMA,
+    NETWORK_SCHEMA,
+    TARGET_SCHEMA,
+    Config,
+)
 from kdump_mkinitrd.errors import KdumpError
 from kdump_mkinitrd.image.cpio import Kind
 from kdump_mkinitrd.paths import MODULES_DIR, TEMPLATES_DIR
@@ -24,7 +30,9 @@ _KEYS = {
     "name", "description", "depends", "when", "kernel_modules", "binaries", "files",
     "directories", "nodes", "host_symlinks", "templates", "python_stage",
 }  # fmt: skip
-_WHEN_KEYS = {"always", "target_types", "used_by_targets", "layer_types", "stage", "collector"}
+_WHEN_KEYS = {
+    "always", "target_types", "used_by_targets", "layer_types", "stage", "collector", "config_set",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class Feature:
     layer_types: tuple[str, ...]  # serves the disk targets with a storage layer of these types
     when_stage: tuple[str, ...]
     when_collector: tuple[str, ...]
+    when_config_set: tuple[Entry, ...]  # config keys (hooks.pre): any of them set
     # Each may hang on a condition; kernel modules may hold `{target.FIELD}` placeholders.
     kernel_modules: tuple[Entry, ...]
     binaries: tuple[Entry, ...]
@@ -123,6 +132,8 @@ class Feature:
             checks.append(stage in self.when_stage)
         if self.when_collector:
             checks.append(collector in self.when_collector)
+        if self.when_config_set:
+            checks.append(any(e.wanted(config, ()) for e in self.when_config_set))
         return bool(checks) and all(checks)
 
     def kernel_module_requests(self, config: Config) -> list[tuple[str, str]]:
@@ -167,7 +178,7 @@ def _str_list(manifest: Path, data: dict[str, Any], key: str) -> tuple[str, ...]
 
 
 # Config sections whose keys an entry may hang on.
-_WHEN_SECTIONS = {"network": NETWORK_SCHEMA, "capture": CAPTURE_SCHEMA}
+_WHEN_SECTIONS = {"network": NETWORK_SCHEMA, "capture": CAPTURE_SCHEMA, "hooks": HOOKS_SCHEMA}
 
 
 def _condition(manifest: Path, key: str, when: str) -> str:
@@ -262,6 +273,10 @@ def _load(folder: Path) -> Feature:
         layer_types=_str_list(manifest, when, "layer_types"),
         when_stage=_str_list(manifest, when, "stage"),
         when_collector=_str_list(manifest, when, "collector"),
+        when_config_set=tuple(
+            Entry(c, _condition(manifest, "when: config_set", c))
+            for c in _str_list(manifest, when, "config_set")
+        ),
         kernel_modules=_entries(manifest, data, "kernel_modules"),
         binaries=_entries(manifest, data, "binaries"),
         files=_str_list(manifest, data, "files"),

@@ -170,6 +170,22 @@ def find_busybox(
     return Busybox(path, applets)
 
 
+def hook_requests(config: Config, resolver: ElfResolver) -> list[tuple[str, str]]:
+    """(program, why) for each hook; one the build host lacks, or cannot run, is refused with
+    the hook's config key and line."""
+    requests = []
+    for key, hook in config.hooks.all():
+        try:
+            real = resolver.root / resolver.real_path(hook.program).lstrip("/")
+        except KdumpError as exc:
+            raise KdumpError(f"{config.line_of(key)}: key '{key}': {exc}") from None
+        if not os.access(real, os.X_OK):
+            raise KdumpError(f"{config.line_of(key)}: key '{key}': {hook.program} is not "
+                             "executable on the build host")  # fmt: skip
+        requests.append((hook.program, f"config key {key}"))
+    return requests
+
+
 def _closure_key(kver: str, kmoddir: Path, requests: list[tuple[str, str]]) -> str | None:
     """What decides a depmod'ed tree's closure: depmod's files, the requests and the code
     that resolves; None for a tree depmod never saw (kmod caches its own scan of those)."""
@@ -252,8 +268,12 @@ def resolve(
     resolver = ElfResolver(root, config.search_path, target.arch.machine)
     wanted = {f.name: f.binary_requests(config) for f in features}
     wanted["config"] = [(name, "config key binaries") for name in config.binaries]
-    binaries = {who: resolver.resolve(programs) for who, programs in wanted.items() if programs}
+    wanted["hooks"] = hook_requests(config, resolver)
     busybox = find_busybox(resolver, config.busybox, target, cache_dir)
+    provided = (busybox.path, *busybox.applets)
+    binaries = {
+        who: resolver.resolve(programs, provided) for who, programs in wanted.items() if programs
+    }
     return Resolution(
         kver, capture, modules, firmware, binaries, busybox, image_files(config, root)
     )

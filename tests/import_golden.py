@@ -2,14 +2,16 @@
 tests/test_import_config.py, which compares each result with its file in
 tests/data/import/expected/.
 
-Run as a program inside a mount namespace where /srv is a filesystem the test made (see
-`imported_in_namespace`), so that the folders the fixtures name (/srv/crash) resolve to a
-filesystem whose UUID is known: `python -m tests.import_golden OUT.json`. With `--write`,
-it writes the expected files instead (then read every change before committing it).
+Run as a program inside a mount namespace where /srv is a filesystem the test made and /var
+is a tmpfs (see `imported_in_namespace`), so that the folders the fixtures name resolve the
+same way on every host, whatever its own filesystems: `python -m tests.import_golden
+OUT.json`. With `--write`, it writes the expected files instead (then read every change
+before committing it).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -25,6 +27,7 @@ EXPECTED = DATA / "expected"
 # The filesystem on /srv while the cases run: in the files, its loop device is @LOOP@
 # (@LOOPNAME@) and the folder of its image @WORK@.
 SRV_UUID = "0b5e2c3a-7d4f-4e1a-9c8b-6f5a4d3c2b1a"
+LOCK = Path("/tmp/kdump-mkinitrd-import-golden.lock")
 
 
 # Pins the root filesystem of the host it runs on: tests/test_import_config.py checks it alone.
@@ -65,7 +68,8 @@ def run_case(peer: str, files: list[str]) -> dict[str, object]:
 
 def imported_in_namespace(work: Path) -> dict[str, dict[str, object]]:
     """Every case's result, run in a private mount namespace with a fresh ext4 (UUID
-    SRV_UUID) on /srv, with @LOOP@ and @WORK@ for its loop device and folder."""
+    SRV_UUID) on /srv and a tmpfs on /var, with @LOOP@ and @WORK@ for the ext4's loop device
+    and folder."""
     image = work / "srv.img"
     with image.open("wb") as f:
         f.truncate(16 << 20)
@@ -73,24 +77,31 @@ def imported_in_namespace(work: Path) -> dict[str, dict[str, object]]:
     out = work / "results.json"
     script = (
         'set -e; mount --make-rprivate /; loop=$(losetup -f --show "$1"); '
-        'mount "$loop" /srv; echo "$loop" > "$2.loop"; '
+        'mount "$loop" /srv; echo "$loop" > "$2.loop"; mount -t tmpfs tmpfs /var; '
         f'cd {DATA}; exec "{sys.executable}" -m tests.import_golden "$2"'
     )
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(repo)}
     loop = out.with_suffix(".json.loop")
+    # One run at a time on this machine: two filesystems with the same UUID at once would
+    # let a lookup by UUID find the other run's device.
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _run_in_namespace(script, image, out, loop)
+    device = loop.read_text().strip()
+    text = out.read_text()
+    text = text.replace(device, "@LOOP@").replace(Path(device).name, "@LOOPNAME@")
+    text = text.replace(str(work), "@WORK@")
+    results: dict[str, dict[str, object]] = json.loads(text)
+    return results
+
+
+def _run_in_namespace(script: str, image: Path, out: Path, loop: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     try:
         subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(image), str(out)],
                        check=True, env=env)  # fmt: skip
     finally:
         if loop.exists():
             subprocess.run(["losetup", "-d", loop.read_text().strip()], check=False)
-    text = out.read_text()
-    device = loop.read_text().strip()
-    text = text.replace(device, "@LOOP@").replace(Path(device).name, "@LOOPNAME@")
-    text = text.replace(str(work), "@WORK@")
-    results: dict[str, dict[str, object]] = json.loads(text)
-    return results
 
 
 def main(argv: list[str]) -> int:

@@ -132,7 +132,9 @@ def translate_files(files: list[SourceFile], draft: Draft) -> None:
     for key, (value, line) in values.items():
         if key in ("KDUMP_SAVEDIR", "KDUMP_SSH_IDENTITY", "KDUMP_DUMPLEVEL", "KDUMP_DUMPFORMAT"):
             continue
-        if key in _NETWORK_KEYS and not networked:
+        if value == "":
+            draft.map(key, line, {}, EMPTY)
+        elif key in _NETWORK_KEYS and not networked:
             draft.map(key, line, {}, "no target needs the network")
         elif key in _NEUTRAL:
             neutral, same, why = _NEUTRAL[key]
@@ -203,7 +205,7 @@ def _setting(draft: Draft, key: str, line: Line, value: str) -> None:
                 "reboots",
             )
         else:
-            draft.drop(key, line, f"expected yes or no; got {value!r}")
+            draft.drop(key, line, f"expected yes or no; got {value!r} (SUSE warns and reboots)")
     elif key == "KDUMP_NETCONFIG":
         _netconfig(draft, key, line, value)
     elif key == "KDUMP_NET_TIMEOUT":
@@ -260,25 +262,23 @@ def _targets(values: dict[str, tuple[str, Line]], draft: Draft) -> list[dict[str
     if "KDUMP_SAVEDIR" not in values:
         return made
     saved, line = values["KDUMP_SAVEDIR"]
-    for url in saved.split() or ["/var/crash"]:
-        target, note, kind = _url(url)
-        if target and target["type"] == "ssh":
-            if keys:
-                target["identity"] = keys[0]
-            else:
-                note += (
-                    "; SUSE offers root's id_rsa, id_dsa, id_ecdsa and id_ed25519: the "
-                    "target uses the key `kdump-mkinitrd ssh-setup` writes"
-                )
-        why = translate.target_problem(target) if target else ""
-        if target is None or why:
-            draft.drop("KDUMP_SAVEDIR", line, why or note)
-        elif not target:
-            draft.map("KDUMP_SAVEDIR", line, {}, note)
+    target, note, kind = _url(saved or "/var/crash")  # one URL, spaces and all
+    if target and target["type"] == "ssh":
+        if keys:
+            target["identity"] = keys[0]
         else:
-            path = f"targets[{len(draft.data.get('targets', []))}]"
-            draft.map("KDUMP_SAVEDIR", line, {path: target}, note, kind=kind)
-            made.append(target)
+            note += (
+                "; SUSE offers root's id_rsa, id_dsa, id_ecdsa and id_ed25519: the "
+                "target uses the key `kdump-mkinitrd ssh-setup` writes"
+            )
+    why = translate.target_problem(target) if target else ""
+    if target is None or why:
+        draft.drop("KDUMP_SAVEDIR", line, why or note)
+    elif not target:
+        draft.map("KDUMP_SAVEDIR", line, {}, note)
+    else:
+        draft.map("KDUMP_SAVEDIR", line, {"targets[0]": target}, note, kind=kind)
+        made.append(target)
     if identity is not None:
         ssh = [i for i, t in enumerate(draft.data.get("targets", [])) if t["type"] == "ssh"]
         if not ssh and identity[0]:

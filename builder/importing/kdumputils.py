@@ -377,9 +377,8 @@ def _failure(
             ),
         )
         return
-    mounts = defaulttarget.parse_mountinfo(Path("/proc/self/mountinfo").read_text())
     try:
-        root, where = defaulttarget.locate("/", mounts)
+        root, where = defaulttarget.locate("/", translate.host_mounts())
     except defaulttarget.Unsuitable as exc:
         draft.drop(
             d.key, line, f"the root filesystem cannot be a second target: {exc}; configure one"

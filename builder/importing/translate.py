@@ -89,7 +89,7 @@ def makedumpfile_options(words: list[str]) -> Collector:
             level = attached if eq else (words[i] if i < len(words) else "")
             i += 0 if eq else 1
             _level(out, word, level)
-        elif name in _HARMLESS or name == "--message-level":
+        elif name in _HARMLESS:
             if name == "--message-level" and not eq:
                 i += 1
             out.ignored.append(f"{name}: {_HARMLESS[name]}")
@@ -228,6 +228,10 @@ def hook(command: str) -> tuple[dict[str, Any] | str | None, str]:
     return {"program": program, "args": words[1:]}, ""
 
 
+def host_mounts() -> list[defaulttarget.Mount]:
+    return defaulttarget.parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+
+
 def target_problem(target: dict[str, Any]) -> str:
     """Why our config loader refuses this target ("" when it takes it): a value the peer
     accepts that ours does not is reported, never written."""
@@ -240,12 +244,7 @@ def target_problem(target: dict[str, Any]) -> str:
     return ""
 
 
-def local_folder(
-    folder: str,
-    mountinfo: Path = Path("/proc/self/mountinfo"),
-    dev: Path = Path("/dev"),
-    sys_root: Path = Path("/sys"),
-) -> tuple[dict[str, Any] | None, str]:
+def local_folder(folder: str) -> tuple[dict[str, Any] | None, str]:
     """A disk target for a local folder: none at all for /var/crash (our default target is
     the filesystem holding it, found at each build), else the filesystem holding it on this
     host now; or None and why it cannot be one."""
@@ -254,9 +253,8 @@ def local_folder(
             "no target written: with none, kdump-mkinitrd dumps to the filesystem "
             "holding /var/crash, found again at each build"
         )
-    mounts = defaulttarget.parse_mountinfo(mountinfo.read_text())
     try:
-        target, where = defaulttarget.locate(folder, mounts, dev, sys_root)
+        target, where = defaulttarget.locate(folder, host_mounts())
     except defaulttarget.Unsuitable as exc:
         return None, (f"{exc}; configure a target (disk, nfs or ssh) for it")
     values: dict[str, Any] = {

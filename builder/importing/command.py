@@ -63,7 +63,7 @@ def detect(root: Path = Path("/")) -> tuple[ModuleType, list[Path]]:
         if files:
             found.append((peer, files))
     if not found:
-        looked = ", ".join(str(f) for peer in PEERS.values() for f in peer.FILES)
+        looked = ", ".join(dict.fromkeys(str(f) for peer in PEERS.values() for f in peer.FILES))
         raise KdumpError(
             f"no kdump configuration of another kdump on this host (looked for "
             f"{looked}); name the files, with --from"

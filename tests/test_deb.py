@@ -213,19 +213,23 @@ def test_default_config_sets_nothing() -> None:
 
 
 def test_default_config_examples_are_valid_and_show_the_defaults() -> None:
-    """Uncommented once, the file is a valid config: one target of each type, and every other
-    key at the value the schema takes without it."""
+    """Uncommented once, the file is a valid config: one target of each type, example hooks,
+    and every other key at the value the schema takes without it."""
     uncommented = "\n".join(
         _COMMENTED_YAML.sub("", line) for line in DEFAULT_CONFIG.read_text().splitlines()
     )
     parsed = config_mod.parse(uncommented, "uncommented")
     assert sorted(t.type for t in parsed.targets) == sorted(config_mod.TARGET_TYPES)
-    _assert_same_settings(parsed, config_mod.parse("", "<defaults>"))
+    assert parsed.hooks.pre and parsed.hooks.post
+    assert parsed.hooks.timeout == config_mod.HooksConfig().timeout
+    _assert_same_settings(parsed, config_mod.parse("", "<defaults>"), examples=("hooks",))
 
 
-def _assert_same_settings(a: config_mod.Config, b: config_mod.Config) -> None:
+def _assert_same_settings(
+    a: config_mod.Config, b: config_mod.Config, examples: tuple[str, ...] = ()
+) -> None:
     for f in fields(config_mod.Config):
-        if f.name not in ("source", "text", "lines", "targets"):
+        if f.name not in ("source", "text", "lines", "targets", *examples):
             assert getattr(a, f.name) == getattr(b, f.name), f.name
 
 

@@ -9,16 +9,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kdump_mkinitrd.importing.draft import Line
+
 
 @dataclass(frozen=True)
 class Directive:
-    line: int  # 1-based
-    text: str  # the line as written, without its comment
+    where: Line  # its text as written, without its comment
     key: str
     value: str  # "" when the directive has none
 
+    @property
+    def line(self) -> int:
+        return self.where.number
 
-def parse(text: str) -> list[Directive]:
+
+def parse(text: str, file: str) -> list[Directive]:
     directives = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0]
@@ -28,5 +33,6 @@ def parse(text: str) -> list[Directive]:
         value = parts[1].strip() if len(parts) > 1 else ""
         if len(value) >= 2 and value.startswith('"') and value.endswith('"'):
             value = value[1:-1]
-        directives.append(Directive(number, re.sub(r"\s+", " ", line.strip()), parts[0], value))
+        where = Line(file, number, re.sub(r"\s+", " ", line.strip()))
+        directives.append(Directive(where, parts[0], value))
     return directives

@@ -101,9 +101,7 @@ def _slot(key: str) -> str:
     return "a target" if key in _TARGETS else "failure_action" if key == "default" else key
 
 
-def _unique(
-    directives: list[kdumpconf.Directive], lines: dict[int, Line], draft: Draft
-) -> list[kdumpconf.Directive]:
+def _unique(directives: list[kdumpconf.Directive], draft: Draft) -> list[kdumpconf.Directive]:
     """The directives kdumpctl would take: it refuses a config that sets anything twice or
     leaves a value empty. The capture side reads the last of a repeat, so that one is kept."""
     last = {_slot(d.key): d for d in directives}
@@ -113,13 +111,13 @@ def _unique(
         if final is not d:
             draft.drop(
                 d.key,
-                lines[id(d)],
+                d.where,
                 f"kdumpctl refuses a config that sets {_slot(d.key)} "
                 f"twice; line {final.line} (the last, which the capture kernel reads) is "
                 "carried over instead",
             )
         elif not d.value:
-            draft.drop(d.key, lines[id(d)], "kdumpctl refuses a directive without a value")
+            draft.drop(d.key, d.where, "kdumpctl refuses a directive without a value")
         else:
             kept.append(d)
     return kept
@@ -127,14 +125,12 @@ def _unique(
 
 def translate_files(files: list[SourceFile], draft: Draft) -> None:
     conf = files[0]
-    directives = kdumpconf.parse(conf.text)
-    lines = {id(d): Line(conf.name, d.line, d.text) for d in directives}
-    directives = _unique(directives, lines, draft)
+    directives = _unique(kdumpconf.parse(conf.text, conf.name), draft)
     given = {d.key: d for d in directives}
     path = posixpath.normpath(given["path"].value) if "path" in given else _PATH
-    target = _target(directives, lines, draft, path)
+    target = _target(directives, draft, path)
     for d in directives:
-        line = lines[id(d)]
+        line = d.where
         if d.key in _TARGETS or d.key in ("path", "sshkey", "kdump_pre", "kdump_post"):
             continue  # with the target, and the hooks in their order below
         if d.key in ("extra_bins", "extra_modules"):
@@ -163,21 +159,21 @@ def translate_files(files: list[SourceFile], draft: Draft) -> None:
             )
         else:
             draft.drop(d.key, line, "not a kdump.conf directive (kdumpctl refuses it)")
-    _hooks(draft, given, lines, Path(conf.name).parent / "kdump")
+    _hooks(draft, given, Path(conf.name).parent / "kdump")
     for sysconfig in files[1:]:
         _sysconfig(sysconfig, draft)
 
 
 def _target(
-    directives: list[kdumpconf.Directive], lines: dict[int, Line], draft: Draft, path: str
+    directives: list[kdumpconf.Directive], draft: Draft, path: str
 ) -> dict[str, Any] | None:
     given = {d.key: d for d in directives}
     kinds = [d for d in directives if d.key in _TARGETS]
-    path_line = lines[id(given["path"])] if "path" in given else None
+    path_line = given["path"].where if "path" in given else None
     made: dict[str, Any] | None = None
     if kinds:
         d = kinds[0]
-        made = _one_target(draft, d, lines[id(d)], given.get("sshkey"), lines)
+        made = _one_target(draft, d, d.where, given.get("sshkey"))
         if made is not None and path_line is not None:
             if made["type"] == "raw":
                 draft.change(
@@ -193,7 +189,7 @@ def _target(
     else:
         made = _local(draft, path, path_line)
     if "sshkey" in given and (made is None or made.get("type") != "ssh"):
-        draft.drop("sshkey", lines[id(given["sshkey"])], "no ssh target")
+        draft.drop("sshkey", given["sshkey"].where, "no ssh target")
     return made
 
 
@@ -209,7 +205,6 @@ def _one_target(
     d: kdumpconf.Directive,
     line: Line,
     sshkey: kdumpconf.Directive | None,
-    lines: dict[int, Line],
 ) -> dict[str, Any] | None:
     if d.key in FSTYPES or d.key in _AS_EXT4:
         fstype = "ext4" if d.key in _AS_EXT4 else d.key
@@ -247,7 +242,7 @@ def _one_target(
         return None
     draft.map(d.key, line, {"targets[0]": target}, note, kind=kind)
     if sshkey is not None and target["type"] == "ssh":
-        draft.map("sshkey", lines[id(sshkey)], {"targets[0].identity": sshkey.value})
+        draft.map("sshkey", sshkey.where, {"targets[0].identity": sshkey.value})
     return target
 
 
@@ -265,9 +260,7 @@ def _local(draft: Draft, path: str, path_line: Line | None) -> dict[str, Any] | 
     return target or None
 
 
-def _hooks(
-    draft: Draft, given: dict[str, kdumpconf.Directive], lines: dict[int, Line], folder: Path
-) -> None:
+def _hooks(draft: Draft, given: dict[str, kdumpconf.Directive], folder: Path) -> None:
     """kdump_pre, then the executables in kdump/pre.d beside kdump.conf; the ones in post.d,
     then kdump_post (kdump-utils' order)."""
     for stage in ("pre", "post"):
@@ -283,7 +276,7 @@ def _hooks(
             line = Line(str(executable), 1, f"an executable in {folder / f'{stage}.d'}")
             items.append((f"{stage}.d/{executable.name}", line, str(executable), "mapped", note))
         if directive is not None:
-            line = lines[id(directive)]
+            line = directive.where
             if stage == "pre":
                 kind: Kind = "changed"
                 note = (

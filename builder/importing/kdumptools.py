@@ -96,10 +96,8 @@ def translate_files(files: list[SourceFile], draft: Draft) -> None:
 
 
 def _translate(values: dict[str, tuple[str, Line]], draft: Draft) -> None:
-    def given(key: str) -> str:
-        return values[key][0] if key in values else ""
-
-    coredir = given("KDUMP_COREDIR") or _COREDIR
+    coredir = values["KDUMP_COREDIR"][0] if "KDUMP_COREDIR" in values else ""
+    coredir = coredir or _COREDIR  # empty is unset to kdump-config
     targets = _targets(values, draft, coredir)
     for key, (value, line) in values.items():
         if key == "KDUMP_COREDIR" or (value and key in _WITH_TARGETS):

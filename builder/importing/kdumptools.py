@@ -60,15 +60,13 @@ _NOT_CARRIED = {
 }
 
 
+# Keys carried over with the targets they make.
+_WITH_TARGETS = ("NFS", "SSH", "SSH_KEY", "NFS_TIMEO", "NFS_RETRANS")
 KEYS = frozenset(
     {
         *_PLUMBING,
         *_NOT_CARRIED,
-        "NFS",
-        "SSH",
-        "SSH_KEY",
-        "NFS_TIMEO",
-        "NFS_RETRANS",
+        *_WITH_TARGETS,
         "KDUMP_COREDIR",
         "USE_KDUMP",
         "MAKEDUMP_ARGS",
@@ -178,7 +176,6 @@ _FLAT = (
     "kdump-tools adds -F, so its dumps are flattened (read after makedumpfile -R); "
     "kdump-mkinitrd's are not, except on the way to an ssh target"
 )
-_WITH_TARGETS = ("NFS", "SSH", "SSH_KEY", "NFS_TIMEO", "NFS_RETRANS")
 
 
 def _targets(

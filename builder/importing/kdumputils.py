@@ -377,9 +377,7 @@ def _failure(
             d.key, line, f"the root filesystem cannot be a second target: {exc}; configure one"
         )
         return
-    second = {"type": "disk", "device": root.device, "fstype": root.fstype, "path": path}
-    if root.mount_options != "defaults":
-        second["mount_options"] = root.mount_options
+    second = translate.disk_values(root, path)
     n = len(draft.data.get("targets", []))
     draft.change(
         d.key,

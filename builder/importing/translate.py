@@ -23,6 +23,7 @@ from kdump_mkinitrd.hostscan import defaulttarget
 from kdump_mkinitrd.importing import shellfile
 from kdump_mkinitrd.importing.draft import EMPTY, Draft, Kind, Line
 from kdump_mkinitrd.importing.sources import SourceFile
+from kdump_mkinitrd.targets.base import Target
 
 # makedumpfile's page compression flags → capture.compression.
 COMPRESSION_FLAGS = {"c": "zlib", "l": "lzo", "p": "snappy", "z": "zstd"}
@@ -244,6 +245,19 @@ def target_problem(target: dict[str, Any]) -> str:
     return ""
 
 
+def disk_values(target: Target, path: str) -> dict[str, Any]:
+    """The config keys of a disk target found on this host, dumping into `path` in it."""
+    values: dict[str, Any] = {
+        "type": "disk",
+        "device": target.device,
+        "fstype": target.fstype,
+        "path": path,
+    }
+    if target.mount_options != "defaults":
+        values["mount_options"] = target.mount_options
+    return values
+
+
 def local_folder(folder: str) -> tuple[dict[str, Any] | None, str]:
     """A disk target for a local folder: none at all for /var/crash (our default target is
     the filesystem holding it, found at each build), else the filesystem holding it on this
@@ -257,12 +271,6 @@ def local_folder(folder: str) -> tuple[dict[str, Any] | None, str]:
         target, where = defaulttarget.locate(folder, host_mounts())
     except defaulttarget.Unsuitable as exc:
         return None, (f"{exc}; configure a target (disk, nfs or ssh) for it")
-    values: dict[str, Any] = {
-        "type": "disk",
-        "device": target.device,
-        "fstype": target.fstype,
-        "path": target.path,
-    }
-    if target.mount_options != "defaults":
-        values["mount_options"] = target.mount_options
-    return values, (f"pinned to {where} on this host now; the peer found the folder at each dump")
+    return disk_values(target, target.path), (
+        f"pinned to {where} on this host now; the peer found the folder at each dump"
+    )
